@@ -1,0 +1,163 @@
+"""Where config keys meet model constructors: builders registered by the names the config uses.
+
+``MODEL.BACKBONE.NAME`` selects a function of ``BACKBONE_REGISTRY`` and
+``MODEL.META_ARCHITECTURE`` one of ``META_ARCH_REGISTRY``; each takes the config and returns a
+module. Another detector plugs in by registering its own builder.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from fvcore.common.registry import Registry
+from torch import nn
+
+from .config import CfgNode
+from .modeling import meta_arch
+from .modeling.backbone import FPNBackbone, ResNet
+from .modeling.condinst import DynamicMaskHead, MaskBranch
+from .modeling.fcos import FCOS, FCOSHead
+from .modeling.layers import get_norm
+
+logger = logging.getLogger(__name__)
+
+BACKBONE_REGISTRY = Registry("BACKBONE")
+BACKBONE_REGISTRY.__doc__ = "Backbone builders: f(cfg) -> module with strides, out_channels, size_divisibility."
+META_ARCH_REGISTRY = Registry("META_ARCH")
+META_ARCH_REGISTRY.__doc__ = "Model builders, registered under their MODEL.META_ARCHITECTURE name."
+
+
+@BACKBONE_REGISTRY.register()
+def build_fcos_resnet_fpn_backbone(cfg: CfgNode) -> FPNBackbone:
+    """ResNet + FPN with P6/P7 on P5, as AdelaiDet's builder of the same name."""
+    r = cfg.MODEL.RESNETS
+    bottom_up = ResNet(
+        depth=r.DEPTH,
+        norm=get_norm(r.NORM),
+        out_features=tuple(r.OUT_FEATURES),
+        stem_out_channels=r.STEM_OUT_CHANNELS,
+        res2_out_channels=r.RES2_OUT_CHANNELS,
+        num_groups=r.NUM_GROUPS,
+        width_per_group=r.WIDTH_PER_GROUP,
+        stride_in_1x1=r.STRIDE_IN_1X1,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+    )
+    return FPNBackbone(
+        bottom_up,
+        in_features=tuple(cfg.MODEL.FPN.IN_FEATURES),
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=get_norm(cfg.MODEL.FPN.NORM),
+        top_levels=cfg.MODEL.FCOS.TOP_LEVELS,
+    )
+
+
+def build_backbone(cfg: CfgNode) -> nn.Module:
+    return BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg)
+
+
+def build_fcos(cfg: CfgNode, backbone: nn.Module) -> FCOS:
+    f = cfg.MODEL.FCOS
+    missing = [name for name in f.IN_FEATURES if name not in backbone.out_features]
+    if missing:
+        raise ValueError(
+            f"MODEL.FCOS.IN_FEATURES {missing} are not produced by the backbone "
+            f"(it produces {list(backbone.out_features)})"
+        )
+    strides = [backbone.strides[name] for name in f.IN_FEATURES]
+    if list(f.FPN_STRIDES) != strides:
+        raise ValueError(f"MODEL.FCOS.FPN_STRIDES {list(f.FPN_STRIDES)} disagree with the backbone strides {strides}")
+    if f.NORM not in ("GN", "none"):
+        raise ValueError(f"MODEL.FCOS.NORM must be 'GN' or 'none', got '{f.NORM}'")
+    head = FCOSHead(
+        in_channels=backbone.out_channels,
+        num_classes=f.NUM_CLASSES,
+        num_levels=len(f.IN_FEATURES),
+        num_cls_convs=f.NUM_CLS_CONVS,
+        num_box_convs=f.NUM_BOX_CONVS,
+        use_group_norm=f.NORM == "GN",
+        use_scale=f.USE_SCALE,
+        prior_prob=f.PRIOR_PROB,
+    )
+    return FCOS(
+        head,
+        strides=strides,
+        sizes_of_interest=list(f.SIZES_OF_INTEREST),
+        center_sampling_radius=f.POS_RADIUS if f.CENTER_SAMPLE else None,
+        focal_alpha=f.LOSS_ALPHA,
+        focal_gamma=f.LOSS_GAMMA,
+        loc_loss_type=f.LOC_LOSS_TYPE,
+        thresh_with_ctr=f.THRESH_WITH_CTR,
+        score_threshold=f.INFERENCE_TH_TEST,
+        pre_nms_topk=f.PRE_NMS_TOPK_TEST,
+        nms_threshold=f.NMS_TH,
+        post_nms_topk=f.POST_NMS_TOPK_TEST,
+    )
+
+
+@META_ARCH_REGISTRY.register()
+def CondInst(cfg: CfgNode) -> meta_arch.CondInst:  # noqa: N802 (registered under its config name)
+    """Mask-supervised CondInst from ``MODEL.*``."""
+    c = cfg.MODEL.CONDINST
+    backbone = build_backbone(cfg)
+    fcos = build_fcos(cfg, backbone)
+    sizes_of_interest = list(cfg.MODEL.FCOS.SIZES_OF_INTEREST)
+    mask_branch = MaskBranch(
+        in_features=list(c.MASK_BRANCH.IN_FEATURES),
+        in_channels=backbone.out_channels,
+        channels=c.MASK_BRANCH.CHANNELS,
+        out_channels=c.MASK_BRANCH.OUT_CHANNELS,
+        num_convs=c.MASK_BRANCH.NUM_CONVS,
+        norm=get_norm(c.MASK_BRANCH.NORM),
+    )
+    mask_head = DynamicMaskHead(
+        in_channels=c.MASK_BRANCH.OUT_CHANNELS,
+        channels=c.MASK_HEAD.CHANNELS,
+        num_layers=c.MASK_HEAD.NUM_LAYERS,
+        sizes_of_interest=sizes_of_interest + [sizes_of_interest[-1] * 2],
+        disable_rel_coords=c.MASK_HEAD.DISABLE_REL_COORDS,
+    )
+    return meta_arch.CondInst(
+        backbone=backbone,
+        proposal_generator=fcos,
+        mask_branch=mask_branch,
+        mask_head=mask_head,
+        pixel_mean=list(cfg.MODEL.PIXEL_MEAN),
+        pixel_std=list(cfg.MODEL.PIXEL_STD),
+        fcos_in_features=list(cfg.MODEL.FCOS.IN_FEATURES),
+        mask_out_stride=c.MASK_OUT_STRIDE,
+        max_proposals=c.MAX_PROPOSALS,
+        topk_proposals_per_im=c.TOPK_PROPOSALS_PER_IM,
+        mask_threshold=c.MASK_THRESHOLD,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``MODEL.DEVICE`` -> a device: "auto" picks CUDA when available; "cuda" without an index
+    means this process's GPU (its local rank under DDP)."""
+    from .utils.comm import get_local_rank
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"MODEL.DEVICE is '{name}' but CUDA is not available; use 'cpu' or 'auto'.")
+        if device.index is None:
+            device = torch.device("cuda", get_local_rank() % torch.cuda.device_count())
+    return device
+
+
+def build_model(cfg: CfgNode) -> nn.Module:
+    """The model named by ``MODEL.META_ARCHITECTURE``, on ``MODEL.DEVICE``."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    if name not in META_ARCH_REGISTRY:
+        raise KeyError(
+            f"MODEL.META_ARCHITECTURE '{name}' is not registered; available: "
+            f"{sorted(k for k, _ in META_ARCH_REGISTRY)}"
+        )
+    model = META_ARCH_REGISTRY.get(name)(cfg)
+    model.to(resolve_device(cfg.MODEL.DEVICE))
+    num_params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("Built %s: %s parameters (%s trainable)", name, f"{num_params:,}", f"{trainable:,}")
+    return model

@@ -1,0 +1,213 @@
+"""Default configuration, with detectron2 / AdelaiDet key names.
+
+Every key here is read somewhere in the project (``tests/test_config.py`` checks it), and a
+key that is not here is an error when it appears in a YAML file or on the command line.
+Values are those of detectron2 and AdelaiDet unless a comment says otherwise.
+"""
+from fvcore.common.config import CfgNode as CN
+
+_C = CN()
+
+# ---------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------
+_C.MODEL = CN()
+# Registered meta-architecture to build ("CondInst").
+_C.MODEL.META_ARCHITECTURE = "CondInst"
+# "cpu", "cuda", "cuda:N", or "auto" (CUDA when available, else CPU). detectron2 defaults to
+# "cuda"; "auto" lets the same config run on a laptop and on a GPU server.
+_C.MODEL.DEVICE = "auto"
+# Checkpoint or pre-trained weights to load before training / for evaluation ("" = none).
+_C.MODEL.WEIGHTS = ""
+# Per-channel normalisation in the channel order of INPUT.FORMAT (MSRA / Caffe2 convention).
+_C.MODEL.PIXEL_MEAN = [103.530, 116.280, 123.675]
+_C.MODEL.PIXEL_STD = [1.0, 1.0, 1.0]
+
+_C.MODEL.BACKBONE = CN()
+# Registered backbone builder.
+_C.MODEL.BACKBONE.NAME = "build_fcos_resnet_fpn_backbone"
+# Freeze the first N stages of the backbone: 0 = nothing, 1 = stem, 2 = stem and res2, ...
+_C.MODEL.BACKBONE.FREEZE_AT = 2
+
+_C.MODEL.RESNETS = CN()
+# 18, 34, 50 or 101.
+_C.MODEL.RESNETS.DEPTH = 50
+# Stages whose outputs feed the FPN.
+_C.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+# Normalisation of the backbone: "FrozenBN", "BN", "SyncBN" or "GN" (32 groups).
+_C.MODEL.RESNETS.NORM = "FrozenBN"
+# Bottleneck groups and width per group (ResNeXt style; 1 and 64 for plain ResNet).
+_C.MODEL.RESNETS.NUM_GROUPS = 1
+_C.MODEL.RESNETS.WIDTH_PER_GROUP = 64
+# True: the stride-2 of a bottleneck sits in its first 1x1 conv (MSRA / Caffe2 weights);
+# False: in the 3x3 conv (torchvision weights).
+_C.MODEL.RESNETS.STRIDE_IN_1X1 = True
+# Output channels of the stem and of res2 (doubling per stage after that). detectron2 insists on
+# 64 for R-18/34; any width works here, which makes tiny models for quick experiments.
+_C.MODEL.RESNETS.STEM_OUT_CHANNELS = 64
+_C.MODEL.RESNETS.RES2_OUT_CHANNELS = 256
+
+_C.MODEL.FPN = CN()
+_C.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
+_C.MODEL.FPN.OUT_CHANNELS = 256
+# Normalisation after FPN convs: "" (none, the recipes), "GN" or "BN".
+_C.MODEL.FPN.NORM = ""
+
+# ---------------------------------------------------------------------------------------
+# FCOS (AdelaiDet)
+# ---------------------------------------------------------------------------------------
+_C.MODEL.FCOS = CN()
+# Number of foreground classes.
+_C.MODEL.FCOS.NUM_CLASSES = 80
+_C.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+_C.MODEL.FCOS.FPN_STRIDES = [8, 16, 32, 64, 128]
+# Initial foreground probability of the classifier (sets the bias of cls_logits).
+_C.MODEL.FCOS.PRIOR_PROB = 0.01
+# Inference: score threshold, top-k per level before NMS, NMS IoU, detections per image.
+_C.MODEL.FCOS.INFERENCE_TH_TEST = 0.05
+_C.MODEL.FCOS.PRE_NMS_TOPK_TEST = 1000
+_C.MODEL.FCOS.NMS_TH = 0.6
+_C.MODEL.FCOS.POST_NMS_TOPK_TEST = 100
+# Number of extra FPN levels above the backbone outputs (P6, P7).
+_C.MODEL.FCOS.TOP_LEVELS = 2
+# Normalisation in the head towers: "GN" or "none".
+_C.MODEL.FCOS.NORM = "GN"
+# Learnable per-level scale of the box regression.
+_C.MODEL.FCOS.USE_SCALE = True
+# Multiply the class probability by the centerness before the score threshold.
+_C.MODEL.FCOS.THRESH_WITH_CTR = False
+# Focal loss.
+_C.MODEL.FCOS.LOSS_ALPHA = 0.25
+_C.MODEL.FCOS.LOSS_GAMMA = 2.0
+# Object-size boundaries between consecutive levels.
+_C.MODEL.FCOS.SIZES_OF_INTEREST = [64, 128, 256, 512]
+# Convolutions in the classification and box towers.
+_C.MODEL.FCOS.NUM_CLS_CONVS = 4
+_C.MODEL.FCOS.NUM_BOX_CONVS = 4
+# Centre sampling: positives only within POS_RADIUS strides of the object centre.
+_C.MODEL.FCOS.CENTER_SAMPLE = True
+_C.MODEL.FCOS.POS_RADIUS = 1.5
+# Box regression loss: "giou" or "iou".
+_C.MODEL.FCOS.LOC_LOSS_TYPE = "giou"
+
+# ---------------------------------------------------------------------------------------
+# CondInst (AdelaiDet)
+# ---------------------------------------------------------------------------------------
+_C.MODEL.CONDINST = CN()
+# Stride of the predicted instance masks relative to the input image.
+_C.MODEL.CONDINST.MASK_OUT_STRIDE = 4
+# If >= 0: at most this many positives per GPU (random) are given to the mask head in training.
+_C.MODEL.CONDINST.MAX_PROPOSALS = -1
+# If >= 0: per image, about this many positives (the best-scoring ones of every object).
+_C.MODEL.CONDINST.TOPK_PROPOSALS_PER_IM = -1
+# Threshold on the mask probability at inference.
+_C.MODEL.CONDINST.MASK_THRESHOLD = 0.5
+
+_C.MODEL.CONDINST.MASK_HEAD = CN()
+# Channels and layers of the dynamic (per-instance) mask head.
+_C.MODEL.CONDINST.MASK_HEAD.CHANNELS = 8
+_C.MODEL.CONDINST.MASK_HEAD.NUM_LAYERS = 3
+# Do not feed relative coordinates to the dynamic mask head.
+_C.MODEL.CONDINST.MASK_HEAD.DISABLE_REL_COORDS = False
+
+_C.MODEL.CONDINST.MASK_BRANCH = CN()
+# Channels of the mask features shared by all instances.
+_C.MODEL.CONDINST.MASK_BRANCH.OUT_CHANNELS = 8
+_C.MODEL.CONDINST.MASK_BRANCH.IN_FEATURES = ["p3", "p4", "p5"]
+_C.MODEL.CONDINST.MASK_BRANCH.CHANNELS = 128
+# Normalisation in the mask branch: "BN", "SyncBN", "GN" or "" (none).
+_C.MODEL.CONDINST.MASK_BRANCH.NORM = "BN"
+_C.MODEL.CONDINST.MASK_BRANCH.NUM_CONVS = 4
+
+# ---------------------------------------------------------------------------------------
+# Input
+# ---------------------------------------------------------------------------------------
+_C.INPUT = CN()
+# Training: the short side is drawn from MIN_SIZE_TRAIN ("choice") or uniformly from the range
+# [MIN_SIZE_TRAIN[0], MIN_SIZE_TRAIN[-1]] ("range"); the long side is capped at MAX_SIZE_TRAIN.
+_C.INPUT.MIN_SIZE_TRAIN = (800,)
+_C.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
+_C.INPUT.MAX_SIZE_TRAIN = 1333
+_C.INPUT.MIN_SIZE_TEST = 800
+_C.INPUT.MAX_SIZE_TEST = 1333
+# Random horizontal flip (p = 0.5) in training.
+_C.INPUT.HFLIP_TRAIN = True
+# Channel order of the model input: "BGR" or "RGB".
+_C.INPUT.FORMAT = "BGR"
+
+# ---------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------
+_C.DATASETS = CN()
+# Names of registered datasets for training and evaluation.
+_C.DATASETS.TRAIN = ()
+_C.DATASETS.TEST = ()
+# COCO-format datasets given by path, registered under a name before use:
+# [[name, annotation json, image folder], ...]. Relative paths are taken from the working
+# directory.
+_C.DATASETS.REGISTER = []
+# Pairs of class names that a horizontal flip swaps, e.g. [["left_door", "right_door"]].
+_C.DATASETS.FLIP_CLASS_PAIRS = []
+
+_C.DATALOADER = CN()
+# Worker processes per training process (0 = load in the main process).
+_C.DATALOADER.NUM_WORKERS = 4
+# Batch images of the same orientation (landscape / portrait) together.
+_C.DATALOADER.ASPECT_RATIO_GROUPING = True
+# Drop training images without any (non-crowd) annotation.
+_C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
+
+# ---------------------------------------------------------------------------------------
+# Solver
+# ---------------------------------------------------------------------------------------
+_C.SOLVER = CN()
+# "WarmupMultiStepLR" or "WarmupCosineLR".
+_C.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
+_C.SOLVER.MAX_ITER = 40000
+_C.SOLVER.BASE_LR = 0.001
+_C.SOLVER.MOMENTUM = 0.9
+_C.SOLVER.NESTEROV = False
+_C.SOLVER.WEIGHT_DECAY = 0.0001
+# Weight decay of normalisation layers' weights and biases (detectron2: 0.0).
+_C.SOLVER.WEIGHT_DECAY_NORM = 0.0
+# LR multiplier of biases.
+_C.SOLVER.BIAS_LR_FACTOR = 1.0
+# Multiply the LR by GAMMA at each of STEPS.
+_C.SOLVER.GAMMA = 0.1
+_C.SOLVER.STEPS = (30000,)
+# Warm-up from WARMUP_FACTOR x BASE_LR, "linear" or "constant".
+_C.SOLVER.WARMUP_FACTOR = 1.0 / 1000
+_C.SOLVER.WARMUP_ITERS = 1000
+_C.SOLVER.WARMUP_METHOD = "linear"
+# Save a checkpoint every this many iterations.
+_C.SOLVER.CHECKPOINT_PERIOD = 5000
+# Images per batch over all processes.
+_C.SOLVER.IMS_PER_BATCH = 16
+
+_C.SOLVER.CLIP_GRADIENTS = CN()
+_C.SOLVER.CLIP_GRADIENTS.ENABLED = False
+# "value" (clip each element), "norm" (per parameter) or "full_model" (one norm over all).
+_C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
+_C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
+_C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+
+_C.SOLVER.AMP = CN()
+# Mixed precision training (CUDA only).
+_C.SOLVER.AMP.ENABLED = False
+
+# ---------------------------------------------------------------------------------------
+# Test
+# ---------------------------------------------------------------------------------------
+_C.TEST = CN()
+# Evaluate every this many iterations (0 = only after training).
+_C.TEST.EVAL_PERIOD = 0
+
+# ---------------------------------------------------------------------------------------
+# Misc
+# ---------------------------------------------------------------------------------------
+# Where logs, metrics, checkpoints and evaluation results go.
+_C.OUTPUT_DIR = "./output"
+# Random seed; negative = drawn at random (and saved in checkpoints so that resuming repeats it).
+_C.SEED = -1
+# cuDNN benchmark mode (faster for fixed input sizes, not deterministic).
+_C.CUDNN_BENCHMARK = False

@@ -1,0 +1,233 @@
+"""Meta-architectures: what goes in, what comes out.
+
+Data contract
+-------------
+Input: a list with one dict per image:
+
+* ``image``: uint8 (3, H, W), resized, channel order of ``INPUT.FORMAT``;
+* ``height``, ``width``: the original image size (inference results are returned at it);
+* ``image_id`` (optional, for evaluation);
+* ``instances`` (training): ``{"boxes": float32 (N, 4) XYXY absolute in the resized frame,
+  "labels": int64 (N,) in 0..K-1, "masks": bool (N, H, W) (mask supervision)}``.
+
+Training output: ``dict[str, Tensor]`` of 0-dim losses, already weighted, named as AdelaiDet
+names them (``loss_fcos_cls``, ``loss_fcos_loc``, ``loss_fcos_ctr``, ``loss_mask``). The engine
+sums the keys that start with "loss"; any other key is a metric it only logs. A batch without
+objects gives zero losses that are still connected to the graph.
+
+Inference output: one dict per image, ``{"instances": {"boxes": (M, 4) XYXY, "scores": (M,),
+"labels": (M,), "masks": bool (M, height, width)}}`` in the original frame.
+
+Inputs are never mutated. Normalisation constants are buffers (not saved in checkpoints).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbone import FPNBackbone
+from .condinst import DynamicMaskHead, MaskBranch, sample_top_per_object
+from .fcos import FCOS, HeadOutputs
+from .fcos_targets import mask_centers
+from .layers import aligned_bilinear, batch_images
+from .losses import dice_loss
+from .postprocess import detections_to_output_frame
+
+
+class CondInst(nn.Module):
+    """CondInst (Tian et al., ECCV 2020): FCOS detects objects and, per detection, predicts the
+    weights of a tiny mask head that runs on shared mask features.
+
+    Args:
+        backbone: ResNet + FPN producing P3-P7.
+        proposal_generator: FCOS (head, targets, losses, inference).
+        mask_branch: shared mask features from P3-P5.
+        mask_head: the dynamic mask head; the controller producing its parameters is built here.
+        pixel_mean, pixel_std: per-channel normalisation of the input images.
+        fcos_in_features: backbone outputs the FCOS head reads (e.g. p3..p7).
+        mask_out_stride: stride of the mask logits the losses see (4).
+        max_proposals: if >= 0, train the mask head on at most this many random positives.
+        topk_proposals_per_im: if >= 0, per image about this many positives, the best of every
+            object (see ``sample_top_per_object``).
+        mask_threshold: probability threshold of the output masks.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: FPNBackbone,
+        proposal_generator: FCOS,
+        mask_branch: MaskBranch,
+        mask_head: DynamicMaskHead,
+        pixel_mean: list[float],
+        pixel_std: list[float],
+        fcos_in_features: list[str],
+        mask_out_stride: int = 4,
+        max_proposals: int = -1,
+        topk_proposals_per_im: int = -1,
+        mask_threshold: float = 0.5,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.proposal_generator = proposal_generator
+        self.mask_head = mask_head
+        self.mask_branch = mask_branch
+        head_channels = proposal_generator.fcos_head.cls_logits.in_channels
+        self.controller = nn.Conv2d(head_channels, mask_head.num_gen_params, 3, padding=1)
+        nn.init.normal_(self.controller.weight, std=0.01)
+        nn.init.constant_(self.controller.bias, 0.0)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+
+        self.fcos_in_features = list(fcos_in_features)
+        self.mask_feat_stride = backbone.strides[mask_branch.in_features[0]]
+        if self.mask_feat_stride % mask_out_stride:
+            raise ValueError(
+                f"Mask feature stride {self.mask_feat_stride} is not a multiple of the mask "
+                f"output stride {mask_out_stride}"
+            )
+        self.mask_out_stride = mask_out_stride
+        self.max_proposals = max_proposals
+        self.topk_proposals_per_im = topk_proposals_per_im
+        self.mask_threshold = mask_threshold
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def forward(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor] | list[dict]:
+        if self.training:
+            return self.forward_train(batched_inputs)
+        return self.inference(batched_inputs)
+
+    # ------------------------------------------------------------------------------------
+    # Shared steps
+    # ------------------------------------------------------------------------------------
+    def preprocess(
+        self, batched_inputs: list[dict], key: str = "image"
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Normalise ``batched_inputs[i][key]`` and zero-pad them into (B, 3, H, W); returns the
+        batch and the unpadded sizes."""
+        images = [(x[key].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return batch_images(images, self.backbone.size_divisibility)
+
+    def run_heads(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, HeadOutputs, list[torch.Tensor], list[torch.Tensor]]:
+        """Backbone, mask branch, FCOS head and controller on a (B, 3, H, W) batch.
+
+        Returns mask features (B, C, H/8, W/8), the FCOS head outputs, the controller outputs
+        (per level (B, num_gen_params, h, w)) and the locations of every level.
+        """
+        features = self.backbone(images)
+        mask_feats = self.mask_branch(features)
+        head_inputs = [features[f] for f in self.fcos_in_features]
+        outputs = self.proposal_generator.fcos_head(head_inputs)
+        top_feats = [self.controller(t) for t in outputs.bbox_towers]
+        locations = self.proposal_generator.locations(head_inputs)
+        return mask_feats, outputs, top_feats, locations
+
+    def mask_logits(self, mask_feats: torch.Tensor, instances: dict[str, torch.Tensor], params_key: str) -> torch.Tensor:
+        """Dynamic-head logits (K, 1, H/4, W/4) at the mask output stride for K instances
+        with ``im_inds``, ``locations``, ``fpn_levels`` and parameters ``instances[params_key]``."""
+        logits = self.mask_head(
+            mask_feats, self.mask_feat_stride, instances[params_key],
+            instances["im_inds"], instances["locations"], instances["fpn_levels"],
+        )
+        return aligned_bilinear(logits, self.mask_feat_stride // self.mask_out_stride)
+
+    # ------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------
+    def forward_train(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
+        images, _ = self.preprocess(batched_inputs)
+        gt = [self._instances_to_device(x) for x in batched_inputs]
+        mask_feats, outputs, top_feats, locations = self.run_heads(images)
+        centers = [mask_centers(g["masks"], g["boxes"]) if "masks" in g else None for g in gt]
+        targets = self.proposal_generator.targets(
+            locations, [g["boxes"] for g in gt], [g["labels"] for g in gt], centers
+        )
+        losses, positives = self.proposal_generator.losses(outputs, targets, top_feats)
+        self.mask_head._iter += 1
+        sampled = self.sample_positives(positives)
+        losses.update(self.mask_losses(mask_feats, sampled, gt, images.shape[-2:]))
+        return losses
+
+    def _instances_to_device(self, sample: dict) -> dict[str, torch.Tensor]:
+        instances = sample.get("instances")
+        if instances is None:
+            return {
+                "boxes": torch.zeros((0, 4), device=self.device),
+                "labels": torch.zeros((0,), dtype=torch.int64, device=self.device),
+            }
+        return {k: v.to(self.device) for k, v in instances.items()}
+
+    def sample_positives(self, positives: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The positives the mask head is trained on (see MAX_PROPOSALS, TOPK_PROPOSALS_PER_IM)."""
+        num = positives["gt_inds"].numel()
+        if 0 <= self.max_proposals < num:
+            keep = torch.randperm(num, device=self.device)[: self.max_proposals]
+        elif self.topk_proposals_per_im >= 0:
+            keep = sample_top_per_object(positives, self.topk_proposals_per_im)
+        else:
+            return positives
+        return {k: v[keep] for k, v in positives.items()}
+
+    def mask_losses(
+        self,
+        mask_feats: torch.Tensor,
+        sampled: dict[str, torch.Tensor],
+        gt: list[dict[str, torch.Tensor]],
+        padded_size: tuple[int, int],
+    ) -> dict[str, torch.Tensor]:
+        """Mask-supervised loss: mean Dice between the sampled instances' mask probabilities and
+        their ground-truth masks, both at the mask output stride."""
+        if sampled["gt_inds"].numel() == 0:
+            return {"loss_mask": mask_feats.sum() * 0 + sampled["top_feats"].sum() * 0}
+        missing = [i for i, g in enumerate(gt) if "masks" not in g]
+        if missing:
+            raise ValueError(
+                f"CondInst is mask-supervised but images {missing} of the batch have no 'masks'"
+            )
+        logits = self.mask_logits(mask_feats, sampled, "top_feats")
+        gt_masks = torch.cat([self._masks_at_output_stride(g["masks"], padded_size) for g in gt])
+        targets = gt_masks[sampled["gt_inds"]].unsqueeze(1)
+        return {"loss_mask": dice_loss(logits.sigmoid(), targets).mean()}
+
+    def _masks_at_output_stride(self, masks: torch.Tensor, padded_size: tuple[int, int]) -> torch.Tensor:
+        """(N, h, w) bool full-resolution masks -> (N, H/s, W/s) float samples at pixel
+        (s*i + s//2, s*j + s//2) of the zero-padded (H, W) frame."""
+        s = self.mask_out_stride
+        sampled = masks[:, s // 2 :: s, s // 2 :: s].float()
+        out = sampled.new_zeros((masks.shape[0], padded_size[0] // s, padded_size[1] // s))
+        out[:, : sampled.shape[1], : sampled.shape[2]] = sampled
+        return out
+
+    # ------------------------------------------------------------------------------------
+    # Inference
+    # ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def inference(self, batched_inputs: list[dict]) -> list[dict]:
+        images, sizes = self.preprocess(batched_inputs)
+        detections = self.detect(images)
+        results = []
+        for det, size, sample in zip(detections, sizes, batched_inputs):
+            output_size = (int(sample.get("height", size[0])), int(sample.get("width", size[1])))
+            result = detections_to_output_frame(
+                det, det["mask_probs"], self.mask_out_stride, size, output_size, self.mask_threshold
+            )
+            results.append({"instances": {k: result[k] for k in ("boxes", "scores", "labels", "masks")}})
+        return results
+
+    def detect(self, images: torch.Tensor, post_nms_topk: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """Detections per image of a padded batch with their stride-4 mask probabilities
+        (``mask_probs``: (M, 1, H/4, W/4)) in the network input frame."""
+        mask_feats, outputs, top_feats, locations = self.run_heads(images)
+        detections = self.proposal_generator.predict(outputs, locations, top_feats, post_nms_topk)
+        counts = [d["scores"].numel() for d in detections]
+        merged = {k: torch.cat([d[k] for d in detections]) for k in detections[0]}
+        merged["im_inds"] = torch.repeat_interleave(
+            torch.arange(len(counts), device=images.device), torch.tensor(counts, device=images.device)
+        )
+        probs = self.mask_logits(mask_feats, merged, "top_feat").sigmoid()
+        return [dict(d, mask_probs=p) for d, p in zip(detections, probs.split(counts))]
