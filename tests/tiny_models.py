@@ -1,0 +1,53 @@
+"""Tiny configs and inputs for fast model tests (not a test module)."""
+from __future__ import annotations
+
+import torch
+
+from boxteacher.config import get_cfg
+
+TINY_MODEL_OVERRIDES = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
+    "MODEL.RESNETS.NORM", "BN",
+    "MODEL.BACKBONE.FREEZE_AT", "0",
+    "MODEL.FPN.OUT_CHANNELS", "64",
+    "MODEL.FCOS.NUM_CLASSES", "3",
+    "MODEL.FCOS.NUM_CLS_CONVS", "1",
+    "MODEL.FCOS.NUM_BOX_CONVS", "1",
+    "MODEL.CONDINST.MASK_BRANCH.CHANNELS", "16",
+    "MODEL.CONDINST.MASK_BRANCH.NUM_CONVS", "1",
+]
+
+
+def tiny_cfg(*overrides: str):
+    cfg = get_cfg()
+    cfg.merge_from_list(TINY_MODEL_OVERRIDES + list(overrides))
+    return cfg
+
+
+def box_mask(h: int, w: int, box: tuple[int, int, int, int]) -> torch.Tensor:
+    mask = torch.zeros((h, w), dtype=torch.bool)
+    x0, y0, x1, y1 = box
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def sample(h: int, w: int, boxes: list[tuple[int, int, int, int]], labels: list[int], seed: int = 0) -> dict:
+    """A training sample with rectangular objects drawn brighter than a random background."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 100, (3, h, w), generator=g, dtype=torch.uint8)
+    masks = torch.stack([box_mask(h, w, b) for b in boxes]) if boxes else torch.zeros((0, h, w), dtype=torch.bool)
+    for m in masks:
+        image[:, m] = 200
+    return {
+        "image": image,
+        "height": h,
+        "width": w,
+        "instances": {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "masks": masks,
+        },
+    }
