@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from boxteacher.data import catalog
 from boxteacher.evaluation import (
     COCOEvaluator,
-    flatten_results,
+    flatten_results_dict,
     inference_on_dataset,
     print_csv_format,
 )
@@ -349,7 +349,7 @@ def test_inference_on_dataset(tiny, caplog):
     assert results["segm"]["AP"] == pytest.approx(100.0)
     assert "Total inference time" in caplog.text
 
-    flat = flatten_results(results)
+    flat = flatten_results_dict(results)
     assert flat["segm/AP"] == results["segm"]["AP"]
     assert flat["bbox/AP-c"] == results["bbox"]["AP-c"]
     assert len(flat) == 2 * (len(SUMMARY) + 3)

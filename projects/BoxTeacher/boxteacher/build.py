@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from fvcore.common.registry import Registry
 from torch import nn
 
@@ -18,6 +17,7 @@ from .modeling.backbone import FPNBackbone, ResNet
 from .modeling.condinst import DynamicMaskHead, MaskBranch
 from .modeling.fcos import FCOS, FCOSHead
 from .modeling.layers import get_norm
+from .utils.env import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -129,22 +129,6 @@ def CondInst(cfg: CfgNode) -> meta_arch.CondInst:  # noqa: N802 (registered unde
         topk_proposals_per_im=c.TOPK_PROPOSALS_PER_IM,
         mask_threshold=c.MASK_THRESHOLD,
     )
-
-
-def resolve_device(name: str) -> torch.device:
-    """``MODEL.DEVICE`` -> a device: "auto" picks CUDA when available; "cuda" without an index
-    means this process's GPU (its local rank under DDP)."""
-    from .utils.comm import get_local_rank
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"MODEL.DEVICE is '{name}' but CUDA is not available; use 'cpu' or 'auto'.")
-        if device.index is None:
-            device = torch.device("cuda", get_local_rank() % torch.cuda.device_count())
-    return device
 
 
 def build_model(cfg: CfgNode) -> nn.Module:

@@ -134,13 +134,16 @@ def inference_on_dataset(
     return evaluator.evaluate()
 
 
-def flatten_results(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """``{"segm": {"AP": 31.2}}`` -> ``{"segm/AP": 31.2}`` (keys for metric writers)."""
-    return {
-        f"{task}/{metric}": float(value)
-        for task, metrics in results.items()
-        for metric, value in metrics.items()
-    }
+def flatten_results_dict(results: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"segm": {"AP": 31.2}}`` -> ``{"segm/AP": 31.2}`` (any nesting depth)."""
+    flat: dict[str, Any] = {}
+    for key, value in results.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_results_dict(value, name))
+        else:
+            flat[name] = value
+    return flat
 
 
 def print_csv_format(results: Mapping[str, Mapping[str, float]]) -> None:

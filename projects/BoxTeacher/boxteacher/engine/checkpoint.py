@@ -1,0 +1,275 @@
+"""Checkpoints: atomic saving, safe loading (``weights_only``), exact resume (RNG included).
+
+A checkpoint file is a dict::
+
+    {"model": state dict (no "module." prefix), "optimizer": ..., "scheduler": ...,
+     ["grad_scaler": ...,] "rng": RNG states of every process,
+     "iteration": last finished iteration,
+     "data_seed": seed of the training data}
+
+holding only tensors and plain python values, so ``torch.load(weights_only=True)`` reads it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import IO, Any, Iterator, Mapping
+
+import torch
+from fvcore.common.checkpoint import Checkpointer as _FvcoreCheckpointer
+from fvcore.common.checkpoint import (
+    get_missing_parameters_message,
+    get_unexpected_parameters_message,
+)
+from torch import nn
+
+from ..utils import comm
+from ..utils.env import get_rng_state, set_rng_state
+from .train_loop import unwrap_model
+
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "RNGState",
+    "atomic_open",
+    "load_checkpoint_file",
+    "load_model_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or does not fit the model."""
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open ``path + ".tmp"`` for writing; on success it replaces ``path`` atomically.
+
+    The data is flushed and fsync-ed before ``os.replace``, so a crash leaves either the old
+    file or the complete new one under ``path``, never a truncated file. On an exception the
+    temporary file is removed and the exception propagates.
+    """
+    if "w" not in mode:
+        raise ValueError(f"atomic_open writes files; got mode '{mode}'.")
+    tmp_path = path + ".tmp"
+    try:
+        with open(tmp_path, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp_path)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the rename durable (POSIX); not possible on every platform or file system."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint_file(path: str) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with an error naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint file '{path}' does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"Cannot read checkpoint '{path}' with torch.load(weights_only=True): {e}\n"
+            "Only files holding tensors and plain python values can be loaded (no pickled "
+            "objects); convert other formats first."
+        ) from e
+
+
+def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """A copy without ``prefix`` when every key has it (detectron2's rule)."""
+    if state_dict and all(key.startswith(prefix) for key in state_dict):
+        return {key[len(prefix):]: value for key, value in state_dict.items()}
+    return dict(state_dict)
+
+
+def load_model_weights(
+    model: nn.Module, checkpoint: Mapping[str, Any], source: str
+) -> tuple[list[str], list[str]]:
+    """Load weights into ``model`` by exact key, tolerating missing and unexpected keys.
+
+    Args:
+        model: the model (a DDP wrapper is unwrapped).
+        checkpoint: ``{"model": state_dict, ...}`` or a bare state dict; a "module." prefix on
+            every key is removed.
+        source: where the weights come from, for the messages.
+
+    Tensors whose shape differs from the model's are skipped with a warning; missing and
+    unexpected keys are logged, grouped by prefix. Returns ``(missing, unexpected)`` keys.
+
+    Raises:
+        CheckpointError: not a state dict, or not a single tensor could be loaded (the file is
+            for another model).
+    """
+    state_dict = checkpoint
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
+        state_dict = checkpoint["model"]
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"'{source}' holds no state dict (a dict of tensors).")
+    state_dict = _strip_prefix(state_dict, "module.")
+    model = unwrap_model(model)
+    model_state = model.state_dict()
+
+    loadable: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key not in model_state:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"'{key}' in '{source}' is a {type(value).__name__}, not a tensor."
+            )
+        expected = tuple(model_state[key].shape)
+        if tuple(value.shape) != expected:
+            logger.warning(
+                "Skip loading '%s' from '%s': shape %s in the checkpoint, %s in the model.",
+                key, source, tuple(value.shape), expected,
+            )
+            continue
+        loadable[key] = value
+    if model_state and not loadable:
+        raise CheckpointError(
+            f"Not a single tensor of '{source}' fits the model: it is a checkpoint of another "
+            f"model (checkpoint keys start with {sorted(state_dict)[:3]}, model keys with "
+            f"{sorted(model_state)[:3]})."
+        )
+    incompatible = model.load_state_dict(loadable, strict=False)
+    missing = list(incompatible.missing_keys)
+    unexpected = [key for key in state_dict if key not in model_state]
+    logger.info("Loaded %d of %d model tensors from '%s'.", len(loadable), len(model_state), source)
+    if missing:
+        logger.warning(get_missing_parameters_message(missing))
+    if unexpected:
+        logger.warning(get_unexpected_parameters_message(unexpected))
+    return missing, unexpected
+
+
+class RNGState:
+    """Checkpointable RNG states of every process: torch (CPU and current CUDA device), python
+    ``random`` and numpy.
+
+    ``state_dict`` gathers the states of all processes, so in multi-process runs it must be
+    called by every process (``Checkpointer.save`` is, see there); ``load_state_dict`` restores
+    this process's own state.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"per_rank": comm.all_gather(get_rng_state())}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        states = state_dict["per_rank"]
+        rank, world_size = comm.get_rank(), comm.get_world_size()
+        if len(states) != world_size:
+            logger.warning(
+                "The checkpoint holds RNG states of %d processes but %d run now: the random "
+                "streams after resuming differ from an uninterrupted run.",
+                len(states), world_size,
+            )
+        set_rng_state(states[rank % len(states)])
+
+
+class Checkpointer(_FvcoreCheckpointer):
+    """fvcore's ``Checkpointer`` with atomic saves and ``weights_only`` loading.
+
+    Args:
+        model: the model; a DDP wrapper is unwrapped so that keys have no "module." prefix.
+        save_dir: where checkpoints and the ``last_checkpoint`` tag go.
+        save_to_disk: whether this process writes files (``comm.is_main_process()`` in
+            multi-process runs).
+        checkpointables: objects with ``state_dict``/``load_state_dict`` saved under their
+            keyword (``optimizer=``, ``scheduler=``, ``rng=RNGState()``, ...).
+
+    In multi-process runs, call ``save`` on every process (as the ``PeriodicCheckpointer``
+    hook does): the ``RNGState`` checkpointable gathers the states of all processes, and only
+    processes with ``save_to_disk`` write.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        save_dir: str = "",
+        *,
+        save_to_disk: bool = True,
+        **checkpointables: Any,
+    ) -> None:
+        super().__init__(
+            unwrap_model(model), save_dir, save_to_disk=save_to_disk, **checkpointables
+        )
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Write ``save_dir/name.pth`` atomically with ``kwargs`` as extra fields, then tag it."""
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        if not self.save_dir or not self.save_to_disk:
+            return
+        os.makedirs(self.save_dir, exist_ok=True)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        logger.info("Saving checkpoint to %s", path)
+        with atomic_open(path, "wb") as f:
+            torch.save(data, f)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        with atomic_open(os.path.join(self.save_dir, "last_checkpoint"), "w") as f:
+            f.write(last_filename_basename)
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
+        """Resume from ``save_dir/last_checkpoint`` if ``resume`` and it exists, else load weights.
+
+        Resuming loads the model and every checkpointable (optimizer, scheduler, RNG, ...) and
+        returns the extra fields of the checkpoint (``iteration``, ``data_seed``). Otherwise
+        only the model weights are loaded from ``path`` (if not empty) and ``{}`` is returned:
+        the run starts from iteration 0.
+        """
+        if resume and self.has_checkpoint():
+            return self.load(self.get_checkpoint_file())
+        if resume:
+            logger.info("No checkpoint to resume from in '%s'.", self.save_dir)
+        self.load(path, checkpointables=[])
+        return {}
+
+    def load(self, path: str, checkpointables: list[str] | None = None) -> dict[str, Any]:
+        """Load the model and the given checkpointables (all when ``None``) from ``path``.
+
+        Returns the fields of the checkpoint that were not loaded (e.g. ``iteration``).
+        """
+        if not path:
+            logger.info("No checkpoint given: the model keeps its initialisation.")
+            return {}
+        logger.info("Loading checkpoint from %s", path)
+        checkpoint = load_checkpoint_file(path)
+        if not isinstance(checkpoint, dict):
+            raise CheckpointError(
+                f"'{path}' does not hold a dict; got {type(checkpoint).__name__}."
+            )
+        if not isinstance(checkpoint.get("model"), Mapping):
+            checkpoint = {"model": checkpoint}  # a bare state dict
+        load_model_weights(self.model, checkpoint.pop("model"), path)
+        for key in self.checkpointables if checkpointables is None else checkpointables:
+            if key in checkpoint:
+                logger.info("Loading %s from %s", key, path)
+                self.checkpointables[key].load_state_dict(checkpoint.pop(key))
+            else:
+                logger.warning("'%s' has no '%s' to load; it keeps its current state.", path, key)
+        return checkpoint

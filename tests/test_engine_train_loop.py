@@ -1,0 +1,267 @@
+"""Training loop, hooks and writers; exact resume (``boxteacher.engine``)."""
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from boxteacher.config import get_cfg
+from boxteacher.engine import (
+    Checkpointer,
+    CommonMetricPrinter,
+    EvalHook,
+    EventStorage,
+    HookBase,
+    IterationTimer,
+    JSONWriter,
+    LRScheduler,
+    PeriodicCheckpointer,
+    PeriodicWriter,
+    RNGState,
+    SimpleTrainer,
+    TensorboardXWriter,
+    build_lr_scheduler,
+    build_optimizer,
+    resolve_data_seed,
+)
+from boxteacher.utils.env import seed_all_rng
+
+
+class ToyModel(nn.Module):
+    """Uses the torch (dropout), numpy and python RNGs, so an exact resume needs all three."""
+
+    def __init__(self, nan_at_call=None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 1))
+        self.nan_at_call = nan_at_call
+        self.calls = 0
+
+    def forward(self, batch):
+        x, y = batch
+        noise = 1.0 + 0.01 * float(np.random.rand()) + 0.01 * random.random()
+        loss = ((self.net(x).squeeze(1) - y) ** 2).mean() * noise
+        if self.calls == self.nan_at_call:
+            loss = loss * float("nan")
+        self.calls += 1
+        reg = 1e-3 * sum((p**2).sum() for p in self.parameters())
+        return {"loss_mse": loss, "loss_reg": reg, "num_things": torch.tensor(100.0)}
+
+
+def toy_data(seed, start_iter):
+    """Infinite batches; the batch of iteration t depends only on (seed, t)."""
+    t = start_iter
+    while True:
+        g = torch.Generator().manual_seed(seed * 100_003 + t)
+        x = torch.randn(6, 4, generator=g)
+        yield x, x.sum(1) + 0.1 * torch.randn(6, generator=g)
+        t += 1
+
+
+def _cfg(output_dir, max_iter, seed):
+    cfg = get_cfg()
+    cfg.OUTPUT_DIR = str(output_dir)
+    cfg.SEED = seed
+    cfg.SOLVER.BASE_LR = 0.05
+    cfg.SOLVER.MAX_ITER = max_iter
+    cfg.SOLVER.STEPS = (6,)
+    cfg.SOLVER.WARMUP_ITERS = 3
+    cfg.SOLVER.WARMUP_FACTOR = 0.1
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 1e-4
+    return cfg
+
+
+def _eval_function():
+    torch.rand(100)  # evaluation consumes randomness; training must not see it
+    np.random.rand(10)
+    return {"val": {"AP": 42.0, "AP50": 60}}
+
+
+def run_training(cfg, *, stop_at, resume=False, save_rng=True, period=5, eval_period=5):
+    """The assembly the project's Trainer does (see the engine report)."""
+    torch.manual_seed(0)
+    model = ToyModel()
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    trainer = SimpleTrainer(model, None, optimizer)
+    extra_state = {"rng": RNGState()} if save_rng else {}
+    checkpointer = Checkpointer(
+        model, cfg.OUTPUT_DIR, scheduler=scheduler, **extra_state, **trainer.checkpointables()
+    )
+    seed_all_rng(1234)  # what default_setup does; a resumed run then restores the saved states
+    extra = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    start_iter = extra.get("iteration", -1) + 1
+    trainer.data_seed = resolve_data_seed(cfg, extra)
+    trainer.data_loader = toy_data(trainer.data_seed, start_iter)
+    json_writer = JSONWriter(f"{cfg.OUTPUT_DIR}/metrics.json", window=1)
+    trainer.register_hooks([
+        IterationTimer(),
+        LRScheduler(optimizer, scheduler),
+        PeriodicCheckpointer(checkpointer, period, cfg.SOLVER.MAX_ITER),
+        EvalHook(eval_period, _eval_function),
+        PeriodicWriter([json_writer, CommonMetricPrinter(cfg.SOLVER.MAX_ITER)], period=2),
+    ])
+    trainer.train(start_iter, stop_at)
+    return trainer, model, optimizer
+
+
+def _read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_is_exact(tmp_path):
+    _, full, full_optimizer = run_training(_cfg(tmp_path / "full", 10, seed=7), stop_at=10)
+    full_rng = torch.get_rng_state(), np.random.rand(), random.random()
+
+    half_cfg = _cfg(tmp_path / "half", 10, seed=7)
+    run_training(half_cfg, stop_at=5)
+    half_cfg.SEED = -1  # the data seed must come from the checkpoint
+    trainer, resumed, resumed_optimizer = run_training(half_cfg, stop_at=10, resume=True)
+
+    assert trainer.start_iter == 5 and trainer.iter == 10 and trainer.data_seed == 7
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert resumed_optimizer.param_groups[0]["lr"] == full_optimizer.param_groups[0]["lr"]
+    for p_full, p_resumed in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(
+            full_optimizer.state[p_full]["momentum_buffer"],
+            resumed_optimizer.state[p_resumed]["momentum_buffer"],
+        )
+    assert torch.equal(torch.get_rng_state(), full_rng[0])
+    assert (np.random.rand(), random.random()) == full_rng[1:]
+    # Metrics of the resumed run are appended after those of the first half.
+    iterations = [m["iteration"] for m in _read_metrics(tmp_path / "half" / "metrics.json")]
+    assert iterations == sorted(iterations) and iterations[-1] == 10
+
+
+def test_resume_without_rng_state_differs(tmp_path):
+    _, full, _ = run_training(_cfg(tmp_path / "full", 10, seed=7), stop_at=10, save_rng=False)
+    cfg = _cfg(tmp_path / "half", 10, seed=7)
+    run_training(cfg, stop_at=5, save_rng=False)
+    _, resumed, _ = run_training(cfg, stop_at=10, resume=True, save_rng=False)
+    assert not torch.equal(full.net[0].weight, resumed.net[0].weight)
+
+
+def test_metrics_checkpoints_and_eval_results(tmp_path):
+    cfg = _cfg(tmp_path, 10, seed=3)
+    run_training(cfg, stop_at=10, period=4, eval_period=4)
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == [
+        "model_0000003.pth", "model_0000007.pth", "model_final.pth"
+    ]
+    final = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    assert final["iteration"] == 9 and final["data_seed"] == 3
+
+    metrics = _read_metrics(tmp_path / "metrics.json")
+    assert [m["iteration"] for m in metrics] == [1, 3, 5, 7, 9, 10]
+    evals = [(m["iteration"], m["val/AP"], m["val/AP50"]) for m in metrics if "val/AP" in m]
+    assert evals == [(3, 42.0, 60.0), (7, 42.0, 60.0), (10, 42.0, 60.0)]  # each once
+    for m in metrics[:-1]:
+        assert m["total_loss"] == pytest.approx(m["loss_mse"] + m["loss_reg"], rel=1e-6)
+        assert m["num_things"] == 100.0  # logged, not summed into the loss
+        assert {"lr", "time", "data_time"} <= set(m)
+    assert metrics[0]["lr"] == pytest.approx(0.05 * (0.1 + 0.9 / 3))  # lr of iteration 1
+
+
+def test_non_finite_loss_raises(tmp_path):
+    model = ToyModel(nan_at_call=3)
+    trainer = SimpleTrainer(model, toy_data(0, 0), torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(FloatingPointError, match=r"iteration=3(.|\n)*loss_mse"):
+        trainer.train(0, 10)
+
+
+class _Recorder(HookBase):
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def before_train(self):
+        self.log.append(f"before_train:{self.name}")
+
+    def after_train(self):
+        self.log.append(f"after_train:{self.name}:{self.trainer.iter}")
+
+    def before_step(self):
+        self.log.append(f"before_step:{self.name}:{self.trainer.iter}")
+
+    def after_step(self):
+        self.log.append(f"after_step:{self.name}:{self.trainer.iter}")
+
+
+def test_hook_order():
+    log = []
+
+    class Trainer(SimpleTrainer):
+        def run_step(self):
+            log.append(f"run_step:{self.iter}")
+
+    model = ToyModel()
+    trainer = Trainer(model, toy_data(0, 0), torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer.register_hooks([_Recorder("a", log), None, _Recorder("b", log)])
+    trainer.train(5, 7)
+    assert log == [
+        "before_train:a", "before_train:b",
+        "before_step:a:5", "before_step:b:5", "run_step:5", "after_step:a:5", "after_step:b:5",
+        "before_step:a:6", "before_step:b:6", "run_step:6", "after_step:a:6", "after_step:b:6",
+        "after_train:a:7", "after_train:b:7",
+    ]
+
+
+def test_amp_on_cpu_warns_and_runs_fp32(caplog):
+    model = ToyModel()
+    with caplog.at_level(logging.WARNING, logger="boxteacher.engine.train_loop"):
+        trainer = SimpleTrainer(
+            model, toy_data(0, 0), torch.optim.SGD(model.parameters(), lr=0.1), amp=True
+        )
+    assert "AMP" in caplog.text and trainer.grad_scaler is None
+    assert set(trainer.checkpointables()) == {"optimizer"}
+    trainer.train(0, 2)
+
+
+@pytest.mark.parametrize("value", ["n/a", [1.0]])
+def test_eval_hook_rejects_bad_values(value):
+    model = ToyModel()
+    trainer = SimpleTrainer(model, toy_data(0, 0), torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer.register_hooks([EvalHook(1, lambda: {"segm": {"AP": value}})])
+    with pytest.raises(ValueError, match="segm/AP"):
+        trainer.train(0, 3)
+
+
+def test_eval_hook_leaves_out_undefined_metrics():
+    model = ToyModel()
+    trainer = SimpleTrainer(model, toy_data(0, 0), torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer.register_hooks([EvalHook(0, lambda: {"segm": {"AP": 12.5, "APl": float("nan")}})])
+    trainer.train(0, 2)
+    assert trainer.storage.history("segm/AP").latest() == 12.5
+    assert "segm/APl" not in trainer.storage.histories()
+
+
+def test_printer_and_tensorboard(tmp_path, caplog):
+    with EventStorage(start_iter=9) as storage:
+        storage.put_scalars(total_loss=1.5, loss_a=1.0)
+        storage.put_scalars(time=0.5, data_time=0.01)
+        storage.put_scalar("lr", 0.02, smoothing_hint=False)
+        storage.put_image("vis", torch.zeros(4, 5, 3, dtype=torch.uint8))
+        with caplog.at_level(logging.INFO, logger="boxteacher.engine.events"):
+            CommonMetricPrinter(max_iter=100).write()
+        writer = TensorboardXWriter(str(tmp_path))
+        writer.write()
+        writer.close()
+        assert storage.images() == []
+    line = "eta: 0:00:45  iter: 9  total_loss: 1.5  loss_a: 1  time: 0.5000  data_time: 0.0100  lr: 0.02"
+    assert line in caplog.text
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_on_cuda_checkpoints_the_grad_scaler(tmp_path):
+    model = ToyModel().cuda()
+    data = ((x.cuda(), y.cuda()) for x, y in toy_data(0, 0))
+    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01), amp=True)
+    assert set(trainer.checkpointables()) == {"optimizer", "grad_scaler"}
+    trainer.train(0, 3)
+    Checkpointer(model, str(tmp_path), **trainer.checkpointables()).save("model_final")
+    saved = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    assert saved["grad_scaler"]["scale"] > 0
