@@ -1,3 +1,3 @@
-from .config import CfgNode, ConfigError, get_cfg
+from .config import CfgNode, ConfigError, get_cfg, load_config
 
-__all__ = ["CfgNode", "ConfigError", "get_cfg"]
+__all__ = ["CfgNode", "ConfigError", "get_cfg", "load_config"]

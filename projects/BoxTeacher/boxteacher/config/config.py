@@ -71,3 +71,15 @@ def get_cfg() -> CfgNode:
     for key in IGNORED_KEYS:
         cfg.register_deprecated_key(key)
     return cfg
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
+    """Defaults, then ``config_file`` (with its ``_BASE_`` chain), then ``KEY VALUE`` overrides;
+    returned frozen."""
+    cfg = get_cfg()
+    if not config_file:
+        raise ConfigError("No config file given (use --config-file FILE).")
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.freeze()
+    return cfg

@@ -55,7 +55,8 @@ def setup_logger(
         output: a directory (the log goes to ``output/log.txt``) or a file path ending in
             ``.txt`` / ``.log``. ``None``: no file. Processes of rank N > 0 write to
             ``<file>.rankN``.
-        distributed_rank: rank of this process; only rank 0 logs to the console.
+        distributed_rank: rank of this process; only rank 0 logs to the console (INFO and
+            above; the file gets DEBUG too).
         name: the logger to configure.
         abbrev_name: shorter name shown on the console (default "bt" for "boxteacher").
         color: colour WARNING / ERROR on the console.
@@ -75,7 +76,7 @@ def setup_logger(
     handlers: list[logging.Handler] = []
     if distributed_rank == 0:
         console = logging.StreamHandler(stream=sys.stdout)
-        console.setLevel(logging.DEBUG)
+        console.setLevel(logging.INFO)  # debug details (e.g. pycocotools' output) go to the file
         if color:
             console.setFormatter(
                 _ConsoleFormatter(

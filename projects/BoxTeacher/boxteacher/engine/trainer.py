@@ -1,0 +1,138 @@
+"""The trainer a config describes: model, optimizer, schedule, data, checkpoints, evaluation
+and writers, assembled as detectron2's ``DefaultTrainer`` assembles them."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from torch import nn
+
+from ..build import build_model
+from ..config import CfgNode
+from ..data.build import build_test_loader, build_train_loader, get_train_metadata
+from ..data.builtin import register_datasets_from_config
+from ..data.catalog import get_metadata
+from ..evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
+from ..utils import comm
+from . import hooks
+from .checkpoint import Checkpointer, RNGState
+from .defaults import create_ddp_model, resolve_data_seed
+from .events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+from .solver import build_grad_clipper, build_lr_scheduler, build_optimizer
+from .train_loop import SimpleTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def build_evaluator(cfg: CfgNode, dataset_name: str) -> DatasetEvaluator:
+    """The evaluator of a test dataset, by its ``evaluator_type`` metadata."""
+    evaluator_type = getattr(get_metadata(dataset_name), "evaluator_type", "coco")
+    if evaluator_type != "coco":
+        raise ValueError(f"Dataset '{dataset_name}' asks for evaluator '{evaluator_type}'; only 'coco' exists.")
+    return COCOEvaluator(dataset_name, output_dir=os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name))
+
+
+def evaluate(cfg: CfgNode, model: nn.Module) -> dict[str, Any]:
+    """Evaluate ``model`` on every dataset of ``DATASETS.TEST``.
+
+    Returns, on the main process, ``{task: {metric: value}}`` for a single test dataset and
+    ``{dataset: {task: {metric: value}}}`` for several; ``{}`` on the other processes.
+    """
+    register_datasets_from_config(cfg)
+    results = {}
+    for name in cfg.DATASETS.TEST:
+        result = inference_on_dataset(model, build_test_loader(cfg, name), build_evaluator(cfg, name))
+        if comm.is_main_process():
+            logger.info("Evaluation results of %s:", name)
+            print_csv_format(result)
+        results[name] = result
+    if not comm.is_main_process():
+        return {}
+    return next(iter(results.values())) if len(results) == 1 else results
+
+
+def check_num_classes(cfg: CfgNode) -> None:
+    """MODEL.FCOS.NUM_CLASSES must equal the number of classes of the training data."""
+    num_classes = len(get_train_metadata(cfg).thing_classes)
+    if num_classes != cfg.MODEL.FCOS.NUM_CLASSES:
+        raise ValueError(
+            f"The training datasets {list(cfg.DATASETS.TRAIN)} have {num_classes} classes but "
+            f"MODEL.FCOS.NUM_CLASSES is {cfg.MODEL.FCOS.NUM_CLASSES}; set it to {num_classes}."
+        )
+
+
+class Trainer(SimpleTrainer):
+    """Trains the model of ``cfg`` with the standard hooks.
+
+    Usage: ``Trainer(cfg).resume_or_load(resume=args.resume); trainer.train()``. The training
+    data is built after resuming, from the restored data seed and iteration, so that a resumed
+    run sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, cfg: CfgNode):
+        register_datasets_from_config(cfg)
+        check_num_classes(cfg)
+        model = build_model(cfg)
+        optimizer = build_optimizer(cfg, model)
+        super().__init__(
+            create_ddp_model(model),
+            None,
+            optimizer,
+            grad_clipper=build_grad_clipper(cfg),
+            amp=cfg.SOLVER.AMP.ENABLED,
+        )
+        self.cfg = cfg
+        self.scheduler = build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = Checkpointer(
+            model,
+            cfg.OUTPUT_DIR,
+            save_to_disk=comm.is_main_process(),
+            scheduler=self.scheduler,
+            rng=RNGState(),
+            **self.checkpointables(),
+        )
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.last_results: dict[str, Any] = {}
+        self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """Resume from ``OUTPUT_DIR/last_checkpoint`` when ``resume`` and it exists, else load
+        ``MODEL.WEIGHTS`` (if set) and start at iteration 0. Runs on every process."""
+        extra = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        self.start_iter = int(extra.get("iteration", -1)) + 1
+        self.data_seed = resolve_data_seed(self.cfg, extra)
+
+    def build_hooks(self) -> list[hooks.HookBase]:
+        cfg = self.cfg
+        result: list[hooks.HookBase] = [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(self.optimizer, self.scheduler),
+            hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD),
+            hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self.test),
+        ]
+        if comm.is_main_process():
+            result.append(hooks.PeriodicWriter(self.build_writers(), period=20))
+        return result
+
+    def build_writers(self) -> list:
+        return [
+            CommonMetricPrinter(self.max_iter),
+            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
+            TensorboardXWriter(self.cfg.OUTPUT_DIR),
+        ]
+
+    def test(self) -> dict[str, Any]:
+        """Evaluate the current model (in eval mode; its training mode is restored after)."""
+        if not self.cfg.DATASETS.TEST:
+            return {}
+        self.last_results = evaluate(self.cfg, self.model)
+        return self.last_results
+
+    def train(self) -> dict[str, Any]:
+        """Train from ``start_iter`` to ``SOLVER.MAX_ITER``; returns the last evaluation results."""
+        if self.data_seed is None:
+            self.resume_or_load(resume=False)
+        self.data_loader = build_train_loader(self.cfg, seed=self.data_seed, start_iter=self.start_iter)
+        super().train(self.start_iter, self.max_iter)
+        return self.last_results
