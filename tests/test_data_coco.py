@@ -24,7 +24,6 @@ COCO128 = SHARED / "data" / "coco128"
 CARPARTS = SHARED / "data" / "carparts"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared (test data) is not available")
 # pycocotools' decode trips a NumPy 2 deprecation warning; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 def _write_coco(path: Path, annotations: list[dict], images=None, categories=None) -> str:

@@ -29,7 +29,6 @@ from boxteacher.data.samplers import index_stream
 from boxteacher.data.shapes import shapes_paths
 
 # pycocotools' decode trips a NumPy 2 deprecation warning; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 def _take(sampler, n: int) -> list:

@@ -25,7 +25,6 @@ from boxteacher.data import (
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CARPARTS = SHARED / "data" / "carparts"
 # pycocotools' decode trips a NumPy 2 deprecation warning; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 HEIGHT, WIDTH = 60, 100
 

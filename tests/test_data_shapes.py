@@ -21,7 +21,6 @@ from boxteacher.data.builtin import register_builtin_datasets
 from boxteacher.data.shapes import shapes_paths
 
 # pycocotools' decode trips a NumPy 2 deprecation warning; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 NUM_TRAIN, NUM_VAL = 16, 4
 

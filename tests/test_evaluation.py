@@ -27,7 +27,6 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 COCO128_JSON = SHARED / "data" / "coco128" / "annotations" / "instances_train2017.json"
 SUMMARY = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # pycocotools' mask.decode (behind annToMask) trips a NumPy 2 deprecation; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 # ----------------------------------------------------------------------------- helpers

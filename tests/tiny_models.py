@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from boxteacher.config import get_cfg
+from boxteacher.config import CfgNode, get_cfg
 
 TINY_MODEL_OVERRIDES = [
     "MODEL.DEVICE", "cpu",
@@ -51,3 +51,30 @@ def sample(h: int, w: int, boxes: list[tuple[int, int, int, int]], labels: list[
             "masks": masks,
         },
     }
+
+
+# Full names of the config keys read through any RecordingCfgNode (clones included).
+RECORDED_READS: set[str] = set()
+
+
+class RecordingCfgNode(CfgNode):
+    """A config that adds the full name of every key the code reads to ``RECORDED_READS``."""
+
+    def __init__(self, init_dict=None, key_list=None, new_allowed=False):
+        super().__init__(init_dict, key_list, new_allowed)
+        self.__dict__["_prefix"] = ".".join(key_list or [])
+
+    def __getattr__(self, name):
+        if name in self:
+            prefix = self.__dict__["_prefix"]
+            RECORDED_READS.add(f"{prefix}.{name}" if prefix else name)
+        return super().__getattr__(name)
+
+
+def leaf_keys(node, prefix=""):
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from leaf_keys(value, name + ".")
+        else:
+            yield name
