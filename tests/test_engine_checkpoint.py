@@ -10,13 +10,8 @@ import torch
 from torch import nn
 
 from boxteacher.config import get_cfg
-from boxteacher.engine.checkpoint import (
-    CheckpointError,
-    Checkpointer,
-    RNGState,
-    atomic_open,
-    load_model_weights,
-)
+from boxteacher.engine.checkpoint import Checkpointer, RNGState, atomic_open, load_model_weights
+from boxteacher.engine.weight_files import CheckpointError
 from boxteacher.engine.solver import build_lr_scheduler, build_optimizer
 
 LOGGER = "boxteacher.engine.checkpoint"

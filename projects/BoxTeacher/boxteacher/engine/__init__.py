@@ -1,12 +1,5 @@
 """Training engine: loop and hooks, events and writers, solver, checkpoints, launching."""
-from .checkpoint import (
-    CheckpointError,
-    Checkpointer,
-    RNGState,
-    atomic_open,
-    load_checkpoint_file,
-    load_model_weights,
-)
+from .checkpoint import Checkpointer, RNGState, atomic_open, load_model_weights
 from .defaults import (
     create_ddp_model,
     default_argument_parser,
@@ -39,6 +32,12 @@ from .solver import (
     get_default_optimizer_params,
 )
 from .train_loop import HookBase, SimpleTrainer, TrainerBase, unwrap_model
+from .weight_files import (
+    CheckpointError,
+    load_checkpoint_file,
+    read_model_weights,
+    resolve_weights_path,
+)
 
 __all__ = [
     "CheckpointError",
@@ -47,6 +46,8 @@ __all__ = [
     "atomic_open",
     "load_checkpoint_file",
     "load_model_weights",
+    "read_model_weights",
+    "resolve_weights_path",
     "create_ddp_model",
     "default_argument_parser",
     "default_setup",

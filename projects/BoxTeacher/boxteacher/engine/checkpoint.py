@@ -27,21 +27,16 @@ from torch import nn
 from ..utils import comm
 from ..utils.env import get_rng_state, set_rng_state
 from .train_loop import unwrap_model
+from .weight_files import CheckpointError, read_model_weights
 
 __all__ = [
-    "CheckpointError",
     "Checkpointer",
     "RNGState",
     "atomic_open",
-    "load_checkpoint_file",
     "load_model_weights",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read or does not fit the model."""
 
 
 @contextlib.contextmanager
@@ -80,20 +75,6 @@ def _fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def load_checkpoint_file(path: str) -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)`` with an error naming the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint file '{path}' does not exist.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"Cannot read checkpoint '{path}' with torch.load(weights_only=True): {e}\n"
-            "Only files holding tensors and plain python values can be loaded (no pickled "
-            "objects); convert other formats first."
-        ) from e
 
 
 def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -258,13 +239,7 @@ class Checkpointer(_FvcoreCheckpointer):
             logger.info("No checkpoint given: the model keeps its initialisation.")
             return {}
         logger.info("Loading checkpoint from %s", path)
-        checkpoint = load_checkpoint_file(path)
-        if not isinstance(checkpoint, dict):
-            raise CheckpointError(
-                f"'{path}' does not hold a dict; got {type(checkpoint).__name__}."
-            )
-        if not isinstance(checkpoint.get("model"), Mapping):
-            checkpoint = {"model": checkpoint}  # a bare state dict
+        checkpoint = read_model_weights(path)
         load_model_weights(self.model, checkpoint.pop("model"), path)
         for key in self.checkpointables if checkpointables is None else checkpointables:
             if key in checkpoint:

@@ -1,0 +1,169 @@
+"""Weight files named by ``MODEL.WEIGHTS`` in the formats users hold, read as state dicts in this
+project's parameter names.
+
+* ``detectron2://ImageNetPretrained/MSRA/R-50.pkl`` style names are looked up in
+  ``pretrained_models/`` (by file name); nothing is downloaded.
+* Caffe2 / detectron2 ``.pkl`` files (dicts of numpy arrays, possibly under ``blobs`` or
+  ``model``) are read with an unpickler that only admits numpy arrays and plain containers, so
+  a crafted file cannot run code. Caffe2 names (``res2_0_branch2a_w``) are converted to
+  detectron2 names (``res2.0.conv1.weight``).
+* ``.pth`` files are read with ``torch.load(weights_only=True)``.
+* detectron2 / AdelaiDet names (``backbone.bottom_up.res2.0.conv1.norm.weight``,
+  ``backbone.fpn_lateral3``) are renamed to this project's (torchvision ResNet, torchvision FPN);
+  a file holding only a ResNet (ImageNet weights) is placed under ``backbone.bottom_up.``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or does not fit the model."""
+
+
+DETECTRON2_PREFIX = "detectron2://"
+DETECTRON2_DOWNLOAD_ROOT = "https://dl.fbaipublicfiles.com/detectron2/"
+PRETRAINED_DIR = "pretrained_models"
+
+
+def resolve_weights_path(path: str) -> str:
+    """A local file for ``path``; ``detectron2://X/Y.pkl`` is ``pretrained_models/Y.pkl``."""
+    if not path.startswith(DETECTRON2_PREFIX):
+        return path
+    relative = path[len(DETECTRON2_PREFIX):]
+    local = os.path.join(PRETRAINED_DIR, os.path.basename(relative))
+    if not os.path.isfile(local):
+        raise FileNotFoundError(
+            f"MODEL.WEIGHTS '{path}' is looked up as '{local}', which does not exist. Download "
+            f"{DETECTRON2_DOWNLOAD_ROOT}{relative} into {PRETRAINED_DIR}/ (see "
+            f"{PRETRAINED_DIR}/README.md), or set MODEL.WEIGHTS to a local file or ''."
+        )
+    return local
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Admits numpy arrays, numpy scalars and plain containers; refuses anything else."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load '{module}.{name}'")
+        return super().find_class(module, name)
+
+
+def read_array_pickle(path: str) -> Any:
+    """The content of a pickle that holds only numpy arrays and containers (Python 2 pickles
+    are read with latin-1 strings, as detectron2 does)."""
+    try:
+        with open(path, "rb") as f:
+            return _ArraysOnlyUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"'{path}' is not a pickle of numpy arrays ({e}); it is not loaded because "
+            "unpickling it could run arbitrary code."
+        ) from e
+
+
+def caffe2_to_detectron2_name(name: str) -> str:
+    """Caffe2 blob name of a ResNet -> detectron2 name (``res2_0_branch2a_bn_s`` ->
+    ``res2.0.conv1.norm.weight``, ``res_conv1_bn_b`` -> ``stem.conv1.norm.bias``)."""
+    name = name.replace("_", ".")
+    for pattern, replacement in (
+        (r"\.b$", ".bias"), (r"\.w$", ".weight"),
+        (r"bn\.s$", "norm.weight"), (r"bn\.bias$", "norm.bias"),
+        (r"bn\.rm$", "norm.running_mean"), (r"bn\.running\.mean$", "norm.running_mean"),
+        (r"bn\.riv$", "norm.running_var"), (r"bn\.running\.var$", "norm.running_var"),
+        (r"bn\.gamma$", "norm.weight"), (r"bn\.beta$", "norm.bias"),
+        (r"gn\.s$", "norm.weight"), (r"gn\.bias$", "norm.bias"),
+        (r"^res\.conv1\.norm\.", "conv1.norm."), (r"^conv1\.", "stem.conv1."),
+    ):
+        name = re.sub(pattern, replacement, name)
+    for old, new in ((".branch1.", ".shortcut."), (".branch2a.", ".conv1."),
+                     (".branch2b.", ".conv2."), (".branch2c.", ".conv3.")):
+        name = name.replace(old, new)
+    return name
+
+
+def detectron2_to_project_name(name: str) -> str:
+    """detectron2 / AdelaiDet parameter name -> this project's (identity for our own names)."""
+    name = re.sub(r"(^|\.)stem\.conv1\.norm\.", r"\1bn1.", name)
+    name = re.sub(r"(^|\.)stem\.conv1\.", r"\1conv1.", name)
+
+    def stage(match: re.Match) -> str:
+        rest = match.group(4)
+        rest = re.sub(r"^conv(\d)\.norm\.", r"bn\1.", rest)
+        rest = re.sub(r"^shortcut\.norm\.", "downsample.1.", rest)
+        rest = re.sub(r"^shortcut\.", "downsample.0.", rest)
+        return f"{match.group(1)}layer{int(match.group(2)) - 1}.{match.group(3)}.{rest}"
+
+    name = re.sub(r"(^|\.)res(\d)\.(\d+)\.(.*)", stage, name)
+    name = re.sub(r"backbone\.fpn_lateral(\d)", lambda m: f"backbone.fpn.inner_blocks.{int(m[1]) - 3}.0", name)
+    name = re.sub(r"backbone\.fpn_output(\d)", lambda m: f"backbone.fpn.layer_blocks.{int(m[1]) - 3}.0", name)
+    return name.replace("backbone.top_block.", "backbone.fpn.extra_blocks.")
+
+
+_RESNET_ONLY = re.compile(r"^(conv1\.|bn1\.|layer\d\.|fc\d*\.)")
+
+
+def to_project_names(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Rename to this project's names; a ResNet-only state dict (ImageNet weights) goes under
+    ``backbone.bottom_up.`` and loses its classifier (``fc``)."""
+    renamed = {detectron2_to_project_name(k): v for k, v in state_dict.items()}
+    if renamed and all(_RESNET_ONLY.match(k) for k in renamed):
+        renamed = {f"backbone.bottom_up.{k}": v for k, v in renamed.items() if not k.startswith("fc")}
+    return {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in renamed.items()}
+
+
+def load_checkpoint_file(path: str) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with an error naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint file '{path}' does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"Cannot read checkpoint '{path}' with torch.load(weights_only=True): {e}\n"
+            "Only files holding tensors and plain python values can be loaded (no pickled "
+            "objects); convert other formats first."
+        ) from e
+
+
+def read_model_weights(path: str) -> dict[str, Any]:
+    """``{"model": state dict in this project's names, ...}`` from any supported file."""
+    local = resolve_weights_path(path)
+    if local.endswith(".pkl"):
+        content = read_array_pickle(local)
+        if not isinstance(content, dict):
+            raise CheckpointError(f"'{local}' holds a {type(content).__name__}, not a dict of arrays.")
+        if "model" in content and "__author__" in content:  # detectron2 model zoo
+            state = content["model"]
+        else:  # Caffe2 / Detectron: detection models keep their arrays under "blobs"
+            state = {caffe2_to_detectron2_name(k): v for k, v in content.get("blobs", content).items()
+                     if not k.endswith("_momentum") and k != "weight_order"}
+        logger.info("Read %d arrays from the pickle '%s'.", len(state), local)
+        return {"model": to_project_names(state)}
+    checkpoint = load_checkpoint_file(local)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"'{local}' does not hold a dict; got {type(checkpoint).__name__}.")
+    if isinstance(checkpoint.get("model"), Mapping):
+        return {**checkpoint, "model": to_project_names(checkpoint["model"])}
+    return {"model": to_project_names(checkpoint)}

@@ -1,0 +1,137 @@
+"""MODEL.WEIGHTS files: detectron2:// names, safe Caffe2 pickles, torchvision and detectron2
+parameter names."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from boxteacher.build import build_model
+from boxteacher.engine import Checkpointer
+from boxteacher.engine.weight_files import (
+    CheckpointError,
+    caffe2_to_detectron2_name,
+    detectron2_to_project_name,
+    read_model_weights,
+    resolve_weights_path,
+)
+from tiny_models import tiny_cfg
+
+
+@pytest.mark.parametrize(
+    "caffe2, detectron2",
+    [
+        ("res2_0_branch2a_w", "res2.0.conv1.weight"),
+        ("res2_0_branch2a_bn_s", "res2.0.conv1.norm.weight"),
+        ("res3_1_branch2c_bn_b", "res3.1.conv3.norm.bias"),
+        ("res4_0_branch1_w", "res4.0.shortcut.weight"),
+        ("res_conv1_bn_b", "stem.conv1.norm.bias"),
+        ("conv1_w", "stem.conv1.weight"),
+        ("fc1000_w", "fc1000.weight"),
+    ],
+)
+def test_caffe2_names(caffe2, detectron2):
+    assert caffe2_to_detectron2_name(caffe2) == detectron2
+
+
+@pytest.mark.parametrize(
+    "detectron2, ours",
+    [
+        ("backbone.bottom_up.stem.conv1.weight", "backbone.bottom_up.conv1.weight"),
+        ("backbone.bottom_up.stem.conv1.norm.running_var", "backbone.bottom_up.bn1.running_var"),
+        ("backbone.bottom_up.res2.0.conv2.norm.bias", "backbone.bottom_up.layer1.0.bn2.bias"),
+        ("backbone.bottom_up.res5.0.shortcut.weight", "backbone.bottom_up.layer4.0.downsample.0.weight"),
+        ("backbone.bottom_up.res5.0.shortcut.norm.weight", "backbone.bottom_up.layer4.0.downsample.1.weight"),
+        ("backbone.fpn_lateral3.weight", "backbone.fpn.inner_blocks.0.0.weight"),
+        ("backbone.fpn_output5.bias", "backbone.fpn.layer_blocks.2.0.bias"),
+        ("backbone.top_block.p7.weight", "backbone.fpn.extra_blocks.p7.weight"),
+        ("proposal_generator.fcos_head.cls_tower.0.weight", "proposal_generator.fcos_head.cls_tower.0.weight"),
+        ("mask_branch.refine.0.1.running_mean", "mask_branch.refine.0.1.running_mean"),
+    ],
+)
+def test_detectron2_names_and_our_names_are_fixed_points(detectron2, ours):
+    assert detectron2_to_project_name(detectron2) == ours
+    assert detectron2_to_project_name(ours) == ours
+
+
+def test_detectron2_url_is_looked_up_in_pretrained_models(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"dl\.fbaipublicfiles\.com/detectron2/ImageNetPretrained/MSRA/R-50\.pkl"):
+        resolve_weights_path("detectron2://ImageNetPretrained/MSRA/R-50.pkl")
+    (tmp_path / "pretrained_models").mkdir()
+    (tmp_path / "pretrained_models/R-50.pkl").write_bytes(b"")
+    assert resolve_weights_path("detectron2://ImageNetPretrained/MSRA/R-50.pkl") == os.path.join("pretrained_models", "R-50.pkl")
+    assert resolve_weights_path("some/file.pth") == "some/file.pth"
+
+
+def _caffe2_blobs(model):
+    """The model's ResNet as Caffe2 blobs (numpy), with a classifier and momentum blobs."""
+    inverse = {
+        "conv1.weight": "conv1_w", "bn1.weight": "res_conv1_bn_s", "bn1.bias": "res_conv1_bn_b",
+    }
+    blobs = {}
+    for key, value in model.backbone.bottom_up.state_dict().items():
+        if key.endswith(("running_mean", "running_var")):
+            continue  # MSRA files hold only the affine parameters
+        if key in inverse:
+            name = inverse[key]
+        else:
+            layer, block, module, *rest = key.split(".")
+            stage = int(layer[len("layer"):]) + 1
+            if module == "downsample":
+                branch, kind = ("branch1", "w") if rest[0] == "0" else ("branch1_bn", {"weight": "s", "bias": "b"}[rest[1]])
+            elif module.startswith("bn"):
+                branch, kind = f"branch2{'abc'[int(module[2:]) - 1]}_bn", {"weight": "s", "bias": "b"}[rest[0]]
+            else:
+                branch, kind = f"branch2{'abc'[int(module[4:]) - 1]}", "w"
+            name = f"res{stage}_{block}_{branch}_{kind}"
+        blobs[name] = value.numpy() + 0.5
+    blobs["fc1000_w"] = np.zeros((10, 4), dtype=np.float32)
+    blobs["conv1_w_momentum"] = np.zeros(3, dtype=np.float32)
+    return blobs
+
+
+def test_caffe2_imagenet_pickle_loads_into_the_backbone_only(tmp_path):
+    model = build_model(tiny_cfg("MODEL.RESNETS.NORM", "FrozenBN"))
+    blobs = _caffe2_blobs(model)
+    path = tmp_path / "R-18.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(blobs, f, protocol=2)
+    before_head = model.controller.weight.clone()
+    Checkpointer(model).load(str(path), checkpointables=[])
+    assert torch.equal(model.backbone.bottom_up.layer2[0].conv1.weight, torch.from_numpy(blobs["res3_0_branch2a_w"]))
+    assert torch.equal(model.backbone.bottom_up.bn1.weight, torch.from_numpy(blobs["res_conv1_bn_s"]))
+    assert torch.equal(model.controller.weight, before_head)
+
+
+def test_detectron2_model_zoo_pickle_keeps_detectron2_names(tmp_path):
+    model = build_model(tiny_cfg())
+    weight = model.backbone.fpn.inner_blocks[0][0].weight.detach().numpy() + 1
+    path = tmp_path / "zoo.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"backbone.fpn_lateral3.weight": weight}, "__author__": "zoo"}, f)
+    assert set(read_model_weights(str(path))["model"]) == {"backbone.fpn.inner_blocks.0.0.weight"}
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"conv1_w": _RunsCode()}, f)
+    with pytest.raises(CheckpointError, match="arbitrary code"):
+        read_model_weights(str(path))
+
+
+def test_torchvision_resnet_state_dict_goes_under_the_backbone(tmp_path):
+    model = build_model(tiny_cfg())
+    resnet = {k: v + 1 for k, v in model.backbone.bottom_up.state_dict().items()}
+    resnet["fc.weight"] = torch.zeros(10, 4)
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet, path)
+    Checkpointer(model).load(str(path), checkpointables=[])
+    assert torch.equal(model.backbone.bottom_up.layer1[0].conv2.weight, resnet["layer1.0.conv2.weight"])
