@@ -142,3 +142,35 @@ def test_command_line_errors_name_the_problem(tmp_path):
     assert proc.returncode != 0 and "MODEL.FCOS.NUM_CLASSSES" in proc.stderr
     proc = run_cli("--config-file", str(tmp_path / "missing.yaml"))
     assert proc.returncode != 0 and "missing.yaml" in proc.stderr
+
+
+SHARED = REPO.parent / "shared" / "data"
+REAL_DATASETS = {
+    "carparts": (18, "annotations/instances_train.json", "annotations/instances_val.json",
+                 '[["front_left_door", "front_right_door"], ["back_left_door", "back_right_door"], '
+                 '["front_left_light", "front_right_light"], ["back_left_light", "back_right_light"], '
+                 '["left_mirror", "right_mirror"]]'),
+    "coco128": (80, "annotations/instances_train2017.json", "annotations/instances_train2017.json", "[]"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_DATASETS))
+def test_short_training_and_evaluation_on_real_coco_format_data(name, tmp_path):
+    root = SHARED / name
+    if not root.is_dir():
+        pytest.skip(f"{root} is not available")
+    num_classes, train_json, val_json, flip_pairs = REAL_DATASETS[name]
+    register = str([[f"{name}_t", str(root / train_json), str(root / "images")],
+                    [f"{name}_v", str(root / val_json), str(root / "images")]])
+    trainer = make_trainer(SMALL_RUN + [
+        "DATASETS.REGISTER", register, "DATASETS.TRAIN", f"('{name}_t',)", "DATASETS.TEST", f"('{name}_v',)",
+        "DATASETS.FLIP_CLASS_PAIRS", flip_pairs, "MODEL.FCOS.NUM_CLASSES", str(num_classes),
+        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128", "SOLVER.MAX_ITER", "3",
+        "MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "OUTPUT_DIR", str(tmp_path),
+    ])
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    assert set(results) == {"bbox", "segm"}
+    predictions = json.loads((tmp_path / f"inference/{name}_v/coco_instances_results.json").read_text())
+    categories = {c["id"] for c in json.loads((root / val_json).read_text())["categories"]}
+    assert predictions and {p["category_id"] for p in predictions} <= categories
