@@ -137,3 +137,11 @@ def test_r50_condinst_state_dict_matches_the_official_layout():
     assert state["mask_head.sizes_of_interest"].tolist() == [64, 128, 256, 512, 1024]
     assert state["controller.weight"].shape == (233, 256, 3, 3)
     assert state["proposal_generator.fcos_head.cls_logits.bias"][0].item() == pytest.approx(-4.59512, abs=1e-5)
+
+
+def test_inference_without_any_detection_returns_empty_instances():
+    model = build_model(tiny_cfg("MODEL.FCOS.INFERENCE_TH_TEST", "0.999"))
+    model.eval()
+    (out,) = model([{"image": torch.zeros(3, 64, 64, dtype=torch.uint8), "height": 32, "width": 48}])
+    inst = out["instances"]
+    assert inst["boxes"].shape == (0, 4) and inst["masks"].shape == (0, 32, 48)

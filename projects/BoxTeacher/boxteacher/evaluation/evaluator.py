@@ -66,6 +66,14 @@ def _format_seconds(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
+def _log_progress(done: int, num_batches: int | None, seconds_per_batch: float) -> None:
+    if num_batches is None:
+        logger.info("Inference done %d. %.4f s / batch", done, seconds_per_batch)
+        return
+    eta = _format_seconds(seconds_per_batch * (num_batches - done))
+    logger.info("Inference done %d/%d. %.4f s / batch. ETA=%s", done, num_batches, seconds_per_batch, eta)
+
+
 def inference_on_dataset(
     model: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
     data_loader: Iterable[list[dict[str, Any]]],
@@ -109,15 +117,7 @@ def inference_on_dataset(
 
             now = time.perf_counter()
             if now - last_log >= log_period_s:
-                seconds_per_batch = (now - loop_start) / (idx + 1)
-                if num_batches is None:
-                    logger.info("Inference done %d. %.4f s / batch", idx + 1, seconds_per_batch)
-                else:
-                    eta = seconds_per_batch * (num_batches - idx - 1)
-                    logger.info(
-                        "Inference done %d/%d. %.4f s / batch. ETA=%s",
-                        idx + 1, num_batches, seconds_per_batch, _format_seconds(eta),
-                    )
+                _log_progress(idx + 1, num_batches, (now - loop_start) / (idx + 1))
                 last_log = now
 
     total_time = time.perf_counter() - timed_start
