@@ -145,3 +145,20 @@ def test_inference_without_any_detection_returns_empty_instances():
     (out,) = model([{"image": torch.zeros(3, 64, 64, dtype=torch.uint8), "height": 32, "width": 48}])
     inst = out["instances"]
     assert inst["boxes"].shape == (0, 4) and inst["masks"].shape == (0, 32, 48)
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101])
+def test_resnet_depths_match_torchvision(depth):
+    """Our ResNet body has torchvision's parameters (minus the 1000-class classifier)."""
+    import torchvision
+
+    from boxteacher.modeling.backbone import ResNet
+    from boxteacher.modeling.layers import get_norm
+
+    ours = ResNet(depth, get_norm("BN"), out_features=("res5",),
+                  res2_out_channels=64 if depth < 50 else 256, stride_in_1x1=False)
+    reference = getattr(torchvision.models, f"resnet{depth}")()
+    expected = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == expected
+    x = torch.randn(1, 3, 64, 64)
+    assert ours(x)["res5"].shape == (1, 512 if depth < 50 else 2048, 2, 2)

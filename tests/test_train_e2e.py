@@ -174,3 +174,15 @@ def test_short_training_and_evaluation_on_real_coco_format_data(name, tmp_path):
     predictions = json.loads((tmp_path / f"inference/{name}_v/coco_instances_results.json").read_text())
     categories = {c["id"] for c in json.loads((root / val_json).read_text())["categories"]}
     assert predictions and {p["category_id"] for p in predictions} <= categories
+
+
+def test_torchrun_starts_a_two_process_training(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(REPO / "train_net.py"), "--config-file", QUICKSTART, *SMALL_RUN,
+         "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "World size: 2" in (tmp_path / "log.txt").read_text()
+    assert (tmp_path / "model_final.pth").is_file() and (tmp_path / "log.txt.rank1").is_file()
