@@ -13,6 +13,7 @@ import torch
 from boxteacher.config import load_config
 from boxteacher.config.defaults import _C
 from boxteacher.data.builtin import register_builtin_datasets
+from boxteacher.data.catalog import get_dataset_records
 from boxteacher.engine import default_argument_parser, default_setup
 from boxteacher.engine.hooks import HookBase
 from boxteacher.engine.trainer import Trainer
@@ -21,6 +22,7 @@ from tiny_models import RECORDED_READS, RecordingCfgNode, leaf_keys
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs/quickstart/condinst_shapes.yaml")
+QUICKSTART_BOXINST = str(REPO / "configs/quickstart/boxinst_shapes.yaml")
 SMALL_RUN = ["MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "4"]
 
 
@@ -39,33 +41,47 @@ def datasets_root(tmp_path_factory):
     register_builtin_datasets()
 
 
-def make_trainer(opts):
+def make_trainer(opts, config=QUICKSTART):
     seed_all_rng(0)
-    return Trainer(load_config(QUICKSTART, opts))
+    return Trainer(load_config(config, opts))
 
 
-def test_training_lowers_the_loss_evaluates_and_reads_every_config_key(tmp_path):
+def mean_losses(trainer, name, count=10):
+    values = [v for v, _ in trainer.storage.history(name).values()]
+    return sum(values[:count]) / count, sum(values[-count:]) / count
+
+
+def test_condinst_training_lowers_the_loss(tmp_path):
+    trainer = make_trainer(SMALL_RUN + ["SOLVER.MAX_ITER", "30", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)])
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    first, last = mean_losses(trainer, "loss_mask")
+    assert last < 0.8 * first, (first, last)
+
+
+def test_boxinst_training_lowers_the_loss_evaluates_and_reads_every_config_key(tmp_path):
+    """BoxInst reads every key CondInst reads and its own."""
     opts = [
         "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "2", "SOLVER.MAX_ITER", "40",
         "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
         "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "100.0", "OUTPUT_DIR", str(tmp_path),
     ]
     RECORDED_READS.clear()
-    cfg = RecordingCfgNode(load_config(QUICKSTART, opts))
+    cfg = RecordingCfgNode(load_config(QUICKSTART_BOXINST, opts))
     cfg.freeze()
     default_setup(cfg, default_argument_parser().parse_args([]))
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     results = trainer.train()
 
-    losses = trainer.storage.history("total_loss").values()
-    first = sum(v for v, _ in losses[:10]) / 10
-    last = sum(v for v, _ in losses[-10:]) / 10
+    first, last = mean_losses(trainer, "total_loss")
     assert last < 0.8 * first, (first, last)
+    first, last = mean_losses(trainer, "loss_prj")
+    assert last < first, (first, last)
     assert set(results) == {"bbox", "segm"} and 0 <= results["segm"]["AP"] <= 100
     assert (tmp_path / "model_final.pth").is_file()
     lines = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
-    assert any("segm/AP" in line for line in lines) and any("loss_mask" in line for line in lines)
+    assert any("segm/AP" in line for line in lines) and any("loss_pairwise" in line for line in lines)
     assert (tmp_path / "inference/shapes_val/coco_instances_results.json").is_file()
 
     unread = sorted(set(leaf_keys(_C)) - RECORDED_READS)
@@ -154,8 +170,9 @@ REAL_DATASETS = {
 }
 
 
+@pytest.mark.parametrize("config", [QUICKSTART, QUICKSTART_BOXINST], ids=["condinst", "boxinst"])
 @pytest.mark.parametrize("name", sorted(REAL_DATASETS))
-def test_short_training_and_evaluation_on_real_coco_format_data(name, tmp_path):
+def test_short_training_and_evaluation_on_real_coco_format_data(name, config, tmp_path):
     root = SHARED / name
     if not root.is_dir():
         pytest.skip(f"{root} is not available")
@@ -166,14 +183,34 @@ def test_short_training_and_evaluation_on_real_coco_format_data(name, tmp_path):
         "DATASETS.REGISTER", register, "DATASETS.TRAIN", f"('{name}_t',)", "DATASETS.TEST", f"('{name}_v',)",
         "DATASETS.FLIP_CLASS_PAIRS", flip_pairs, "MODEL.FCOS.NUM_CLASSES", str(num_classes),
         "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128", "SOLVER.MAX_ITER", "3",
-        "MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "OUTPUT_DIR", str(tmp_path),
-    ])
+        "MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.FCOS.POST_NMS_TOPK_TEST", "10",
+        "OUTPUT_DIR", str(tmp_path),
+    ], config)
     trainer.resume_or_load(resume=False)
     results = trainer.train()
     assert set(results) == {"bbox", "segm"}
     predictions = json.loads((tmp_path / f"inference/{name}_v/coco_instances_results.json").read_text())
     categories = {c["id"] for c in json.loads((root / val_json).read_text())["categories"]}
     assert predictions and {p["category_id"] for p in predictions} <= categories
+
+
+def test_boxinst_trains_on_a_dataset_without_any_segmentation(tmp_path, datasets_root):
+    """Box supervision reads boxes only: a json without "segmentation" trains."""
+    get_dataset_records("shapes_train")  # generates the shapes dataset if needed
+    train_json = Path(datasets_root) / "shapes/annotations/instances_train.json"
+    coco = json.loads(train_json.read_text())
+    for ann in coco["annotations"]:
+        del ann["segmentation"]
+    boxes_only = tmp_path / "boxes_only.json"
+    boxes_only.write_text(json.dumps(coco))
+    register = str([["boxes_only", str(boxes_only), str(Path(datasets_root) / "shapes/train")]])
+    trainer = make_trainer(SMALL_RUN + [
+        "DATASETS.REGISTER", register, "DATASETS.TRAIN", "('boxes_only',)",
+        "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(tmp_path / "out"),
+    ], QUICKSTART_BOXINST)
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    assert set(results) == {"bbox", "segm"}
 
 
 def test_torchrun_starts_a_two_process_training(tmp_path):

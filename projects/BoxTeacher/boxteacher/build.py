@@ -96,7 +96,7 @@ def build_fcos(cfg: CfgNode, backbone: nn.Module) -> FCOS:
 
 @META_ARCH_REGISTRY.register()
 def CondInst(cfg: CfgNode) -> meta_arch.CondInst:  # noqa: N802 (registered under its config name)
-    """Mask-supervised CondInst from ``MODEL.*``."""
+    """CondInst from ``MODEL.*``; BoxInst (box supervision) when ``MODEL.BOXINST.ENABLED``."""
     c = cfg.MODEL.CONDINST
     backbone = build_backbone(cfg)
     fcos = build_fcos(cfg, backbone)
@@ -116,7 +116,7 @@ def CondInst(cfg: CfgNode) -> meta_arch.CondInst:  # noqa: N802 (registered unde
         sizes_of_interest=sizes_of_interest + [sizes_of_interest[-1] * 2],
         disable_rel_coords=c.MASK_HEAD.DISABLE_REL_COORDS,
     )
-    return meta_arch.CondInst(
+    kwargs = dict(
         backbone=backbone,
         proposal_generator=fcos,
         mask_branch=mask_branch,
@@ -128,6 +128,18 @@ def CondInst(cfg: CfgNode) -> meta_arch.CondInst:  # noqa: N802 (registered unde
         max_proposals=c.MAX_PROPOSALS,
         topk_proposals_per_im=c.TOPK_PROPOSALS_PER_IM,
         mask_threshold=c.MASK_THRESHOLD,
+    )
+    b = cfg.MODEL.BOXINST
+    if not b.ENABLED:
+        return meta_arch.CondInst(**kwargs)
+    return meta_arch.BoxInst(
+        bottom_pixels_removed=b.BOTTOM_PIXELS_REMOVED,
+        pairwise_size=b.PAIRWISE.SIZE,
+        pairwise_dilation=b.PAIRWISE.DILATION,
+        pairwise_color_thresh=b.PAIRWISE.COLOR_THRESH,
+        pairwise_warmup_iters=b.PAIRWISE.WARMUP_ITERS,
+        input_format=cfg.INPUT.FORMAT,
+        **kwargs,
     )
 
 

@@ -120,6 +120,24 @@ _C.MODEL.CONDINST.MASK_BRANCH.NORM = "BN"
 _C.MODEL.CONDINST.MASK_BRANCH.NUM_CONVS = 4
 
 # ---------------------------------------------------------------------------------------
+# BoxInst (AdelaiDet): CondInst trained from boxes only
+# ---------------------------------------------------------------------------------------
+_C.MODEL.BOXINST = CN()
+# Box supervision: projection and colour-pairwise mask losses; annotation masks are not read.
+_C.MODEL.BOXINST.ENABLED = False
+# Rows at the bottom of every image, in original-image pixels, left out of the pairwise term.
+_C.MODEL.BOXINST.BOTTOM_PIXELS_REMOVED = 10
+
+_C.MODEL.BOXINST.PAIRWISE = CN()
+# Neighbourhood of the pairwise term: SIZE x SIZE kernel with this dilation (8 neighbours).
+_C.MODEL.BOXINST.PAIRWISE.SIZE = 3
+_C.MODEL.BOXINST.PAIRWISE.DILATION = 2
+# Linear warm-up of the pairwise term over this many training iterations.
+_C.MODEL.BOXINST.PAIRWISE.WARMUP_ITERS = 10000
+# Neighbours whose LAB colour similarity is at least this must take the same label.
+_C.MODEL.BOXINST.PAIRWISE.COLOR_THRESH = 0.3
+
+# ---------------------------------------------------------------------------------------
 # Input
 # ---------------------------------------------------------------------------------------
 _C.INPUT = CN()

@@ -87,7 +87,7 @@ class DatasetMapper:
             size_sampling=cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
             hflip=cfg.INPUT.HFLIP_TRAIN,
             image_format=cfg.INPUT.FORMAT,
-            with_masks=True,
+            with_masks=not cfg.MODEL.BOXINST.ENABLED,
             flip_class_map=flip_class_map,
         )
 
@@ -151,7 +151,7 @@ class DatasetMapper:
                 if "segmentation" not in ann:
                     raise ValueError(
                         f"Image {record['image_id']}: annotation #{i} has no segmentation, but "
-                        "masks are required (with_masks=True)."
+                        "masks are required (mask supervision; set MODEL.BOXINST.ENABLED True to train from boxes)."
                     )
         new_h, new_w = transform.new_height, transform.new_width
         boxes = np.array([a["bbox"] for _, a in indexed], dtype=np.float64).reshape(-1, 4)

@@ -8,10 +8,11 @@ Input: a list with one dict per image:
 * ``height``, ``width``: the original image size (inference results are returned at it);
 * ``image_id`` (optional, for evaluation);
 * ``instances`` (training): ``{"boxes": float32 (N, 4) XYXY absolute in the resized frame,
-  "labels": int64 (N,) in 0..K-1, "masks": bool (N, H, W) (mask supervision)}``.
+  "labels": int64 (N,) in 0..K-1, "masks": bool (N, H, W) (mask supervision only)}``.
 
 Training output: ``dict[str, Tensor]`` of 0-dim losses, already weighted, named as AdelaiDet
-names them (``loss_fcos_cls``, ``loss_fcos_loc``, ``loss_fcos_ctr``, ``loss_mask``). The engine
+names them (``loss_fcos_cls``, ``loss_fcos_loc``, ``loss_fcos_ctr``, and ``loss_mask`` for
+CondInst or ``loss_prj``, ``loss_pairwise`` for BoxInst, which never reads ``masks``). The engine
 sums the keys that start with "loss"; any other key is a metric it only logs. A batch without
 objects gives zero losses that are still connected to the graph.
 
@@ -26,11 +27,20 @@ import torch
 from torch import nn
 
 from .backbone import FPNBackbone
+from .boxinst import (
+    box_mask_centers,
+    box_masks_at_stride,
+    color_similarity,
+    downsampled_lab,
+    projection_loss,
+    valid_pixels_at_stride,
+)
 from .condinst import DynamicMaskHead, MaskBranch, sample_top_per_object
 from .fcos import FCOS, HeadOutputs
 from .fcos_targets import mask_centers
 from .layers import aligned_bilinear, batch_images
 from .losses import dice_loss
+from .pairwise import neighbour_offsets, pairwise_loss
 from .postprocess import detections_to_output_frame
 
 
@@ -140,25 +150,27 @@ class CondInst(nn.Module):
     # Training
     # ------------------------------------------------------------------------------------
     def forward_train(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
-        images, _ = self.preprocess(batched_inputs)
+        images, sizes = self.preprocess(batched_inputs)
         gt = [self._instances_to_device(x) for x in batched_inputs]
+        mask_targets = self.mask_targets(batched_inputs, gt, images.shape[-2:], sizes)
         mask_feats, outputs, top_feats, locations = self.run_heads(images)
-        centers = [mask_centers(g["masks"], g["boxes"]) if "masks" in g else None for g in gt]
         targets = self.proposal_generator.targets(
-            locations, [g["boxes"] for g in gt], [g["labels"] for g in gt], centers
+            locations, [g["boxes"] for g in gt], [g["labels"] for g in gt], mask_targets["centers"]
         )
         losses, positives = self.proposal_generator.losses(outputs, targets, top_feats)
         self.mask_head._iter += 1
         sampled = self.sample_positives(positives)
-        losses.update(self.mask_losses(mask_feats, sampled, gt, images.shape[-2:]))
+        losses.update(self.mask_losses(mask_feats, sampled, mask_targets))
         return losses
 
     def _instances_to_device(self, sample: dict) -> dict[str, torch.Tensor]:
         instances = sample.get("instances")
         if instances is None:
+            h, w = sample["image"].shape[-2:]
             return {
                 "boxes": torch.zeros((0, 4), device=self.device),
                 "labels": torch.zeros((0,), dtype=torch.int64, device=self.device),
+                "masks": torch.zeros((0, h, w), dtype=torch.bool, device=self.device),
             }
         return {k: v.to(self.device) for k, v in instances.items()}
 
@@ -173,26 +185,40 @@ class CondInst(nn.Module):
             return positives
         return {k: v[keep] for k, v in positives.items()}
 
-    def mask_losses(
+    def mask_targets(
         self,
-        mask_feats: torch.Tensor,
-        sampled: dict[str, torch.Tensor],
+        batched_inputs: list[dict],
         gt: list[dict[str, torch.Tensor]],
         padded_size: tuple[int, int],
+        image_sizes: list[tuple[int, int]],
+    ) -> dict:
+        """What the mask losses need, built before the heads run: the ground-truth masks of all
+        images at the mask output stride (``masks``: (N_total, H/s, W/s)) and, per image, the
+        centres of mass that FCOS samples positives around (``centers``)."""
+        missing = [i for i, g in enumerate(gt) if "masks" not in g]
+        if missing:
+            raise ValueError(f"CondInst is mask-supervised but images {missing} of the batch have no 'masks'")
+        return {
+            "masks": torch.cat([self._masks_at_output_stride(g["masks"], padded_size) for g in gt]),
+            "centers": [mask_centers(g["masks"], g["boxes"]) for g in gt],
+        }
+
+    def mask_losses(
+        self, mask_feats: torch.Tensor, sampled: dict[str, torch.Tensor], targets: dict
     ) -> dict[str, torch.Tensor]:
         """Mask-supervised loss: mean Dice between the sampled instances' mask probabilities and
         their ground-truth masks, both at the mask output stride."""
         if sampled["gt_inds"].numel() == 0:
-            return {"loss_mask": mask_feats.sum() * 0 + sampled["top_feats"].sum() * 0}
-        missing = [i for i, g in enumerate(gt) if "masks" not in g]
-        if missing:
-            raise ValueError(
-                f"CondInst is mask-supervised but images {missing} of the batch have no 'masks'"
-            )
+            return {"loss_mask": self.zero_loss(mask_feats, sampled)}
         logits = self.mask_logits(mask_feats, sampled, "top_feats")
-        gt_masks = torch.cat([self._masks_at_output_stride(g["masks"], padded_size) for g in gt])
-        targets = gt_masks[sampled["gt_inds"]].unsqueeze(1)
-        return {"loss_mask": dice_loss(logits.sigmoid(), targets).mean()}
+        gt_masks = targets["masks"][sampled["gt_inds"]].unsqueeze(1)
+        return {"loss_mask": dice_loss(logits.sigmoid(), gt_masks).mean()}
+
+    @staticmethod
+    def zero_loss(mask_feats: torch.Tensor, sampled: dict[str, torch.Tensor]) -> torch.Tensor:
+        """0, connected to the mask branch and the controller (every parameter gets a gradient,
+        as DDP requires, when a batch has no positive)."""
+        return mask_feats.sum() * 0 + sampled["top_feats"].sum() * 0
 
     def _masks_at_output_stride(self, masks: torch.Tensor, padded_size: tuple[int, int]) -> torch.Tensor:
         """(N, h, w) bool full-resolution masks -> (N, H/s, W/s) float samples at pixel
@@ -231,3 +257,81 @@ class CondInst(nn.Module):
         )
         probs = self.mask_logits(mask_feats, merged, "top_feat").sigmoid()
         return [dict(d, mask_probs=p) for d, p in zip(detections, probs.split(counts))]
+
+
+class BoxInst(CondInst):
+    """CondInst trained from boxes only (BoxInst, Tian et al., CVPR 2021).
+
+    The mask losses are the projection term (``loss_prj``) and the colour-pairwise term
+    (``loss_pairwise``, warmed up linearly over ``pairwise_warmup_iters`` training iterations).
+    Their targets (box masks, colour similarity of the unnormalised input ``image``) are built
+    before the heads run; annotation masks are never read. FCOS positives are sampled around
+    the centres of the box masks, as in AdelaiDet.
+
+    Args:
+        bottom_pixels_removed: rows at the bottom of every image, in original-image pixels,
+            whose colours are not trusted by the pairwise term.
+        pairwise_size, pairwise_dilation: the neighbourhood of the pairwise term.
+        pairwise_color_thresh: pairs of at least this LAB similarity must share a label.
+        pairwise_warmup_iters: length of the linear warm-up of the pairwise term.
+        input_format: channel order of ``image`` ("BGR" or "RGB").
+        **kwargs: the arguments of ``CondInst``.
+    """
+
+    def __init__(
+        self,
+        *,
+        bottom_pixels_removed: int = 10,
+        pairwise_size: int = 3,
+        pairwise_dilation: int = 2,
+        pairwise_color_thresh: float = 0.3,
+        pairwise_warmup_iters: int = 10000,
+        input_format: str = "BGR",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.bottom_pixels_removed = bottom_pixels_removed
+        self.pairwise_offsets = neighbour_offsets(pairwise_size, pairwise_dilation)
+        self.pairwise_color_thresh = pairwise_color_thresh
+        self.pairwise_warmup_iters = pairwise_warmup_iters
+        self.rgb_channels = [2, 1, 0] if input_format == "BGR" else [0, 1, 2]
+
+    def mask_targets(
+        self,
+        batched_inputs: list[dict],
+        gt: list[dict[str, torch.Tensor]],
+        padded_size: tuple[int, int],
+        image_sizes: list[tuple[int, int]],
+    ) -> dict:
+        """Box masks of all images at the mask output stride (``box_masks``: (N_total, H/s, W/s)),
+        per-image neighbour weights 1[colour similarity >= threshold] (``pair_weights``:
+        (B, len(offsets), H/s, W/s) bool) and the box-mask centres (``centers``)."""
+        s = self.mask_out_stride
+        raw, _ = batch_images([x["image"].to(self.device) for x in batched_inputs], self.backbone.size_divisibility)
+        valid = valid_pixels_at_stride(
+            image_sizes, [int(x.get("height", size[0])) for x, size in zip(batched_inputs, image_sizes)],
+            padded_size, s, self.bottom_pixels_removed, self.device,
+        )
+        similarity = color_similarity(downsampled_lab(raw, s, self.rgb_channels), valid, self.pairwise_offsets)
+        return {
+            "box_masks": torch.cat([box_masks_at_stride(g["boxes"], padded_size, s) for g in gt]),
+            "pair_weights": similarity >= self.pairwise_color_thresh,
+            "centers": [box_mask_centers(g["boxes"], padded_size) for g in gt],
+        }
+
+    def mask_losses(
+        self, mask_feats: torch.Tensor, sampled: dict[str, torch.Tensor], targets: dict
+    ) -> dict[str, torch.Tensor]:
+        if sampled["gt_inds"].numel() == 0:
+            zero = self.zero_loss(mask_feats, sampled)
+            return {"loss_prj": zero, "loss_pairwise": zero.clone()}
+        logits = self.mask_logits(mask_feats, sampled, "top_feats")
+        box_masks = targets["box_masks"][sampled["gt_inds"]].unsqueeze(1)
+        loss_sums, weight_sums = pairwise_loss(
+            logits, targets["pair_weights"], sampled["im_inds"], box_masks, self.pairwise_offsets
+        )
+        warmup = (self.mask_head._iter / self.pairwise_warmup_iters).clamp(max=1.0)
+        return {
+            "loss_prj": projection_loss(logits.sigmoid(), box_masks),
+            "loss_pairwise": loss_sums.sum() / weight_sums.sum().clamp(min=1.0) * warmup.squeeze(),
+        }

@@ -1,0 +1,150 @@
+"""BoxInst's pairwise term: for every pixel and each of its dilated neighbours, the negative
+log-probability that the two take the same label, weighted and summed per instance.
+
+``pairwise_loss`` computes it with shifted slices and a hand-written backward, so that neither
+per-instance copies of the neighbour weights nor unfolded (K, 8, h, w) tensors are kept for
+autograd: it stores the logits and recomputes the rest in the backward pass.
+``pairwise_loss_reference`` is the direct ``unfold`` formulation of the original code, used to
+check the fast one and by ``tools/benchmark_pairwise.py``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def neighbour_offsets(size: int = 3, dilation: int = 2) -> list[tuple[int, int]]:
+    """(dy, dx) of the size*size - 1 neighbours of a size x size kernel with the given
+    dilation, centre excluded, in raster order (dy first)."""
+    if size % 2 != 1:
+        raise ValueError(f"The pairwise kernel size must be odd, got {size}")
+    steps = [dilation * (i - size // 2) for i in range(size)]
+    return [(dy, dx) for dy in steps for dx in steps if (dy, dx) != (0, 0)]
+
+
+def overlap(h: int, w: int, dy: int, dx: int) -> tuple[slice, slice, slice, slice]:
+    """Slices (rows, cols) of the pixels whose neighbour at (dy, dx) is inside an h x w grid,
+    and of those neighbours."""
+    rows = slice(max(0, -dy), h - max(0, dy))
+    cols = slice(max(0, -dx), w - max(0, dx))
+    rows_n = slice(rows.start + dy, rows.stop + dy)
+    cols_n = slice(cols.start + dx, cols.stop + dx)
+    return rows, cols, rows_n, cols_n
+
+
+def _log_probs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p and log(1 - p) of every pixel, computed once and sliced per neighbour."""
+    return F.logsigmoid(logits), F.logsigmoid(-logits)
+
+
+def _neighbour_weights(
+    pair_weights: torch.Tensor,
+    pair_index: torch.Tensor,
+    centre_weights: torch.Tensor,
+    n: int,
+    rows: slice,
+    cols: slice,
+) -> torch.Tensor:
+    """(K, h', w') weights of neighbour ``n`` on the overlap region."""
+    return pair_weights[pair_index, n, rows, cols].to(centre_weights.dtype) * centre_weights[:, rows, cols]
+
+
+class _PairwiseLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, pair_weights, pair_index, centre_weights, offsets):
+        k, h, w = logits.shape
+        log_fg, log_bg = _log_probs(logits)
+        loss_sums = logits.new_zeros(k)
+        weight_sums = logits.new_zeros(k)
+        everywhere = slice(None)
+        for n, (dy, dx) in enumerate(offsets):
+            rows, cols, rows_n, cols_n = overlap(h, w, dy, dx)
+            weights = _neighbour_weights(pair_weights, pair_index, centre_weights, n, everywhere, everywhere)
+            weight_sums += weights.sum(dim=(1, 2))
+            nll = -torch.logaddexp(
+                log_fg[:, rows, cols] + log_fg[:, rows_n, cols_n], log_bg[:, rows, cols] + log_bg[:, rows_n, cols_n]
+            )
+            loss_sums += (nll * weights[:, rows, cols]).sum(dim=(1, 2))
+        ctx.save_for_backward(logits, pair_weights, pair_index, centre_weights)
+        ctx.offsets = offsets
+        ctx.mark_non_differentiable(weight_sums)
+        return loss_sums, weight_sums
+
+    @staticmethod
+    def backward(ctx, grad_loss_sums, _grad_weight_sums):
+        # d nll(a, b) / d a = (1 - 2 p_b) p_a (1 - p_a) / P(same), evaluated stably as
+        # (1 - 2 p_b) exp(log p_a + log(1 - p_a) + nll).
+        logits, pair_weights, pair_index, centre_weights = ctx.saved_tensors
+        k, h, w = logits.shape
+        log_fg, log_bg = _log_probs(logits)
+        log_variance = log_fg + log_bg
+        one_minus_2p = 1.0 - 2.0 * torch.sigmoid(logits)
+        grad = torch.zeros_like(logits)
+        scale = grad_loss_sums.view(k, 1, 1)
+        for n, (dy, dx) in enumerate(ctx.offsets):
+            rows, cols, rows_n, cols_n = overlap(h, w, dy, dx)
+            weights = _neighbour_weights(pair_weights, pair_index, centre_weights, n, rows, cols) * scale
+            nll = -torch.logaddexp(
+                log_fg[:, rows, cols] + log_fg[:, rows_n, cols_n], log_bg[:, rows, cols] + log_bg[:, rows_n, cols_n]
+            )
+            grad[:, rows, cols] += weights * one_minus_2p[:, rows_n, cols_n] * torch.exp(log_variance[:, rows, cols] + nll)
+            grad[:, rows_n, cols_n] += weights * one_minus_2p[:, rows, cols] * torch.exp(log_variance[:, rows_n, cols_n] + nll)
+        return grad, None, None, None, None
+
+
+def pairwise_loss(
+    logits: torch.Tensor,
+    pair_weights: torch.Tensor,
+    pair_index: torch.Tensor,
+    centre_weights: torch.Tensor,
+    offsets: list[tuple[int, int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-instance weighted sums of the same-label negative log-likelihood over pixel pairs.
+
+    Instance k, pixel p and neighbour n (at p + offsets[n]) get the weight
+    ``pair_weights[pair_index[k], n, p] * centre_weights[k, p]``. A pair whose neighbour falls
+    outside the grid has zero loss and gradient (the original pads the log-probabilities with 0)
+    but its weight still counts in the weight sum, as in the original.
+
+    Args:
+        logits: (K, 1, h, w) or (K, h, w) mask logits.
+        pair_weights: (M, len(offsets), h, w) neighbour weights shared by several instances
+            (e.g. per image, M = images, with ``pair_index`` = image of each instance).
+        pair_index: (K,) int64 row of ``pair_weights`` of each instance.
+        centre_weights: (K, h, w) or (K, 1, h, w) weight of each centre pixel.
+        offsets: the (dy, dx) of the neighbours (``neighbour_offsets``).
+    Returns:
+        (K,) weighted loss sums (differentiable w.r.t. ``logits``) and (K,) weight sums.
+    """
+    logits = logits.reshape(logits.shape[0], *logits.shape[-2:])
+    centre_weights = centre_weights.reshape(logits.shape).to(logits.dtype)
+    return _PairwiseLoss.apply(logits, pair_weights, pair_index, centre_weights, tuple(offsets))
+
+
+def unfold_neighbours(x: torch.Tensor, size: int, dilation: int) -> torch.Tensor:
+    """(N, C, h, w) -> (N, C, size*size - 1, h, w): values of the dilated neighbours of every
+    pixel (zero outside the grid), centre excluded, in raster order."""
+    padding = dilation * (size // 2)
+    unfolded = F.unfold(x, kernel_size=size, padding=padding, dilation=dilation)
+    unfolded = unfolded.reshape(x.shape[0], x.shape[1], size * size, x.shape[2], x.shape[3])
+    centre = size * size // 2
+    return torch.cat([unfolded[:, :, :centre], unfolded[:, :, centre + 1 :]], dim=2)
+
+
+def pairwise_loss_reference(
+    logits: torch.Tensor,
+    pair_weights: torch.Tensor,
+    pair_index: torch.Tensor,
+    centre_weights: torch.Tensor,
+    size: int = 3,
+    dilation: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pairwise_loss`` as the original computes it: unfolded log-probabilities padded with 0
+    and a per-instance copy of the neighbour weights. Same arguments and results."""
+    logits = logits.reshape(logits.shape[0], 1, *logits.shape[-2:])
+    log_fg, log_bg = F.logsigmoid(logits), F.logsigmoid(-logits)
+    same_fg = log_fg[:, :, None] + unfold_neighbours(log_fg, size, dilation)
+    same_bg = log_bg[:, :, None] + unfold_neighbours(log_bg, size, dilation)
+    nll = -torch.logsumexp(torch.stack([same_fg, same_bg]), dim=0)[:, 0]  # (K, 8, h, w)
+    weights = pair_weights[pair_index].to(logits.dtype) * centre_weights.reshape(logits.shape)
+    return (nll * weights).sum(dim=(1, 2, 3)), weights.sum(dim=(1, 2, 3))
