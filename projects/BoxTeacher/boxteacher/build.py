@@ -12,11 +12,13 @@ from fvcore.common.registry import Registry
 from torch import nn
 
 from .config import CfgNode
-from .modeling import meta_arch
+from .modeling import boxteacher, meta_arch
 from .modeling.backbone import FPNBackbone, ResNet
+from .modeling.boxteacher import PseudoMaskBoxInst, PseudoMaskLosses
 from .modeling.condinst import DynamicMaskHead, MaskBranch
 from .modeling.fcos import FCOS, FCOSHead
 from .modeling.layers import get_norm
+from .modeling.teacher import TeacherPass
 from .utils.env import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,9 @@ def build_fcos_resnet_fpn_backbone(cfg: CfgNode) -> FPNBackbone:
         width_per_group=r.WIDTH_PER_GROUP,
         stride_in_1x1=r.STRIDE_IN_1X1,
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        deform_on_per_stage=tuple(r.DEFORM_ON_PER_STAGE),
+        deform_modulated=r.DEFORM_MODULATED,
+        deform_num_groups=r.DEFORM_NUM_GROUPS,
     )
     return FPNBackbone(
         bottom_up,
@@ -94,9 +99,8 @@ def build_fcos(cfg: CfgNode, backbone: nn.Module) -> FCOS:
     )
 
 
-@META_ARCH_REGISTRY.register()
-def CondInst(cfg: CfgNode) -> meta_arch.CondInst:  # noqa: N802 (registered under its config name)
-    """CondInst from ``MODEL.*``; BoxInst (box supervision) when ``MODEL.BOXINST.ENABLED``."""
+def _condinst_kwargs(cfg: CfgNode) -> dict:
+    """Constructor arguments of CondInst from ``MODEL.*``."""
     c = cfg.MODEL.CONDINST
     backbone = build_backbone(cfg)
     fcos = build_fcos(cfg, backbone)
@@ -116,7 +120,7 @@ def CondInst(cfg: CfgNode) -> meta_arch.CondInst:  # noqa: N802 (registered unde
         sizes_of_interest=sizes_of_interest + [sizes_of_interest[-1] * 2],
         disable_rel_coords=c.MASK_HEAD.DISABLE_REL_COORDS,
     )
-    kwargs = dict(
+    return dict(
         backbone=backbone,
         proposal_generator=fcos,
         mask_branch=mask_branch,
@@ -129,17 +133,73 @@ def CondInst(cfg: CfgNode) -> meta_arch.CondInst:  # noqa: N802 (registered unde
         topk_proposals_per_im=c.TOPK_PROPOSALS_PER_IM,
         mask_threshold=c.MASK_THRESHOLD,
     )
+
+
+def _boxinst_kwargs(cfg: CfgNode) -> dict:
     b = cfg.MODEL.BOXINST
-    if not b.ENABLED:
-        return meta_arch.CondInst(**kwargs)
-    return meta_arch.BoxInst(
+    return dict(
         bottom_pixels_removed=b.BOTTOM_PIXELS_REMOVED,
         pairwise_size=b.PAIRWISE.SIZE,
         pairwise_dilation=b.PAIRWISE.DILATION,
         pairwise_color_thresh=b.PAIRWISE.COLOR_THRESH,
         pairwise_warmup_iters=b.PAIRWISE.WARMUP_ITERS,
         input_format=cfg.INPUT.FORMAT,
-        **kwargs,
+    )
+
+
+@META_ARCH_REGISTRY.register()
+def CondInst(cfg: CfgNode) -> meta_arch.CondInst:  # noqa: N802 (registered under its config name)
+    """CondInst from ``MODEL.*``; BoxInst (box supervision) when ``MODEL.BOXINST.ENABLED``."""
+    if not cfg.MODEL.BOXINST.ENABLED:
+        return meta_arch.CondInst(**_condinst_kwargs(cfg))
+    return meta_arch.BoxInst(**_boxinst_kwargs(cfg), **_condinst_kwargs(cfg))
+
+
+def _boxteacher_network(cfg: CfgNode) -> PseudoMaskBoxInst:
+    """One of BoxTeacher's two identical networks: BoxInst with pseudo-mask losses, FCOS
+    positives around box centres, mask-aware scores, and the teacher-pass settings."""
+    t = cfg.MODEL.BOX_TEACHER
+    return PseudoMaskBoxInst(
+        pseudo_losses=PseudoMaskLosses(
+            mask_weight=t.MASK_WEIGHT,
+            affinity_weight=t.MASK_AFFINITY_WEIGHT,
+            affinity_threshold=t.MASK_AFFINITY_THRESH,
+            warmup_iters=t.WARMUP_ITERS if t.WITH_WARMUP else None,
+            fix_reduction=t.FIX_REDUCTION,
+            avg_loss_weight=t.AVG_LOSS_WEIGHT if t.WITH_AVG_LOSS else 0.0,
+            mask_threshold=t.TEACHER_MASK_THRESHOLD,
+        ),
+        centers_from_box_masks=False,
+        mask_aware_scores=True,
+        teacher_pass=TeacherPass(
+            min_size=cfg.INPUT.MIN_SIZE_TEST,
+            max_size=cfg.INPUT.MAX_SIZE_TEST,
+            mask_threshold=t.TEACHER_MASK_THRESHOLD,
+            post_nms_topk=cfg.MODEL.FCOS.POST_NMS_TOPK_TEST,
+            float_masks=t.RETURN_FLOAT_MASK,
+            score_in_box=t.SCORE_IN_BOX,
+            clip_masks_to_boxes=t.CLIP_MASKS_TO_BOXES,
+        ),
+        **_boxinst_kwargs(cfg),
+        **_condinst_kwargs(cfg),
+    )
+
+
+@META_ARCH_REGISTRY.register()
+def BoxTeacher(cfg: CfgNode) -> boxteacher.BoxTeacher:  # noqa: N802 (registered under its config name)
+    """BoxTeacher: a teacher and a student network built alike (teacher first, as the release)."""
+    t = cfg.MODEL.BOX_TEACHER
+    teacher = _boxteacher_network(cfg)
+    student = _boxteacher_network(cfg)
+    return boxteacher.BoxTeacher(
+        student,
+        teacher,
+        iou_threshold=t.IOU_THR,
+        score_threshold=t.SCORE_THR,
+        legacy_assignment=t.LEGACY_ASSIGNMENT,
+        teacher_eval_mode=t.TEACHER_EVAL,
+        use_teacher_inference=t.USE_TEACHER_INFERENCE,
+        pseudo_mask_threshold=None if t.RETURN_FLOAT_MASK else t.TEACHER_MASK_THRESHOLD,
     )
 
 

@@ -46,6 +46,12 @@ _C.MODEL.RESNETS.STRIDE_IN_1X1 = True
 # 64 for R-18/34; any width works here, which makes tiny models for quick experiments.
 _C.MODEL.RESNETS.STEM_OUT_CHANNELS = 64
 _C.MODEL.RESNETS.RES2_OUT_CHANNELS = 256
+# Deformable 3x3 convolutions (torchvision's DeformConv2d) in the bottlenecks of res2..res5.
+_C.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False, False, False, False]
+# Modulated (DCNv2) instead of plain (DCNv1) deformable convolutions.
+_C.MODEL.RESNETS.DEFORM_MODULATED = False
+# Groups of offsets of the deformable convolutions.
+_C.MODEL.RESNETS.DEFORM_NUM_GROUPS = 1
 
 _C.MODEL.FPN = CN()
 _C.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
@@ -138,6 +144,51 @@ _C.MODEL.BOXINST.PAIRWISE.WARMUP_ITERS = 10000
 _C.MODEL.BOXINST.PAIRWISE.COLOR_THRESH = 0.3
 
 # ---------------------------------------------------------------------------------------
+# BoxTeacher (MODEL.META_ARCHITECTURE "BoxTeacher"; key names of the original release)
+# ---------------------------------------------------------------------------------------
+_C.MODEL.BOX_TEACHER = CN()
+# Box-based assignment: a teacher detection labels a ground-truth box when their IoU is at
+# least IOU_THR and its mask-aware score at least SCORE_THR.
+_C.MODEL.BOX_TEACHER.IOU_THR = 0.5
+_C.MODEL.BOX_TEACHER.SCORE_THR = 0.0
+# The released code tests "already matched" with "> 0", so a box matched to the first detection
+# can be taken over; True reproduces it (for parity), False is the intended greedy matching.
+_C.MODEL.BOX_TEACHER.LEGACY_ASSIGNMENT = False
+# EMA momentum of the teacher: min(MOMENTUM, t / (t + 1)) at iteration t.
+_C.MODEL.BOX_TEACHER.MOMENTUM = 0.999
+# If > 0, the momentum cap is instead 1 - 1 / (EMA_HORIZON * SOLVER.MAX_ITER): the teacher
+# averages over this fraction of the schedule (0.999 is 1.1% of the 90k-iteration 1x schedule).
+# Short schedules need it: with 0.999 a 1000-iteration run's teacher lags the whole run.
+_C.MODEL.BOX_TEACHER.EMA_HORIZON = 0.0
+# Weights of the pixel (Dice) and affinity pseudo-mask losses.
+_C.MODEL.BOX_TEACHER.MASK_WEIGHT = 0.5
+_C.MODEL.BOX_TEACHER.MASK_AFFINITY_WEIGHT = 0.1
+# Neighbour pairs with pseudo-mask affinity >= this join the affinity loss; -1: soft weights.
+_C.MODEL.BOX_TEACHER.MASK_AFFINITY_THRESH = 0.5
+# Linear warm-up of the pseudo-mask losses over WARMUP_ITERS training iterations.
+_C.MODEL.BOX_TEACHER.WITH_WARMUP = True
+_C.MODEL.BOX_TEACHER.WARMUP_ITERS = 10000
+# Extra Dice loss between mean-projections of student and pseudo masks ("loss_avg").
+_C.MODEL.BOX_TEACHER.WITH_AVG_LOSS = False
+_C.MODEL.BOX_TEACHER.AVG_LOSS_WEIGHT = 0.1
+# Normalise the pseudo-mask losses by the number of weighted masks (True) or the sum of weights.
+_C.MODEL.BOX_TEACHER.FIX_REDUCTION = True
+# Evaluate with the teacher (True) or the student.
+_C.MODEL.BOX_TEACHER.USE_TEACHER_INFERENCE = True
+# Run the teacher pass in eval mode. The original runs it in train mode (the mask branch's BN
+# then uses batch statistics); in eval mode its BN statistics would stay those of iteration 0.
+_C.MODEL.BOX_TEACHER.TEACHER_EVAL = False
+# Pseudo masks as probabilities instead of binary masks (the mask-aware score then averages
+# over the whole image, which the original does too).
+_C.MODEL.BOX_TEACHER.RETURN_FLOAT_MASK = False
+# Binarisation threshold of the teacher's masks, also the threshold of the mask-aware score.
+_C.MODEL.BOX_TEACHER.TEACHER_MASK_THRESHOLD = 0.5
+# Mask-aware score averaged only inside the predicted box (the paper) instead of over the mask.
+_C.MODEL.BOX_TEACHER.SCORE_IN_BOX = False
+# Zero the teacher's mask probabilities outside its predicted box before scoring.
+_C.MODEL.BOX_TEACHER.CLIP_MASKS_TO_BOXES = False
+
+# ---------------------------------------------------------------------------------------
 # Input
 # ---------------------------------------------------------------------------------------
 _C.INPUT = CN()
@@ -152,6 +203,12 @@ _C.INPUT.MAX_SIZE_TEST = 1333
 _C.INPUT.HFLIP_TRAIN = True
 # Channel order of the model input: "BGR" or "RGB".
 _C.INPUT.FORMAT = "BGR"
+# BoxTeacher's colour-only perturbation of the student view: "strong", "strongv2", "weak" or
+# "none" (see boxteacher/data/color_augment.py).
+_C.INPUT.AUG_TYPE = "strong"
+# True: the perturbed view is a separate "aug_image" (the teacher and the colour prior see the
+# clean "image"). False: it replaces "image" for everyone.
+_C.INPUT.AUG_EXTRA = True
 
 # ---------------------------------------------------------------------------------------
 # Datasets
@@ -179,6 +236,10 @@ _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
 # Solver
 # ---------------------------------------------------------------------------------------
 _C.SOLVER = CN()
+# "SGD" or "ADAMW".
+_C.SOLVER.OPTIMIZER = "SGD"
+# LR multiplier of the parameters whose name contains "backbone" (the FPN included).
+_C.SOLVER.BACKBONE_MULTIPLIER = 1.0
 # "WarmupMultiStepLR" or "WarmupCosineLR".
 _C.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
 _C.SOLVER.MAX_ITER = 40000

@@ -4,6 +4,7 @@ Output of ``DatasetMapper(record, rng)``::
 
     {"file_name", "image_id", "height", "width" (the ORIGINAL size, from the record),
      "image": uint8 tensor [3, H, W] (resized, maybe flipped, channel order = image_format),
+     "aug_image" (training with a student view): the same image with perturbed colours only,
      "instances" (training only): {"boxes": float32 [N, 4] XYXY absolute in the resized frame,
                                    "labels": int64 [N] (0..K-1),
                                    "masks": bool [N, H, W] (only if with_masks)}}
@@ -20,6 +21,7 @@ import torch
 
 from .catalog import get_metadata
 from .coco import segmentation_to_mask
+from .color_augment import AUG_TYPES, perturb_colors
 from .transforms import ResizeFlip, clip_boxes, resized_shape, sample_short_edge
 
 logger = logging.getLogger(__name__)
@@ -32,8 +34,11 @@ class DatasetMapper:
     """Reads, resizes and (in training) flips one image and transforms its annotations.
 
     Training drops crowd annotations and degenerate boxes; on a flip, labels are swapped
-    through ``flip_class_map`` (left/right classes). All randomness comes from the ``rng``
-    argument, so a record and a generator state give one output. The record is not modified.
+    through ``flip_class_map`` (left/right classes). With ``student_aug`` (BoxTeacher), the
+    geometric transform is shared by two views: ``image`` and its colour-perturbed copy
+    ``aug_image`` (or, without ``student_aug_separate``, the perturbed view replaces ``image``).
+    All randomness comes from the ``rng`` argument, so a record and a generator state give one
+    output. The record is not modified.
     """
 
     def __init__(
@@ -47,6 +52,8 @@ class DatasetMapper:
         image_format: str = "BGR",
         with_masks: bool = True,
         flip_class_map: dict[int, int] | None = None,
+        student_aug: str = "none",
+        student_aug_separate: bool = True,
     ) -> None:
         if size_sampling not in ("choice", "range"):
             raise ValueError(f"size_sampling must be 'choice' or 'range', not '{size_sampling}'.")
@@ -62,6 +69,10 @@ class DatasetMapper:
         self.image_format = image_format
         self.with_masks = with_masks
         self.flip_class_map = dict(flip_class_map or {})
+        if student_aug not in AUG_TYPES:
+            raise ValueError(f"Unknown INPUT.AUG_TYPE '{student_aug}'; expected one of {AUG_TYPES}.")
+        self.student_aug = student_aug if is_train else "none"
+        self.student_aug_separate = student_aug_separate
 
     @classmethod
     def from_config(
@@ -87,8 +98,11 @@ class DatasetMapper:
             size_sampling=cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
             hflip=cfg.INPUT.HFLIP_TRAIN,
             image_format=cfg.INPUT.FORMAT,
-            with_masks=not cfg.MODEL.BOXINST.ENABLED,
+            with_masks=not cfg.MODEL.BOXINST.ENABLED and cfg.MODEL.META_ARCHITECTURE != "BoxTeacher",
             flip_class_map=flip_class_map,
+            # The student view exists for BoxTeacher's student only.
+            student_aug=cfg.INPUT.AUG_TYPE if cfg.MODEL.META_ARCHITECTURE == "BoxTeacher" else "none",
+            student_aug_separate=cfg.INPUT.AUG_EXTRA,
         )
 
     def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict | None:
@@ -114,8 +128,11 @@ class DatasetMapper:
             "image_id": record["image_id"],
             "height": height,
             "width": width,
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "image": _to_tensor(image),
         }
+        if self.student_aug != "none":
+            student_view = _to_tensor(perturb_colors(image, self.student_aug, rng, self.image_format))
+            out["aug_image" if self.student_aug_separate else "image"] = student_view
         if self.is_train:
             out["instances"] = self._instances(record, transform)
         return out
@@ -171,6 +188,11 @@ class DatasetMapper:
             stacked = np.stack(masks) if masks else np.zeros((0, new_h, new_w), dtype=bool)
             instances["masks"] = torch.from_numpy(np.ascontiguousarray(stacked))
         return instances
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> contiguous (3, H, W) tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 def _transformed_mask(record: dict, index: int, ann: dict, transform: ResizeFlip) -> np.ndarray:

@@ -92,7 +92,9 @@ def load_model_weights(
     Args:
         model: the model (a DDP wrapper is unwrapped).
         checkpoint: ``{"model": state_dict, ...}`` or a bare state dict; a "module." prefix on
-            every key is removed.
+            every key is removed. A model with ``single_network_prefix`` takes a checkpoint of
+            one network under that prefix; a model with ``on_weights_loaded(keys)`` is told
+            which keys were loaded.
         source: where the weights come from, for the messages.
 
     Tensors whose shape differs from the model's are skipped with a warning; missing and
@@ -110,6 +112,11 @@ def load_model_weights(
     state_dict = _strip_prefix(state_dict, "module.")
     model = unwrap_model(model)
     model_state = model.state_dict()
+    # A model made of several networks (BoxTeacher) loads a one-network checkpoint into the
+    # network it names (``single_network_prefix``, e.g. "student.").
+    prefix = getattr(model, "single_network_prefix", "")
+    if prefix and not any(key in model_state for key in state_dict):
+        state_dict = {prefix + key: value for key, value in state_dict.items()}
 
     loadable: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
@@ -134,6 +141,8 @@ def load_model_weights(
             f"{sorted(model_state)[:3]})."
         )
     incompatible = model.load_state_dict(loadable, strict=False)
+    if hasattr(model, "on_weights_loaded"):
+        model.on_weights_loaded(list(loadable))
     missing = list(incompatible.missing_keys)
     unexpected = [key for key in state_dict if key not in model_state]
     logger.info("Loaded %d of %d model tensors from '%s'.", len(loadable), len(model_state), source)

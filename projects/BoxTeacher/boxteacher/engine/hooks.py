@@ -16,13 +16,15 @@ from fvcore.common.checkpoint import PeriodicCheckpointer as _FvcorePeriodicChec
 from fvcore.common.timer import Timer
 
 from ..evaluation.evaluator import flatten_results_dict
+from ..modeling.ema import copy_student_to_teacher, ema_momentum, ema_update, mean_parameter_distance
 from ..utils import comm
 from ..utils.env import get_rng_state, set_rng_state
 from .checkpoint import Checkpointer
 from .events import EventWriter
-from .train_loop import HookBase
+from .train_loop import HookBase, unwrap_model
 
 __all__ = [
+    "EMAHook",
     "IterationTimer",
     "LRScheduler",
     "PeriodicCheckpointer",
@@ -233,3 +235,36 @@ class PeriodicWriter(HookBase):
         for writer in self._writers:
             writer.write()
             writer.close()
+
+
+class EMAHook(HookBase):
+    """Keeps a model's ``teacher`` the exponential moving average of its ``student``.
+
+    Before training from iteration 0 the teacher becomes a copy of the student (after the
+    pre-trained weights were loaded into the student); a resumed run keeps the teacher of its
+    checkpoint. Before every iteration t the teacher's parameters are averaged with momentum
+    min(max_momentum, t / (t + 1)). Logs ``ema_momentum`` every iteration and ``param_diff``
+    (mean L2 distance of teacher and student tensors) every ``log_period`` iterations.
+    """
+
+    def __init__(self, max_momentum: float, log_period: int = 20) -> None:
+        self._max_momentum = max_momentum
+        self._log_period = log_period
+
+    def _networks(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        model = unwrap_model(self.trainer.model)
+        return model.teacher, model.student
+
+    def before_train(self) -> None:
+        if self.trainer.start_iter == 0:
+            copy_student_to_teacher(*self._networks())
+            logger.info("The teacher starts as a copy of the student.")
+
+    def before_step(self) -> None:
+        teacher, student = self._networks()
+        momentum = ema_momentum(self.trainer.iter, self._max_momentum)
+        ema_update(teacher, student, momentum)
+        storage = self.trainer.storage
+        storage.put_scalar("ema_momentum", momentum, smoothing_hint=False)
+        if (self.trainer.iter + 1) % self._log_period == 0:
+            storage.put_scalar("param_diff", mean_parameter_distance(teacher, student), smoothing_hint=False)

@@ -54,23 +54,28 @@ def get_default_optimizer_params(
     weight_decay: float,
     weight_decay_norm: float,
     bias_lr_factor: float = 1.0,
+    backbone_multiplier: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Parameter groups in detectron2's manner.
 
     Only parameters with ``requires_grad``, each once (shared parameters are seen first through
     the first module that holds them). Parameters of normalisation modules get
     ``weight_decay_norm``; parameters named ``bias`` get ``base_lr * bias_lr_factor`` (a norm
-    bias gets both). Parameters with equal hyper-parameters share one group, in model order.
+    bias gets both); parameters whose full name contains "backbone" have their LR multiplied by
+    ``backbone_multiplier`` (BoxTeacher's SOLVER.BACKBONE_MULTIPLIER). Parameters with equal
+    hyper-parameters share one group, in model order.
     """
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         is_norm = isinstance(module, NORM_MODULE_TYPES)
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
             lr = base_lr * bias_lr_factor if name == "bias" else base_lr
+            if "backbone" in f"{module_name}.{name}":
+                lr *= backbone_multiplier
             decay = weight_decay_norm if is_norm else weight_decay
             groups.setdefault((lr, decay), []).append(param)
     return [
@@ -80,7 +85,8 @@ def get_default_optimizer_params(
 
 
 def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum over ``get_default_optimizer_params`` (``SOLVER.*`` keys)."""
+    """SGD with momentum (``SOLVER.OPTIMIZER`` "SGD") or AdamW ("ADAMW") over
+    ``get_default_optimizer_params`` (``SOLVER.*`` keys)."""
     solver = cfg.SOLVER
     params = get_default_optimizer_params(
         model,
@@ -88,16 +94,21 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay=solver.WEIGHT_DECAY,
         weight_decay_norm=solver.WEIGHT_DECAY_NORM,
         bias_lr_factor=solver.BIAS_LR_FACTOR,
+        backbone_multiplier=solver.BACKBONE_MULTIPLIER,
     )
     if not params:
         raise ValueError("The model has no trainable parameter (requires_grad) to optimise.")
-    return torch.optim.SGD(
-        params,
-        lr=solver.BASE_LR,
-        momentum=solver.MOMENTUM,
-        nesterov=solver.NESTEROV,
-        weight_decay=solver.WEIGHT_DECAY,
-    )
+    if solver.OPTIMIZER == "SGD":
+        return torch.optim.SGD(
+            params,
+            lr=solver.BASE_LR,
+            momentum=solver.MOMENTUM,
+            nesterov=solver.NESTEROV,
+            weight_decay=solver.WEIGHT_DECAY,
+        )
+    if solver.OPTIMIZER == "ADAMW":
+        return torch.optim.AdamW(params, lr=solver.BASE_LR, weight_decay=solver.WEIGHT_DECAY)
+    raise ValueError(f"Unknown SOLVER.OPTIMIZER '{solver.OPTIMIZER}'; expected 'SGD' or 'ADAMW'.")
 
 
 def build_grad_clipper(cfg: CfgNode) -> GradClipper | None:

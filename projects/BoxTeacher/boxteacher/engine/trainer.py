@@ -14,13 +14,14 @@ from ..data.build import build_test_loader, build_train_loader, get_train_metada
 from ..data.builtin import register_datasets_from_config
 from ..data.catalog import get_metadata
 from ..evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
+from ..modeling.ema import momentum_for_horizon
 from ..utils import comm
 from . import hooks
 from .checkpoint import Checkpointer, RNGState
 from .defaults import create_ddp_model, resolve_data_seed
 from .events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from .solver import build_grad_clipper, build_lr_scheduler, build_optimizer
-from .train_loop import SimpleTrainer
+from .train_loop import SimpleTrainer, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,14 @@ def check_num_classes(cfg: CfgNode) -> None:
             f"The training datasets {list(cfg.DATASETS.TRAIN)} have {num_classes} classes but "
             f"MODEL.FCOS.NUM_CLASSES is {cfg.MODEL.FCOS.NUM_CLASSES}; set it to {num_classes}."
         )
+
+
+def ema_max_momentum(cfg: CfgNode) -> float:
+    """MODEL.BOX_TEACHER.MOMENTUM, or the momentum of an EMA over EMA_HORIZON of the schedule."""
+    t = cfg.MODEL.BOX_TEACHER
+    if t.EMA_HORIZON > 0:
+        return momentum_for_horizon(round(t.EMA_HORIZON * cfg.SOLVER.MAX_ITER))
+    return t.MOMENTUM
 
 
 class Trainer(SimpleTrainer):
@@ -113,6 +122,8 @@ class Trainer(SimpleTrainer):
         ]
         if comm.is_main_process():
             result.append(hooks.PeriodicWriter(self.build_writers(), period=20))
+        if hasattr(unwrap_model(self.model), "teacher"):
+            result.append(hooks.EMAHook(ema_max_momentum(cfg)))
         return result
 
     def build_writers(self) -> list:

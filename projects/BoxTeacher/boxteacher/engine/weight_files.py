@@ -111,6 +111,7 @@ def detectron2_to_project_name(name: str) -> str:
     def stage(match: re.Match) -> str:
         rest = match.group(4)
         rest = re.sub(r"^conv(\d)\.norm\.", r"bn\1.", rest)
+        rest = re.sub(r"^conv2_offset\.", "conv2.offset.", rest)
         rest = re.sub(r"^shortcut\.norm\.", "downsample.1.", rest)
         rest = re.sub(r"^shortcut\.", "downsample.0.", rest)
         return f"{match.group(1)}layer{int(match.group(2)) - 1}.{match.group(3)}.{rest}"

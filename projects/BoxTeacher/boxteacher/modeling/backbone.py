@@ -11,13 +11,38 @@ from collections import OrderedDict
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import DeformConv2d, FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from .layers import NormFactory, freeze_batchnorm
 
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+class DeformableConv3x3(DeformConv2d):
+    """A 3x3 deformable convolution (no bias) whose sampling offsets, and with ``modulated`` its
+    mask (DCNv2), come from a regular 3x3 convolution ``offset`` of the same input, zero-
+    initialised so that it starts as a plain convolution. Offset channels follow detectron2:
+    for DCNv2 the 27 (per offset group) are split in three; the first two thirds are the
+    offsets, the last third the mask logits."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, groups: int,
+                 deform_groups: int, modulated: bool):
+        super().__init__(in_channels, out_channels, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.modulated = modulated
+        per_group = 27 if modulated else 18
+        self.offset = nn.Conv2d(in_channels, per_group * deform_groups, 3, stride=stride, padding=1)
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offset = self.offset(x)
+        if not self.modulated:
+            return super().forward(x, offset)
+        offset_x, offset_y, mask = torch.chunk(offset, 3, dim=1)
+        return super().forward(x, torch.cat((offset_x, offset_y), dim=1), mask.sigmoid())
 
 
 class ResNet(nn.Module):
@@ -34,6 +59,8 @@ class ResNet(nn.Module):
             instead of the 3x3 conv (torchvision layout).
         freeze_at: freeze the stem (1), and res2 .. (2..5); BatchNorm in frozen stages is
             converted to FrozenBatchNorm2d.
+        deform_on_per_stage: deformable 3x3 convolutions in the bottlenecks of res2..res5.
+        deform_modulated, deform_num_groups: DCNv2 and the offset groups of those.
     """
 
     def __init__(
@@ -47,6 +74,9 @@ class ResNet(nn.Module):
         width_per_group: int = 64,
         stride_in_1x1: bool = True,
         freeze_at: int = 0,
+        deform_on_per_stage: tuple[bool, ...] = (False, False, False, False),
+        deform_modulated: bool = False,
+        deform_num_groups: int = 1,
     ):
         super().__init__()
         if depth not in BLOCKS_PER_STAGE:
@@ -56,6 +86,8 @@ class ResNet(nn.Module):
             raise ValueError(f"Unknown ResNet output features {sorted(unknown)}; valid: {STAGE_NAMES}")
         self.out_features = tuple(out_features)
         block = BasicBlock if depth < 50 else Bottleneck
+        if block is BasicBlock and any(deform_on_per_stage):
+            raise ValueError("Deformable convolutions need a bottleneck ResNet (depth 50 or 101).")
 
         self.conv1 = nn.Conv2d(3, stem_out_channels, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = norm(stem_out_channels)
@@ -73,6 +105,12 @@ class ResNet(nn.Module):
                 block, num_blocks, in_channels, out_channels, bottleneck_width, num_groups,
                 stride, norm, stride_in_1x1,
             )
+            if deform_on_per_stage[index]:
+                for b in stage:
+                    b.conv2 = DeformableConv3x3(
+                        b.conv2.in_channels, b.conv2.out_channels, b.conv2.stride[0],
+                        b.conv2.groups, deform_num_groups, deform_modulated,
+                    )
             self.add_module(f"layer{index + 1}", stage)
             self.out_channels[STAGE_NAMES[index]] = out_channels
             self.strides[STAGE_NAMES[index]] = 4 * 2**index

@@ -42,6 +42,8 @@ from .layers import aligned_bilinear, batch_images
 from .losses import dice_loss
 from .pairwise import neighbour_offsets, pairwise_loss
 from .postprocess import detections_to_output_frame
+from .pseudo_labels import mask_aware_scores, mean_foreground_probability
+from .teacher import TeacherPass, resize_to_test_size, teacher_outputs
 
 
 class CondInst(nn.Module):
@@ -60,6 +62,9 @@ class CondInst(nn.Module):
         topk_proposals_per_im: if >= 0, per image about this many positives, the best of every
             object (see ``sample_top_per_object``).
         mask_threshold: probability threshold of the output masks.
+        mask_aware_scores: rescore detections as sqrt(score * mean foreground probability of
+            the mask), as BoxTeacher does (for box and mask AP alike).
+        teacher_pass: the settings of ``forward_teacher``.
     """
 
     def __init__(
@@ -76,6 +81,8 @@ class CondInst(nn.Module):
         max_proposals: int = -1,
         topk_proposals_per_im: int = -1,
         mask_threshold: float = 0.5,
+        mask_aware_scores: bool = False,
+        teacher_pass: TeacherPass = TeacherPass(),
     ):
         super().__init__()
         self.backbone = backbone
@@ -100,6 +107,8 @@ class CondInst(nn.Module):
         self.max_proposals = max_proposals
         self.topk_proposals_per_im = topk_proposals_per_im
         self.mask_threshold = mask_threshold
+        self.mask_aware_scores = mask_aware_scores
+        self.teacher_pass = teacher_pass
 
     @property
     def device(self) -> torch.device:
@@ -150,7 +159,9 @@ class CondInst(nn.Module):
     # Training
     # ------------------------------------------------------------------------------------
     def forward_train(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
-        images, sizes = self.preprocess(batched_inputs)
+        # The network trains on the student view ``aug_image`` when the data provides one;
+        # ``image`` (the clean view) still feeds the priors computed from colours.
+        images, sizes = self.preprocess(batched_inputs, "aug_image" if "aug_image" in batched_inputs[0] else "image")
         gt = [self._instances_to_device(x) for x in batched_inputs]
         mask_targets = self.mask_targets(batched_inputs, gt, images.shape[-2:], sizes)
         mask_feats, outputs, top_feats, locations = self.run_heads(images)
@@ -242,8 +253,26 @@ class CondInst(nn.Module):
             result = detections_to_output_frame(
                 det, det["mask_probs"], self.mask_out_stride, size, output_size, self.mask_threshold
             )
+            if self.mask_aware_scores:
+                mean = mean_foreground_probability(result["mask_probs"], self.mask_threshold)
+                result["scores"] = mask_aware_scores(result["scores"], mean)[0]
             results.append({"instances": {k: result[k] for k in ("boxes", "scores", "labels", "masks")}})
         return results
+
+    @torch.no_grad()
+    def forward_teacher(self, batched_inputs: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """The teacher protocol of BoxTeacher: detections of the clean view ``image`` of every
+        sample, each image resized to the teacher's test size, with masks at the sample's own
+        (student input) resolution. Runs in the module's current mode (BoxTeacher keeps the
+        teacher in train mode by default: batch statistics in the mask branch) but always
+        post-processes as at test time. See ``teacher.teacher_outputs`` for the fields."""
+        settings = self.teacher_pass
+        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        student_sizes = [tuple(im.shape[-2:]) for im in images]
+        resized = [resize_to_test_size(im, settings.min_size, settings.max_size) for im in images]
+        batch, sizes = batch_images(resized, self.backbone.size_divisibility)
+        detections = self.detect(batch, settings.post_nms_topk)
+        return teacher_outputs(detections, sizes, student_sizes, self.mask_out_stride, settings)
 
     def detect(self, images: torch.Tensor, post_nms_topk: int | None = None) -> list[dict[str, torch.Tensor]]:
         """Detections per image of a padded batch with their stride-4 mask probabilities
@@ -275,6 +304,8 @@ class BoxInst(CondInst):
         pairwise_color_thresh: pairs of at least this LAB similarity must share a label.
         pairwise_warmup_iters: length of the linear warm-up of the pairwise term.
         input_format: channel order of ``image`` ("BGR" or "RGB").
+        centers_from_box_masks: sample FCOS positives around the centres of the box masks
+            (AdelaiDet's BoxInst) instead of the box centres (BoxTeacher's student).
         **kwargs: the arguments of ``CondInst``.
     """
 
@@ -287,9 +318,11 @@ class BoxInst(CondInst):
         pairwise_color_thresh: float = 0.3,
         pairwise_warmup_iters: int = 10000,
         input_format: str = "BGR",
+        centers_from_box_masks: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.centers_from_box_masks = centers_from_box_masks
         self.bottom_pixels_removed = bottom_pixels_removed
         self.pairwise_offsets = neighbour_offsets(pairwise_size, pairwise_dilation)
         self.pairwise_color_thresh = pairwise_color_thresh
@@ -305,7 +338,8 @@ class BoxInst(CondInst):
     ) -> dict:
         """Box masks of all images at the mask output stride (``box_masks``: (N_total, H/s, W/s)),
         per-image neighbour weights 1[colour similarity >= threshold] (``pair_weights``:
-        (B, len(offsets), H/s, W/s) bool) and the box-mask centres (``centers``)."""
+        (B, len(offsets), H/s, W/s) bool), the valid pixels (``valid``: (B, H/s, W/s)) and the
+        centres FCOS samples positives around (``centers``)."""
         s = self.mask_out_stride
         raw, _ = batch_images([x["image"].to(self.device) for x in batched_inputs], self.backbone.size_divisibility)
         valid = valid_pixels_at_stride(
@@ -316,16 +350,25 @@ class BoxInst(CondInst):
         return {
             "box_masks": torch.cat([box_masks_at_stride(g["boxes"], padded_size, s) for g in gt]),
             "pair_weights": similarity >= self.pairwise_color_thresh,
-            "centers": [box_mask_centers(g["boxes"], padded_size) for g in gt],
+            "valid": valid,
+            "centers": [box_mask_centers(g["boxes"], padded_size) if self.centers_from_box_masks else None for g in gt],
         }
+
+    LOSS_NAMES = ("loss_prj", "loss_pairwise")
 
     def mask_losses(
         self, mask_feats: torch.Tensor, sampled: dict[str, torch.Tensor], targets: dict
     ) -> dict[str, torch.Tensor]:
         if sampled["gt_inds"].numel() == 0:
             zero = self.zero_loss(mask_feats, sampled)
-            return {"loss_prj": zero, "loss_pairwise": zero.clone()}
+            return {name: zero.clone() for name in self.LOSS_NAMES}
         logits = self.mask_logits(mask_feats, sampled, "top_feats")
+        return self.box_losses(logits, sampled, targets)
+
+    def box_losses(
+        self, logits: torch.Tensor, sampled: dict[str, torch.Tensor], targets: dict
+    ) -> dict[str, torch.Tensor]:
+        """Projection and colour-pairwise terms of K instances' mask logits (K, 1, H/s, W/s)."""
         box_masks = targets["box_masks"][sampled["gt_inds"]].unsqueeze(1)
         loss_sums, weight_sums = pairwise_loss(
             logits, targets["pair_weights"], sampled["im_inds"], box_masks, self.pairwise_offsets

@@ -1,0 +1,243 @@
+"""BoxTeacher (Cheng et al., CVPR 2023): a teacher (the EMA of the student) predicts masks, the
+best one per ground-truth box becomes its pseudo mask, weighted by a mask-aware score, and the
+student learns from the boxes (BoxInst) and from these pseudo masks.
+
+The teacher protocol: any detector that provides ``forward_teacher(batch)`` (see
+``CondInst.forward_teacher``: ``boxes``, ``scores``, ``mask_scores`` and ``mask_probs`` at
+the student's input size, per image) can teach, and any detector whose training ``forward``
+accepts ``pseudo_masks`` (N, H, W) and ``pseudo_weights`` (N,) in its instances can learn.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import dice_loss
+from .meta_arch import BoxInst
+from .pairwise import overlap, pairwise_loss
+from .pseudo_labels import assign_detections_to_boxes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PseudoMaskLosses:
+    """Settings of the pseudo-mask losses (``MODEL.BOX_TEACHER.*``).
+
+    mask_weight, affinity_weight: weights of ``loss_mask`` and ``loss_mask_affinity``.
+    affinity_threshold: neighbour pairs whose pseudo-mask affinity is at least this must share
+        a label; -1 weighs every pair by its affinity instead.
+    warmup_iters: linear warm-up of both losses (None: none).
+    fix_reduction: normalise by the number of instances with a pseudo mask (else by the sum of
+        their weights).
+    avg_loss_weight: weight of the optional mean-projection Dice ``loss_avg`` (0: off).
+    mask_threshold: pseudo masks are binarised at this probability.
+    """
+
+    mask_weight: float = 0.5
+    affinity_weight: float = 0.1
+    affinity_threshold: float = 0.5
+    warmup_iters: int | None = 10000
+    fix_reduction: bool = True
+    avg_loss_weight: float = 0.0
+    mask_threshold: float = 0.5
+
+
+def pseudo_mask_affinity(
+    masks: torch.Tensor, valid: torch.Tensor, offsets: list[tuple[int, int]], threshold: float
+) -> torch.Tensor:
+    """Affinity of every pixel with each neighbour under smoothed pseudo masks.
+
+    q = (3x3 average of the mask (zeros outside counted) + mask) / 2;
+    A[n] = q q_n + (1 - q)(1 - q_n), times the neighbour's validity, 0 outside the grid.
+
+    masks: (N, h, w) float in [0, 1]; valid: (N, h, w) validity of each mask's image.
+    Returns (N, len(offsets), h, w): ``A >= threshold`` as bool, or A itself if threshold < 0.
+    """
+    q = (F.avg_pool2d(masks[:, None], 3, stride=1, padding=1, count_include_pad=True)[:, 0] + masks) / 2
+    n, h, w = masks.shape
+    out = torch.zeros((n, len(offsets), h, w), dtype=torch.bool if threshold >= 0 else masks.dtype, device=masks.device)
+    for i, (dy, dx) in enumerate(offsets):
+        rows, cols, rows_n, cols_n = overlap(h, w, dy, dx)
+        a, b = q[:, rows, cols], q[:, rows_n, cols_n]
+        affinity = (a * b + (1 - a) * (1 - b)) * valid[:, rows_n, cols_n]
+        out[:, i, rows, cols] = affinity >= threshold if threshold >= 0 else affinity
+    return out
+
+
+def mean_projection_loss(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Dice between the mean-projections along y and along x, summed: (K, 1, h, w) -> (K,)."""
+    return dice_loss(probs.mean(dim=2), targets.mean(dim=2)) + dice_loss(probs.mean(dim=3), targets.mean(dim=3))
+
+
+class PseudoMaskBoxInst(BoxInst):
+    """BoxInst that also learns from weighted pseudo masks (BoxTeacher's student).
+
+    Instances may carry ``pseudo_masks`` (N, H, W) (bool, or float probabilities) at the input
+    resolution and ``pseudo_weights`` (N,); instances of weight 0 have no pseudo mask. Besides
+    ``loss_prj`` and ``loss_pairwise`` the losses are the noise-aware pixel loss ``loss_mask``
+    (weighted Dice with the box-constrained, binarised pseudo mask), the noise-reduced affinity
+    loss ``loss_mask_affinity`` (the pairwise term on neighbour pairs the smoothed pseudo mask
+    puts on the same side), optionally ``loss_avg``, and the metric ``num_pseudo_masks``.
+
+    Args:
+        pseudo_losses: their settings.
+        **kwargs: the arguments of ``BoxInst``.
+    """
+
+    def __init__(self, *, pseudo_losses: PseudoMaskLosses = PseudoMaskLosses(), **kwargs):
+        super().__init__(**kwargs)
+        self.pseudo_losses = pseudo_losses
+
+    def mask_targets(self, batched_inputs, gt, padded_size, image_sizes) -> dict:
+        """BoxInst's targets plus, when the instances carry pseudo masks: ``pseudo_masks``
+        (N_total, H/s, W/s) bool, ``pseudo_pair_weights`` (N_total, neighbours, H/s, W/s) and
+        ``pseudo_weights`` (N_total,)."""
+        targets = super().mask_targets(batched_inputs, gt, padded_size, image_sizes)
+        if not all("pseudo_masks" in g for g in gt):
+            return targets
+        settings = self.pseudo_losses
+        masks = torch.cat([self._masks_at_output_stride(g["pseudo_masks"], padded_size) for g in gt])
+        masks = masks * targets["box_masks"]
+        counts = [g["boxes"].shape[0] for g in gt]
+        valid = targets["valid"].repeat_interleave(torch.tensor(counts, device=masks.device), dim=0)
+        targets["pseudo_pair_weights"] = pseudo_mask_affinity(
+            masks, valid, self.pairwise_offsets, settings.affinity_threshold
+        )
+        targets["pseudo_masks"] = masks > settings.mask_threshold
+        targets["pseudo_weights"] = torch.cat([g["pseudo_weights"].to(masks.dtype) for g in gt])
+        return targets
+
+    def mask_losses(self, mask_feats, sampled, targets) -> dict[str, torch.Tensor]:
+        if "pseudo_masks" not in targets:
+            return super().mask_losses(mask_feats, sampled, targets)
+        names = self.LOSS_NAMES + ("loss_mask", "loss_mask_affinity") + (
+            ("loss_avg",) if self.pseudo_losses.avg_loss_weight > 0 else ()
+        )
+        if sampled["gt_inds"].numel() == 0:
+            zero = self.zero_loss(mask_feats, sampled)
+            return {name: zero.clone() for name in names} | {"num_pseudo_masks": zero.detach()}
+        logits = self.mask_logits(mask_feats, sampled, "top_feats")
+        losses = self.box_losses(logits, sampled, targets)
+        losses.update(self.pseudo_mask_losses(logits, sampled, targets))
+        return losses
+
+    def pseudo_mask_losses(self, logits, sampled, targets) -> dict[str, torch.Tensor]:
+        settings = self.pseudo_losses
+        gt_inds = sampled["gt_inds"]
+        weights = targets["pseudo_weights"][gt_inds]
+        if settings.fix_reduction:
+            num_masks = (weights > 0).sum().to(weights.dtype).clamp(min=1.0)
+        else:
+            num_masks = weights.sum() + 1e-6
+        warmup = logits.new_ones(())
+        if settings.warmup_iters:
+            warmup = (self.mask_head._iter / settings.warmup_iters).clamp(max=1.0).squeeze()
+        probs = logits.sigmoid()
+        pseudo = targets["pseudo_masks"][gt_inds].unsqueeze(1)
+        box_masks = targets["box_masks"][gt_inds]
+        sums, pair_counts = pairwise_loss(
+            logits, targets["pseudo_pair_weights"], gt_inds, box_masks, self.pairwise_offsets
+        )
+        affinity = (weights * sums / pair_counts.clamp(min=1.0)).sum() / num_masks
+        losses = {
+            "loss_mask": (weights * dice_loss(probs, pseudo)).sum() / num_masks * settings.mask_weight * warmup,
+            "loss_mask_affinity": affinity * warmup * settings.affinity_weight,
+            "num_pseudo_masks": num_masks.detach(),
+        }
+        if settings.avg_loss_weight > 0:
+            average = (weights * mean_projection_loss(probs, pseudo.to(probs.dtype))).sum() / num_masks
+            losses["loss_avg"] = average * settings.avg_loss_weight * warmup
+        return losses
+
+
+class BoxTeacher(nn.Module):
+    """A teacher and a student of the same architecture. Training: the teacher (no gradient)
+    labels every ground-truth box of the clean view with its best-matching mask, and the
+    student learns from the boxes and these pseudo masks. Evaluation: the teacher (default)
+    or the student. The teacher's weights are the EMA of the student's (``EMAHook``).
+
+    Args:
+        student, teacher: the two networks; the teacher's parameters get no gradient.
+        iou_threshold, score_threshold: of the box-based assignment.
+        legacy_assignment: reproduce the released code's off-by-one in the assignment.
+        teacher_eval_mode: run the teacher pass in eval mode. The original runs it in train
+            mode (mask-branch BN with batch statistics), the default here too.
+        use_teacher_inference: evaluate with the teacher.
+        pseudo_mask_threshold: binarises the teacher's masks (None: keep probabilities).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        *,
+        iou_threshold: float = 0.5,
+        score_threshold: float = 0.0,
+        legacy_assignment: bool = False,
+        teacher_eval_mode: bool = False,
+        use_teacher_inference: bool = True,
+        pseudo_mask_threshold: float | None = 0.5,
+    ):
+        super().__init__()
+        self.teacher = teacher
+        self.student = student
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.iou_threshold = iou_threshold
+        self.score_threshold = score_threshold
+        self.legacy_assignment = legacy_assignment
+        self.teacher_eval_mode = teacher_eval_mode
+        self.use_teacher_inference = use_teacher_inference
+        self.pseudo_mask_threshold = pseudo_mask_threshold
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    def forward(self, batched_inputs: list[dict]):
+        if not self.training:
+            return (self.teacher if self.use_teacher_inference else self.student)(batched_inputs)
+        self.teacher.train(not self.teacher_eval_mode)
+        with torch.no_grad():
+            predictions = self.teacher.forward_teacher(batched_inputs)
+        labelled = [self.with_pseudo_masks(x, p) for x, p in zip(batched_inputs, predictions)]
+        return self.student(labelled)
+
+    def with_pseudo_masks(self, sample: dict, prediction: dict[str, torch.Tensor]) -> dict:
+        """A copy of ``sample`` whose instances carry ``pseudo_masks`` (N, h, w) at the input
+        resolution (all zero for a box no detection matched) and ``pseudo_weights`` (N,)."""
+        instances = {k: v.to(self.device) for k, v in sample["instances"].items()}
+        boxes = instances["boxes"]
+        matched = assign_detections_to_boxes(
+            prediction["boxes"], prediction["scores"], boxes,
+            self.iou_threshold, self.score_threshold, self.legacy_assignment,
+        )
+        has_match = matched >= 0
+        probs = prediction["mask_probs"]
+        if probs.shape[0] == 0:
+            probs = probs.new_zeros((1, *probs.shape[1:]))
+            scores = probs.new_zeros(1)
+        else:
+            scores = prediction["mask_scores"]
+        chosen = probs[matched.clamp(min=0)]
+        if self.pseudo_mask_threshold is not None:
+            chosen = chosen > self.pseudo_mask_threshold
+        pseudo = chosen * has_match[:, None, None]
+        weights = torch.where(has_match, scores[matched.clamp(min=0)], scores.new_zeros(()))
+        return {**sample, "instances": {**instances, "pseudo_masks": pseudo, "pseudo_weights": weights}}
+
+    # Weights of a single network (ImageNet backbones, CondInst / BoxInst checkpoints) load into
+    # the student; see ``engine.checkpoint.load_model_weights``.
+    single_network_prefix = "student."
+
+    def on_weights_loaded(self, loaded_keys: list[str]) -> None:
+        """Without teacher weights in the checkpoint, the teacher starts as a copy of the
+        student (so that evaluating a one-network checkpoint with the teacher works)."""
+        if loaded_keys and not any(k.startswith("teacher.") for k in loaded_keys):
+            logger.warning("No teacher weights were loaded: the teacher starts as a copy of the student.")
+            self.teacher.load_state_dict(self.student.state_dict())

@@ -1,0 +1,80 @@
+"""The teacher pass of BoxTeacher: detections with masks and mask-aware scores of the clean view,
+at the student's input resolution."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .layers import resized_shape
+from .postprocess import detections_to_output_frame
+from .pseudo_labels import boxes_to_masks, mask_aware_scores, mean_foreground_probability
+
+
+@dataclass(frozen=True)
+class TeacherPass:
+    """How a detector runs as a teacher.
+
+    min_size, max_size: every image is resized to this test size (shortest edge, longest
+        edge cap) before the teacher sees it, whatever the student's training scale.
+    mask_threshold: foreground threshold of the teacher's masks and of the mask-aware score.
+    post_nms_topk: detections kept per image.
+    float_masks: return the mask probabilities as pseudo masks (the original's
+        RETURN_FLOAT_MASK; its mask-aware score then averages over the whole image).
+    score_in_box: average the foreground probability only inside the predicted box (the
+        paper's formula) instead of over the whole mask (the released code).
+    clip_masks_to_boxes: zero the mask probabilities outside the predicted box before scoring.
+    """
+
+    min_size: int = 800
+    max_size: int = 1333
+    mask_threshold: float = 0.5
+    post_nms_topk: int = 100
+    float_masks: bool = False
+    score_in_box: bool = False
+    clip_masks_to_boxes: bool = False
+
+
+def resize_to_test_size(image: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:
+    """Bilinearly resize a (C, h, w) float image by the shortest-edge rule."""
+    size = resized_shape(image.shape[-2], image.shape[-1], min_size, max_size)
+    if tuple(image.shape[-2:]) == size:
+        return image
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def teacher_outputs(
+    detections: list[dict[str, torch.Tensor]],
+    input_sizes: list[tuple[int, int]],
+    student_sizes: list[tuple[int, int]],
+    mask_stride: int,
+    settings: TeacherPass,
+) -> list[dict[str, torch.Tensor]]:
+    """Per image: ``boxes`` (M, 4) in the student frame, ``scores`` (M,) the mask-aware ranking
+    score, ``mask_scores`` (M,) the pseudo-mask weight, ``fcos_scores``, ``labels``, and
+    ``mask_probs`` (M, h, w) at the student's unpadded input size.
+
+    detections: the detector's detections of the resized images (boxes in that frame,
+    ``mask_probs`` at ``mask_stride`` over the padded batch); input_sizes: the resized sizes.
+    """
+    threshold = -1.0 if settings.float_masks else settings.mask_threshold
+    outputs = []
+    for det, input_size, student_size in zip(detections, input_sizes, student_sizes):
+        frame = detections_to_output_frame(
+            det, det["mask_probs"], mask_stride, input_size, student_size, threshold
+        )
+        probs = frame["mask_probs"]
+        if settings.clip_masks_to_boxes:
+            probs = probs * boxes_to_masks(frame["boxes"], probs.shape[-2:]).to(probs.dtype)
+        mean = mean_foreground_probability(probs, threshold, frame["boxes"] if settings.score_in_box else None)
+        ranking, weights = mask_aware_scores(frame["scores"], mean)
+        outputs.append({
+            "boxes": frame["boxes"],
+            "scores": ranking,
+            "mask_scores": weights,
+            "fcos_scores": frame["scores"],
+            "labels": frame["labels"],
+            "mask_probs": probs,
+        })
+    return outputs

@@ -1,0 +1,218 @@
+"""BoxTeacher: EMA math and hook, pseudo-mask targets and losses, one training step, the views."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from boxteacher.build import build_model
+from boxteacher.data.color_augment import perturb_colors
+from boxteacher.engine import SimpleTrainer
+from boxteacher.engine.hooks import EMAHook
+from boxteacher.modeling.boxteacher import mean_projection_loss, pseudo_mask_affinity
+from boxteacher.modeling.ema import (
+    copy_student_to_teacher,
+    ema_momentum,
+    ema_update,
+    mean_parameter_distance,
+    momentum_for_horizon,
+)
+from boxteacher.modeling.pairwise import neighbour_offsets
+from tiny_models import tiny_cfg
+
+OFFSETS = neighbour_offsets(3, 2)
+
+
+def test_ema_momentum_ramp_and_cap():
+    assert [ema_momentum(t, 0.999) for t in (0, 1, 2, 9)] == pytest.approx([0, 0.5, 2 / 3, 0.9])
+    assert ema_momentum(999, 0.999) == pytest.approx(0.999)
+    assert ema_momentum(5000, 0.999) == 0.999
+    assert momentum_for_horizon(1000) == pytest.approx(0.999)
+    assert momentum_for_horizon(0) == 0.0
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.bn = nn.BatchNorm1d(2)
+
+
+def test_ema_update_averages_parameters_only():
+    teacher, student = Net(), Net()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.fill_(1.0)
+        for p in student.parameters():
+            p.fill_(3.0)
+        teacher.bn.running_mean.fill_(5.0)
+        student.bn.running_mean.fill_(7.0)
+    ema_update(teacher, student, 0.75)
+    assert all(torch.allclose(p, torch.full_like(p, 1.5)) for p in teacher.parameters())
+    assert teacher.bn.running_mean.tolist() == [5.0, 5.0]  # buffers are not averaged
+    assert mean_parameter_distance(teacher, student) > 0
+    copy_student_to_teacher(teacher, student)
+    assert teacher.bn.running_mean.tolist() == [7.0, 7.0] and mean_parameter_distance(teacher, student) == 0
+
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.teacher, self.student = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+        self.teacher.weight.requires_grad_(False)
+
+    def forward(self, batch):
+        return {"loss": (self.student(batch) ** 2).mean() * 0}
+
+
+def run_ema(start_iter, iterations, teacher_value, student_value, max_momentum=0.9):
+    model = Pair()
+    with torch.no_grad():
+        model.teacher.weight.fill_(teacher_value)
+        model.student.weight.fill_(student_value)
+    trainer = SimpleTrainer(model, iter(lambda: torch.ones(1, 1), None), torch.optim.SGD(model.student.parameters(), lr=0.0))
+    trainer.register_hooks([EMAHook(max_momentum, log_period=1)])
+    trainer.train(start_iter, start_iter + iterations)
+    return model.teacher.weight.item(), trainer.storage
+
+
+def test_ema_hook_copies_the_student_at_the_start_and_keeps_the_teacher_on_resume():
+    teacher, storage = run_ema(0, 3, teacher_value=10.0, student_value=2.0)
+    assert teacher == pytest.approx(2.0)  # copied at iteration 0, then averaged with itself
+    assert storage.history("ema_momentum").latest() == pytest.approx(2 / 3)
+    # Resumed at iteration 5: the teacher of the checkpoint is kept and averaged with m = 0.833, 0.857.
+    teacher, _ = run_ema(5, 2, teacher_value=10.0, student_value=2.0)
+    m5, m6 = 5 / 6, 6 / 7
+    assert teacher == pytest.approx(((10 * m5 + 2 * (1 - m5)) * m6) + 2 * (1 - m6))
+
+
+def test_pseudo_mask_affinity_by_hand():
+    masks = torch.zeros(1, 1, 5)
+    masks[0, 0, :2] = 1.0
+    valid = torch.ones(1, 1, 5)
+    soft = pseudo_mask_affinity(masks, valid, OFFSETS, threshold=-1)
+    # Smoothing: q = (3x3 mean with zeros + m) / 2; on a 1 x 5 row the 3x3 window holds 3 values.
+    q = torch.tensor([(2 / 9 + 1) / 2, (2 / 9 + 1) / 2, (1 / 9) / 2, 0.0, 0.0])
+    right = OFFSETS.index((0, 2))
+    expected = q[0] * q[2] + (1 - q[0]) * (1 - q[2])
+    assert soft[0, right, 0, 0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert soft[0, right, 0, 3].item() == 0.0  # neighbour outside the grid
+    hard = pseudo_mask_affinity(masks, valid, OFFSETS, threshold=0.5)
+    assert hard.dtype == torch.bool and hard[0, right, 0, 0] == (expected >= 0.5)
+    invalid = pseudo_mask_affinity(masks, torch.zeros(1, 1, 5), OFFSETS, threshold=-1)
+    assert invalid.abs().sum() == 0
+
+
+def test_mean_projection_loss_is_zero_for_identical_masks():
+    masks = torch.zeros(1, 1, 6, 6)
+    masks[0, 0, 1:4, 2:5] = 1
+    assert mean_projection_loss(masks, masks).item() == pytest.approx(0.0, abs=1e-4)  # Dice eps
+    assert mean_projection_loss(masks * 0.2, masks).item() > 0.1
+
+
+def boxteacher(*overrides):
+    return build_model(tiny_cfg(
+        "MODEL.META_ARCHITECTURE", "BoxTeacher", "MODEL.BOXINST.ENABLED", "True",
+        "INPUT.MIN_SIZE_TEST", "64", "MODEL.BOX_TEACHER.WARMUP_ITERS", "1",
+        "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", "1", *overrides,
+    ))
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for h, w, boxes in ((64, 64, [(8, 8, 40, 40), (30, 30, 60, 60)]), (48, 64, [(4, 4, 30, 40)])):
+        image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8, generator=g)
+        samples.append({"image": image, "aug_image": 255 - image, "height": h, "width": w, "instances": {
+            "boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.zeros(len(boxes), dtype=torch.long)}})
+    return samples
+
+
+def test_one_training_step_has_finite_losses_and_no_teacher_gradient():
+    model = boxteacher("MODEL.FCOS.INFERENCE_TH_TEST", "0.0")
+    model.train()
+    losses = model(batch())
+    expected = {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_prj", "loss_pairwise",
+                "loss_mask", "loss_mask_affinity", "num_pseudo_masks"}
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(v for k, v in losses.items() if k.startswith("loss")).backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
+    assert model.teacher.training  # the teacher pass runs in train mode by default
+
+
+def test_pseudo_losses_are_zero_and_connected_when_no_box_is_matched():
+    model = boxteacher("MODEL.FCOS.INFERENCE_TH_TEST", "1.0")  # the teacher detects nothing
+    model.train()
+    losses = model(batch())
+    for name in ("loss_mask", "loss_mask_affinity"):
+        assert losses[name].item() == 0.0 and losses[name].requires_grad
+    assert losses["num_pseudo_masks"].item() == 1.0  # clamped count of weighted masks
+    sum(v for k, v in losses.items() if k.startswith("loss")).backward()
+
+
+def test_pseudo_labels_follow_the_assignment():
+    model = boxteacher()
+    sample = batch()[0]
+    h, w = sample["image"].shape[-2:]
+    probs = torch.zeros(2, h, w)
+    probs[0, 10:20, 10:20] = 0.9
+    probs[1, 35:50, 35:50] = 0.8
+    prediction = {"boxes": torch.tensor([[31.0, 31.0, 59.0, 59.0], [100.0, 100.0, 110.0, 110.0]]),
+                  "scores": torch.tensor([0.9, 0.8]), "mask_scores": torch.tensor([0.7, 0.6]),
+                  "mask_probs": probs}
+    labelled = model.with_pseudo_masks(sample, prediction)["instances"]
+    assert labelled["pseudo_weights"].tolist() == pytest.approx([0.0, 0.7])
+    assert labelled["pseudo_masks"][0].sum() == 0  # unmatched box
+    assert torch.equal(labelled["pseudo_masks"][1], probs[0] > 0.5)
+    assert "pseudo_masks" not in sample["instances"]  # the input is not modified
+
+
+def test_evaluation_uses_the_teacher_or_the_student():
+    model = boxteacher()
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(0.01)
+    model.eval()
+    image = [{"image": torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64}]
+    assert torch.equal(model(image)[0]["instances"]["boxes"], model.teacher(image)[0]["instances"]["boxes"])
+    model.use_teacher_inference = False
+    assert torch.equal(model(image)[0]["instances"]["boxes"], model.student(image)[0]["instances"]["boxes"])
+
+
+@pytest.mark.parametrize("aug_type", ["strong", "strongv2", "weak"])
+def test_student_view_changes_colours_only(aug_type):
+    image = np.zeros((20, 30, 3), dtype=np.uint8)
+    image[:, :, 0] = 40
+    image[5:15, 10:20] = (200, 60, 30)
+    changed = 0
+    for seed in range(20):
+        view = perturb_colors(image, aug_type, np.random.default_rng(seed), "BGR")
+        assert view.shape == image.shape and view.dtype == np.uint8
+        changed += int(not np.array_equal(view, image))
+        if aug_type != "strongv2":  # colour-only ops map equal pixels to equal pixels
+            inside, outside = view[5:15, 10:20].reshape(-1, 3), view[:5].reshape(-1, 3)
+            assert (inside == inside[0]).all() and (outside == outside[0]).all()
+    assert changed > 0
+    assert np.array_equal(perturb_colors(image, "none", np.random.default_rng(0), "BGR"), image)
+
+
+def test_the_two_views_share_the_geometric_transform(tmp_path):
+    import cv2
+
+    from boxteacher.data.mapper import DatasetMapper
+
+    image = np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), image)
+    record = {"file_name": str(tmp_path / "a.png"), "image_id": 1, "height": 60, "width": 90,
+              "annotations": [{"bbox": [10.0, 5.0, 50.0, 40.0], "category_id": 0, "iscrowd": 0}]}
+    options = dict(min_sizes=(40, 50, 60, 70), max_size=200, hflip=True, with_masks=False)
+    for seed in range(8):
+        plain = DatasetMapper(True, **options)(record, np.random.default_rng(seed))
+        two = DatasetMapper(True, student_aug="strong", **options)(record, np.random.default_rng(seed))
+        assert torch.equal(plain["image"], two["image"])  # same resize and flip as without a view
+        assert two["aug_image"].shape == two["image"].shape
+        assert torch.equal(plain["instances"]["boxes"], two["instances"]["boxes"])
+        replaced = DatasetMapper(True, student_aug="strong", student_aug_separate=False, **options)(
+            record, np.random.default_rng(seed))
+        assert "aug_image" not in replaced and torch.equal(replaced["image"], two["aug_image"])
