@@ -23,6 +23,7 @@ from tiny_models import RECORDED_READS, RecordingCfgNode, leaf_keys
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs/quickstart/condinst_shapes.yaml")
 QUICKSTART_BOXINST = str(REPO / "configs/quickstart/boxinst_shapes.yaml")
+QUICKSTART_BOXTEACHER = str(REPO / "configs/quickstart/boxteacher_shapes.yaml")
 SMALL_RUN = ["MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "4"]
 
 
@@ -59,15 +60,16 @@ def test_condinst_training_lowers_the_loss(tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
-def test_boxinst_training_lowers_the_loss_evaluates_and_reads_every_config_key(tmp_path):
-    """BoxInst reads every key CondInst reads and its own."""
+def test_boxteacher_training_lowers_the_loss_evaluates_and_reads_every_config_key(tmp_path):
+    """BoxTeacher reads every key CondInst and BoxInst read, and its own."""
     opts = [
         "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "2", "SOLVER.MAX_ITER", "40",
         "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
-        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "100.0", "OUTPUT_DIR", str(tmp_path),
+        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "100.0", "MODEL.BOX_TEACHER.WITH_AVG_LOSS", "True",
+        "MODEL.BOX_TEACHER.WARMUP_ITERS", "20", "OUTPUT_DIR", str(tmp_path),
     ]
     RECORDED_READS.clear()
-    cfg = RecordingCfgNode(load_config(QUICKSTART_BOXINST, opts))
+    cfg = RecordingCfgNode(load_config(QUICKSTART_BOXTEACHER, opts))
     cfg.freeze()
     default_setup(cfg, default_argument_parser().parse_args([]))
     trainer = Trainer(cfg)
@@ -81,7 +83,9 @@ def test_boxinst_training_lowers_the_loss_evaluates_and_reads_every_config_key(t
     assert set(results) == {"bbox", "segm"} and 0 <= results["segm"]["AP"] <= 100
     assert (tmp_path / "model_final.pth").is_file()
     lines = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
-    assert any("segm/AP" in line for line in lines) and any("loss_pairwise" in line for line in lines)
+    assert any("segm/AP" in line for line in lines) and any("loss_mask_affinity" in line for line in lines)
+    assert any("num_pseudo_masks" in line and "ema_momentum" in line for line in lines)
+    assert any("param_diff" in line for line in lines) and any("loss_avg" in line for line in lines)
     assert (tmp_path / "inference/shapes_val/coco_instances_results.json").is_file()
 
     unread = sorted(set(leaf_keys(_C)) - RECORDED_READS)
@@ -99,16 +103,18 @@ class StopAfter(HookBase):
             raise KeyboardInterrupt
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("config", [QUICKSTART, QUICKSTART_BOXTEACHER], ids=["condinst", "boxteacher"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, config):
+    """Weights (the EMA teacher's too), optimizer, LR, RNG and data continue exactly."""
     # MAX_PROPOSALS samples positives at random: resuming must restore the RNG state too.
     opts = SMALL_RUN + ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "SEED", "-1",
                         "MODEL.CONDINST.MAX_PROPOSALS", "4", "DATASETS.TEST", "()"]
-    straight = make_trainer(opts + ["OUTPUT_DIR", str(tmp_path / "straight")])
+    straight = make_trainer(opts + ["OUTPUT_DIR", str(tmp_path / "straight")], config)
     straight.resume_or_load(resume=False)
     straight.data_seed = 1234
     straight.train()
 
-    interrupted = make_trainer(opts + ["OUTPUT_DIR", str(tmp_path / "resumed")])
+    interrupted = make_trainer(opts + ["OUTPUT_DIR", str(tmp_path / "resumed")], config)
     interrupted.resume_or_load(resume=False)
     interrupted.data_seed = 1234
     interrupted.register_hooks([StopAfter(3)])
@@ -116,7 +122,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         interrupted.train()
     assert (tmp_path / "resumed/model_0000002.pth").is_file()
 
-    resumed = make_trainer(opts + ["OUTPUT_DIR", str(tmp_path / "resumed")])
+    resumed = make_trainer(opts + ["OUTPUT_DIR", str(tmp_path / "resumed")], config)
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 3 and resumed.data_seed == 1234
     resumed.train()
@@ -134,10 +140,10 @@ def run_cli(*args, timeout=600):
     )
 
 
-def test_two_cpu_processes_train_then_eval_only_from_the_command_line(tmp_path):
+def test_two_cpu_processes_train_boxteacher_then_eval_only_from_the_command_line(tmp_path):
     out = tmp_path / "ddp"
     proc = run_cli(
-        "--config-file", QUICKSTART, "--num-gpus", "2", *SMALL_RUN,
+        "--config-file", QUICKSTART_BOXTEACHER, "--num-gpus", "2", *SMALL_RUN,
         "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", str(out),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -145,7 +151,7 @@ def test_two_cpu_processes_train_then_eval_only_from_the_command_line(tmp_path):
     assert "Evaluation results for segm" in proc.stdout
 
     proc = run_cli(
-        "--config-file", QUICKSTART, "--eval-only", *SMALL_RUN,
+        "--config-file", QUICKSTART_BOXTEACHER, "--eval-only", *SMALL_RUN,
         "MODEL.WEIGHTS", str(out / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "eval"),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -170,7 +176,9 @@ REAL_DATASETS = {
 }
 
 
-@pytest.mark.parametrize("config", [QUICKSTART, QUICKSTART_BOXINST], ids=["condinst", "boxinst"])
+@pytest.mark.parametrize(
+    "config", [QUICKSTART, QUICKSTART_BOXINST, QUICKSTART_BOXTEACHER], ids=["condinst", "boxinst", "boxteacher"]
+)
 @pytest.mark.parametrize("name", sorted(REAL_DATASETS))
 def test_short_training_and_evaluation_on_real_coco_format_data(name, config, tmp_path):
     root = SHARED / name

@@ -19,12 +19,16 @@ from tabulate import tabulate
 from boxteacher.build import build_model
 from boxteacher.config import load_config
 from boxteacher.engine.solver import build_optimizer
+from boxteacher.modeling.ema import ema_update
 
 logger = logging.getLogger("boxteacher.benchmark_speed")
 
 
-def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, generator: torch.Generator) -> list[dict]:
-    """Images with 5 random rectangular objects each (boxes, labels and masks)."""
+def synthetic_batch(
+    batch_size: int, height: int, width: int, num_classes: int, generator: torch.Generator, student_view: bool
+) -> list[dict]:
+    """Images with 5 random rectangular objects each (boxes, labels and masks) and, with
+    ``student_view``, a colour-inverted second view (``aug_image``, BoxTeacher's student view)."""
     batch = []
     for _ in range(batch_size):
         image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
@@ -35,8 +39,11 @@ def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, 
         for m, (x0, y0, x1, y1) in zip(masks, boxes.long().tolist()):
             m[y0:y1, x0:x1] = True
         labels = torch.randint(0, num_classes, (5,), generator=generator)
-        batch.append({"image": image, "height": height, "width": width,
-                      "instances": {"boxes": boxes, "labels": labels, "masks": masks}})
+        sample = {"image": image, "height": height, "width": width,
+                  "instances": {"boxes": boxes, "labels": labels, "masks": masks}}
+        if student_view:
+            sample["aug_image"] = 255 - image
+        batch.append(sample)
     return batch
 
 
@@ -75,9 +82,12 @@ def main() -> None:
     optimizer = build_optimizer(cfg, model)
     height, width = args.short_side, args.short_side * 4 // 3
     generator = torch.Generator().manual_seed(0)
-    batch = synthetic_batch(args.batch_size, height, width, cfg.MODEL.FCOS.NUM_CLASSES, generator)
+    batch = synthetic_batch(args.batch_size, height, width, cfg.MODEL.FCOS.NUM_CLASSES, generator,
+                            student_view=cfg.MODEL.META_ARCHITECTURE == "BoxTeacher")
 
     def train_step():
+        if hasattr(model, "teacher"):  # BoxTeacher: the EMA update is part of every step
+            ema_update(model.teacher, model.student, 0.999)
         losses = model(batch)
         optimizer.zero_grad(set_to_none=True)
         sum(v for k, v in losses.items() if k.startswith("loss")).backward()
@@ -87,13 +97,14 @@ def main() -> None:
     timed(train_step, 2, device)
     train_times = timed(train_step, args.iters, device)
     model.eval()
-    images = [{k: v for k, v in x.items() if k != "instances"} for x in batch]
+    images = [{k: v for k, v in x.items() if k not in ("instances", "aug_image")} for x in batch]
     with torch.no_grad():
         timed(lambda: model(images), 1, device)
         infer_times = timed(lambda: model(images), args.iters, device)
 
+    name = "BoxInst" if cfg.MODEL.META_ARCHITECTURE == "CondInst" and cfg.MODEL.BOXINST.ENABLED else cfg.MODEL.META_ARCHITECTURE
     rows = [[
-        cfg.MODEL.META_ARCHITECTURE, f"R-{cfg.MODEL.RESNETS.DEPTH}", str(device),
+        name, f"R-{cfg.MODEL.RESNETS.DEPTH}", str(device),
         f"{args.batch_size} x {height}x{width}",
         f"{statistics.median(train_times):.3f}",
         f"{args.batch_size / statistics.median(infer_times):.2f}",

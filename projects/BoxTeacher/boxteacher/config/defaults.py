@@ -156,9 +156,9 @@ _C.MODEL.BOX_TEACHER.SCORE_THR = 0.0
 _C.MODEL.BOX_TEACHER.LEGACY_ASSIGNMENT = False
 # EMA momentum of the teacher: min(MOMENTUM, t / (t + 1)) at iteration t.
 _C.MODEL.BOX_TEACHER.MOMENTUM = 0.999
-# If > 0, the momentum cap is instead 1 - 1 / (EMA_HORIZON * SOLVER.MAX_ITER): the teacher
-# averages over this fraction of the schedule (0.999 is 1.1% of the 90k-iteration 1x schedule).
-# Short schedules need it: with 0.999 a 1000-iteration run's teacher lags the whole run.
+# If > 0, the cap is at most 1 - 1 / (EMA_HORIZON * SOLVER.MAX_ITER): the teacher averages over
+# this fraction of the schedule (0.999 is 1.1% of the 90k-iteration 1x schedule). Short
+# schedules need it: with 0.999 a 1000-iteration run's teacher lags the whole run.
 _C.MODEL.BOX_TEACHER.EMA_HORIZON = 0.0
 # Weights of the pixel (Dice) and affinity pseudo-mask losses.
 _C.MODEL.BOX_TEACHER.MASK_WEIGHT = 0.5

@@ -64,10 +64,11 @@ def check_num_classes(cfg: CfgNode) -> None:
 
 
 def ema_max_momentum(cfg: CfgNode) -> float:
-    """MODEL.BOX_TEACHER.MOMENTUM, or the momentum of an EMA over EMA_HORIZON of the schedule."""
+    """MODEL.BOX_TEACHER.MOMENTUM, lowered to the momentum of an EMA over EMA_HORIZON of the
+    schedule when that is set."""
     t = cfg.MODEL.BOX_TEACHER
     if t.EMA_HORIZON > 0:
-        return momentum_for_horizon(round(t.EMA_HORIZON * cfg.SOLVER.MAX_ITER))
+        return min(t.MOMENTUM, momentum_for_horizon(round(t.EMA_HORIZON * cfg.SOLVER.MAX_ITER)))
     return t.MOMENTUM
 
 
