@@ -54,6 +54,19 @@ def test_ema_update_averages_parameters_only():
     assert teacher.bn.running_mean.tolist() == [7.0, 7.0] and mean_parameter_distance(teacher, student) == 0
 
 
+def test_ema_of_a_teacher_in_eval_mode_also_averages_batchnorm_statistics():
+    teacher, student = Net(), Net()
+    with torch.no_grad():
+        teacher.bn.running_mean.fill_(5.0)
+        student.bn.running_mean.fill_(7.0)
+        teacher.bn.running_var.fill_(1.0)
+        student.bn.running_var.fill_(2.0)
+    student.bn.num_batches_tracked.fill_(9)
+    ema_update(teacher, student, 0.75, norm_stats=True)
+    assert teacher.bn.running_mean.tolist() == [5.5, 5.5] and teacher.bn.running_var.tolist() == [1.25, 1.25]
+    assert teacher.bn.num_batches_tracked.item() == 0
+
+
 class Pair(nn.Module):
     def __init__(self):
         super().__init__()

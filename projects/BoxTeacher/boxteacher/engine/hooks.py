@@ -243,13 +243,16 @@ class EMAHook(HookBase):
     Before training from iteration 0 the teacher becomes a copy of the student (after the
     pre-trained weights were loaded into the student); a resumed run keeps the teacher of its
     checkpoint. Before every iteration t the teacher's parameters are averaged with momentum
-    min(max_momentum, t / (t + 1)). Logs ``ema_momentum`` every iteration and ``param_diff``
-    (mean L2 distance of teacher and student tensors) every ``log_period`` iterations.
+    min(max_momentum, t / (t + 1)); with ``norm_stats`` the BatchNorm running statistics too
+    (for a teacher run in eval mode, see ``ema_update``). Logs ``ema_momentum`` every
+    iteration and ``param_diff`` (mean L2 distance of teacher and student tensors) every
+    ``log_period`` iterations.
     """
 
-    def __init__(self, max_momentum: float, log_period: int = 20) -> None:
+    def __init__(self, max_momentum: float, log_period: int = 20, norm_stats: bool = False) -> None:
         self._max_momentum = max_momentum
         self._log_period = log_period
+        self._norm_stats = norm_stats
 
     def _networks(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         model = unwrap_model(self.trainer.model)
@@ -263,7 +266,7 @@ class EMAHook(HookBase):
     def before_step(self) -> None:
         teacher, student = self._networks()
         momentum = ema_momentum(self.trainer.iter, self._max_momentum)
-        ema_update(teacher, student, momentum)
+        ema_update(teacher, student, momentum, self._norm_stats)
         storage = self.trainer.storage
         storage.put_scalar("ema_momentum", momentum, smoothing_hint=False)
         if (self.trainer.iter + 1) % self._log_period == 0:

@@ -124,7 +124,7 @@ class Trainer(SimpleTrainer):
         if comm.is_main_process():
             result.append(hooks.PeriodicWriter(self.build_writers(), period=20))
         if hasattr(unwrap_model(self.model), "teacher"):
-            result.append(hooks.EMAHook(ema_max_momentum(cfg)))
+            result.append(hooks.EMAHook(ema_max_momentum(cfg), norm_stats=cfg.MODEL.BOX_TEACHER.TEACHER_EVAL))
         return result
 
     def build_writers(self) -> list:

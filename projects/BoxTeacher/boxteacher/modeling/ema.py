@@ -30,17 +30,32 @@ def copy_student_to_teacher(teacher: nn.Module, student: nn.Module) -> None:
     teacher.load_state_dict(student.state_dict())
 
 
+def norm_statistics(module: nn.Module) -> list[torch.Tensor]:
+    """The running mean and variance of every BatchNorm / SyncBatchNorm layer, in module order."""
+    return [
+        buffer for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        for buffer in (m.running_mean, m.running_var)
+    ]
+
+
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher_param := momentum * teacher_param + (1 - momentum) * student_param, for the
-    parameters only (BoxTeacher leaves buffers alone: frozen BN statistics are constant and the
-    teacher's mask-branch BN keeps its own running statistics)."""
-    teacher_params = [p for p in teacher.parameters()]
-    student_params = [p.detach() for p in student.parameters()]
-    if len(teacher_params) != len(student_params):
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, norm_stats: bool = False) -> None:
+    """teacher_param := momentum * teacher_param + (1 - momentum) * student_param.
+
+    BoxTeacher averages the parameters only: frozen BN statistics are constant, and a teacher
+    run in train mode keeps its BN running statistics up to date itself. A teacher run in eval
+    mode never updates them, so ``norm_stats`` averages the running statistics of its BatchNorm
+    layers too (without it they would stay those of the iteration-0 copy).
+    """
+    teacher_tensors = list(teacher.parameters())
+    student_tensors = [p.detach() for p in student.parameters()]
+    if norm_stats:
+        teacher_tensors += norm_statistics(teacher)
+        student_tensors += norm_statistics(student)
+    if len(teacher_tensors) != len(student_tensors):
         raise ValueError("The teacher and the student must have the same parameters.")
-    torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+    torch._foreach_mul_(teacher_tensors, momentum)
+    torch._foreach_add_(teacher_tensors, student_tensors, alpha=1.0 - momentum)
 
 
 @torch.no_grad()
