@@ -1,7 +1,13 @@
 """MODEL.WEIGHTS files: detectron2:// names, safe Caffe2 pickles, torchvision and detectron2
 parameter names."""
+import io
 import os
 import pickle
+import struct
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +23,8 @@ from boxteacher.engine.weight_files import (
     resolve_weights_path,
 )
 from tiny_models import tiny_cfg
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -135,3 +143,93 @@ def test_torchvision_resnet_state_dict_goes_under_the_backbone(tmp_path):
     torch.save(resnet, path)
     Checkpointer(model).load(str(path), checkpointables=[])
     assert torch.equal(model.backbone.bottom_up.layer1[0].conv2.weight, resnet["layer1.0.conv2.weight"])
+
+
+def _save_legacy_tar(state, path):
+    """Writes ``state`` (float tensors) in PyTorch's pre-0.4 ``.tar`` format, whose loading
+    needs unrestricted unpickling."""
+    names = list(state)
+    storages, tensors, main = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    pickle.dump(len(names), storages)
+    pickle.dump(len(names), tensors)
+    for i, name in enumerate(names):
+        t = state[name].contiguous().float()
+        pickle.dump((i, "cpu", torch.FloatStorage), storages)
+        storages.write(struct.pack("<q", t.numel()) + t.numpy().tobytes())
+        pickle.dump((len(names) + i, i, torch.FloatTensor), tensors)
+        tensors.write(struct.pack("<i", t.dim()) + bytes(4))
+        tensors.write(struct.pack(f"<{2 * t.dim() + 1}q", *t.shape, *t.stride(), 0))
+    pickle.dump([], storages)
+
+    class TensorRef(str):
+        pass
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return str(len(names) + names.index(obj)) if isinstance(obj, TensorRef) else None
+
+    Pickler(main).dump({name: TensorRef(name) for name in names})
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for entry, buffer in (("storages", storages), ("tensors", tensors), ("pickle", main)):
+            info = tarfile.TarInfo(entry)
+            info.size = len(buffer.getvalue())
+            buffer.seek(0)
+            tar.addfile(info, buffer)
+
+
+def convert_cli(*args):
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools/convert_weights.py"), *map(str, args)],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_legacy_tar_file_is_refused_then_converted_when_trusted(tmp_path):
+    model = build_model(tiny_cfg())
+    resnet = {k: v + 1 for k, v in model.backbone.bottom_up.state_dict().items() if v.is_floating_point()}
+    legacy = tmp_path / "resnet_legacy.pth"
+    _save_legacy_tar(resnet, legacy)
+    with pytest.raises(CheckpointError, match=r"legacy \.tar format.*--trust-pickle"):
+        Checkpointer(model).load(str(legacy), checkpointables=[])
+
+    assert convert_cli(legacy, tmp_path / "safe.pth").returncode != 0
+    proc = convert_cli("--trust-pickle", legacy, tmp_path / "safe.pth")
+    assert proc.returncode == 0, proc.stderr
+    Checkpointer(model).load(str(tmp_path / "safe.pth"), checkpointables=[])
+    assert torch.equal(model.backbone.bottom_up.layer1[0].conv2.weight, resnet["layer1.0.conv2.weight"])
+
+
+def test_pickled_module_is_refused_and_converted_only_when_trusted(tmp_path):
+    model = build_model(tiny_cfg())
+    path = tmp_path / "whole_model.pth"
+    torch.save(model.backbone.bottom_up, path)
+    with pytest.raises(CheckpointError, match="arbitrary code.*--trust-pickle"):
+        read_model_weights(str(path))
+    proc = convert_cli("--trust-pickle", path, tmp_path / "safe.pth")
+    assert proc.returncode == 0, proc.stderr
+    converted = read_model_weights(str(tmp_path / "safe.pth"))["model"]
+    assert set(converted) == {f"backbone.bottom_up.{k}" for k in model.backbone.bottom_up.state_dict()}
+
+
+def test_conversion_of_a_caffe2_pickle_gives_the_same_weights(tmp_path):
+    model = build_model(tiny_cfg("MODEL.RESNETS.NORM", "FrozenBN"))
+    path = tmp_path / "R-tiny.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(_caffe2_blobs(model), f)
+    proc = convert_cli(path, tmp_path / "R-tiny.pth")
+    assert proc.returncode == 0, proc.stderr
+    direct, converted = read_model_weights(str(path))["model"], read_model_weights(str(tmp_path / "R-tiny.pth"))["model"]
+    assert direct.keys() == converted.keys()
+    assert all(torch.equal(direct[k], converted[k]) for k in direct)
+
+
+def test_one_network_model_loads_the_teacher_of_a_teacher_student_checkpoint(tmp_path):
+    model = build_model(tiny_cfg())
+    state = model.state_dict()
+    checkpoint = {f"teacher.{k}": v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    checkpoint.update({f"student.{k}": v for k, v in state.items()})
+    path = tmp_path / "boxteacher.pth"
+    torch.save({"model": checkpoint}, path)
+    Checkpointer(model).load(str(path), checkpointables=[])
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], checkpoint[f"teacher.{k}"]) for k in loaded)

@@ -93,7 +93,8 @@ def load_model_weights(
         model: the model (a DDP wrapper is unwrapped).
         checkpoint: ``{"model": state_dict, ...}`` or a bare state dict; a "module." prefix on
             every key is removed. A model with ``single_network_prefix`` takes a checkpoint of
-            one network under that prefix; a model with ``on_weights_loaded(keys)`` is told
+            one network under that prefix, a one-network model takes the ``teacher.`` part of
+            a teacher-student checkpoint; a model with ``on_weights_loaded(keys)`` is told
             which keys were loaded.
         source: where the weights come from, for the messages.
 
@@ -117,6 +118,11 @@ def load_model_weights(
     prefix = getattr(model, "single_network_prefix", "")
     if prefix and not any(key in model_state for key in state_dict):
         state_dict = {prefix + key: value for key, value in state_dict.items()}
+    # A one-network model takes the teacher of a BoxTeacher checkpoint (the network BoxTeacher
+    # evaluates with).
+    if not any(key in model_state for key in state_dict) and any(k.startswith("teacher.") for k in state_dict):
+        logger.info("'%s' is a teacher-student checkpoint: loading its teacher.", source)
+        state_dict = {k[len("teacher."):]: v for k, v in state_dict.items() if k.startswith("teacher.")}
 
     loadable: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():

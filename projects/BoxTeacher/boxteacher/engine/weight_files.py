@@ -7,7 +7,9 @@ project's parameter names.
   ``model``) are read with an unpickler that only admits numpy arrays and plain containers, so
   a crafted file cannot run code. Caffe2 names (``res2_0_branch2a_w``) are converted to
   detectron2 names (``res2.0.conv1.weight``).
-* ``.pth`` files are read with ``torch.load(weights_only=True)``.
+* ``.pth`` files are read with ``torch.load(weights_only=True)``. Files that need pickled code
+  (PyTorch's legacy ``.tar`` format, pickled modules or objects) are refused with the command
+  that converts a trusted file once: ``tools/convert_weights.py --trust-pickle IN OUT``.
 * detectron2 / AdelaiDet names (``backbone.bottom_up.res2.0.conv1.norm.weight``,
   ``backbone.fpn_lateral3``) are renamed to this project's (torchvision ResNet, torchvision FPN);
   a file holding only a ResNet (ImageNet weights) is placed under ``backbone.bottom_up.``.
@@ -18,6 +20,7 @@ import logging
 import os
 import pickle
 import re
+import tarfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -134,18 +137,53 @@ def to_project_names(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in renamed.items()}
 
 
+CONVERT_HINT = (
+    "If you trust the file (it comes from a source you trust), convert it once to the safe "
+    "format: python tools/convert_weights.py --trust-pickle {path} converted.pth"
+)
+
+
 def load_checkpoint_file(path: str) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with an error naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint file '{path}' does not exist.")
+    if tarfile.is_tarfile(path):
+        raise CheckpointError(
+            f"'{path}' is in PyTorch's legacy .tar format (PyTorch < 0.4), which cannot be "
+            "read without running the code pickled in it. " + CONVERT_HINT.format(path=path)
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(
             f"Cannot read checkpoint '{path}' with torch.load(weights_only=True): {e}\n"
-            "Only files holding tensors and plain python values can be loaded (no pickled "
-            "objects); convert other formats first."
+            "Only files holding tensors and plain python values are loaded, since unpickling "
+            "anything else could run arbitrary code. " + CONVERT_HINT.format(path=path)
         ) from e
+
+
+def load_trusted_checkpoint_file(path: str) -> dict[str, Any]:
+    """UNSAFE: ``torch.load(weights_only=False)`` runs whatever code the file pickled. Only for
+    files the user trusts (``tools/convert_weights.py --trust-pickle``). Returns
+    ``{"model": state dict in this project's names}``; a pickled module gives its state dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint file '{path}' does not exist.")
+    content = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(content, torch.nn.Module):
+        content = content.state_dict()
+    if isinstance(content, Mapping):
+        for key in ("model", "state_dict"):
+            if isinstance(content.get(key), Mapping):
+                content = content[key]
+                break
+    if isinstance(content, torch.nn.Module):
+        content = content.state_dict()
+    if not isinstance(content, Mapping):
+        raise CheckpointError(f"'{path}' holds a {type(content).__name__}, not a state dict.")
+    tensors = {k: v for k, v in content.items() if isinstance(v, (torch.Tensor, np.ndarray))}
+    if not tensors:
+        raise CheckpointError(f"'{path}' holds no tensors.")
+    return {"model": to_project_names(tensors)}
 
 
 def read_model_weights(path: str) -> dict[str, Any]:

@@ -1,0 +1,399 @@
+"""Compare this implementation with the official BoxTeacher / AdelaiDet outputs recorded in the
+parity fixtures, quantity by quantity, and print the largest differences.
+
+    python tools/parity_report.py [--fixtures DIR]
+
+DIR (default: ``$BOXTEACHER_FIXTURES``, else ``../shared/fixtures`` next to the repository)
+holds one folder per fixture (``config.yaml``, ``model_final_fp16.pth``, ``inputs.pt``,
+``expected.pt``; layout in the fixtures' README). Every folder is run. For each quantity the
+table shows the largest difference over images, levels and detections and the tolerance of the
+fixtures' README: absolute for tensors, relative for losses and gradient norms, the fraction of
+disagreeing pixels for binary masks, and ``exact`` for integer outputs (detections are matched
+by FCOS level, location and class). The exit status is 1 if a quantity is out of tolerance.
+``tests/test_parity_official.py`` asserts the same comparisons.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from boxteacher.build import build_model
+from boxteacher.config import get_cfg
+from boxteacher.engine import load_model_weights, read_model_weights
+from boxteacher.engine.weight_files import detectron2_to_project_name
+from boxteacher.modeling.postprocess import detections_to_output_frame
+from boxteacher.modeling.pseudo_labels import mask_aware_scores, mean_foreground_probability
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_FIXTURES = REPO.parent / "shared" / "fixtures"
+LEVELS = ("p3", "p4", "p5", "p6", "p7")
+
+# Tolerances of the fixtures' README (section 10).
+FEATURES, BBOX_REG, MASK_LOGITS, MASK_PROBS = 2e-4, 5e-4, 1e-3, 2e-4
+BOXES, SCORES, LOSSES, GRAD_TOTAL, GRAD_PARAM = 5e-3, 1e-4, 1e-4, 1e-4, 1e-2
+MASK_DISAGREEMENT = 1e-3
+
+
+def fixtures_root() -> Path:
+    return Path(os.environ.get("BOXTEACHER_FIXTURES", DEFAULT_FIXTURES))
+
+
+def fixture_folders(root: Path) -> list[Path]:
+    """Every sub-folder of ``root`` holding ``expected.pt`` (none if ``root`` does not exist)."""
+    return sorted(p for p in root.glob("*") if (p / "expected.pt").is_file()) if root.is_dir() else []
+
+
+@dataclass
+class Fixture:
+    folder: Path
+    inputs: dict[str, Any]
+    expected: dict[str, torch.Tensor]
+
+    @classmethod
+    def load(cls, folder: Path) -> "Fixture":
+        read = lambda name: torch.load(folder / name, map_location="cpu", weights_only=True)  # noqa: E731
+        return cls(folder, read("inputs.pt"), read("expected.pt"))
+
+    @property
+    def num_images(self) -> int:
+        return int(self.inputs["num_images"])
+
+    def image(self, i: int) -> list[dict]:
+        x = self.inputs
+        return [{"image": x[f"image_{i}"], "height": x[f"height_{i}"], "width": x[f"width_{i}"]}]
+
+    def training_batch(self, aug: bool = True, masks: bool = False) -> list[dict]:
+        batch = []
+        for i in range(self.num_images):
+            sample = self.image(i)[0]
+            if aug:
+                sample["aug_image"] = self.inputs[f"aug_image_{i}"]
+            sample["instances"] = {"boxes": self.inputs[f"gt_boxes_{i}"], "labels": self.inputs[f"gt_classes_{i}"]}
+            if masks:
+                sample["instances"]["masks"] = self.inputs[f"gt_masks_{i}"]
+            batch.append(sample)
+        return batch
+
+    def build(self, *overrides: str, network: str | None = None) -> nn.Module:
+        """The fixture's model (Base-BoxTeacher.yaml + its config.yaml + ``overrides``) with its
+        official weights; ``network`` ("student.") loads that network into a one-network model."""
+        cfg = get_cfg()
+        cfg.merge_from_file(str(REPO / "configs/Base-BoxTeacher.yaml"))
+        cfg.merge_from_file(str(self.folder / "config.yaml"))
+        cfg.merge_from_list(list(overrides))
+        model = build_model(cfg)
+        state = read_model_weights(str(self.folder / "model_final_fp16.pth"))["model"]
+        if network:
+            state = {k[len(network):]: v for k, v in state.items() if k.startswith(network)}
+        missing, unexpected = load_model_weights(model, state, str(self.folder))
+        if missing or unexpected:
+            raise RuntimeError(f"{self.folder}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model
+
+
+@dataclass
+class Row:
+    """One compared quantity: ``diff`` is the largest difference, within ``tolerance`` if ok."""
+
+    section: str
+    quantity: str
+    diff: float
+    tolerance: float
+    kind: str  # "abs", "rel", "exact" or "pixels" (fraction of disagreeing mask pixels)
+
+    @property
+    def ok(self) -> bool:
+        return self.diff <= self.tolerance
+
+
+class Comparison:
+    """Collects the largest difference of each quantity over repeated comparisons."""
+
+    def __init__(self, section: str):
+        self.section = section
+        self.rows: dict[str, Row] = {}
+
+    def add(self, quantity: str, diff: float, tolerance: float, kind: str) -> None:
+        row = self.rows.setdefault(quantity, Row(self.section, quantity, 0.0, tolerance, kind))
+        row.diff = max(row.diff, float(diff))
+
+    def close(self, quantity: str, ours: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
+        """abs difference, plus a relative allowance of 1e-5 of the value (the README's rule)."""
+        if ours.shape != expected.shape:
+            self.add(quantity, float("inf"), tolerance, "abs")
+            return
+        excess = (ours.float() - expected.float()).abs() - 1e-5 * expected.float().abs()
+        self.add(quantity, excess.max().clamp(min=0).item() if excess.numel() else 0.0, tolerance, "abs")
+
+    def relative(self, quantity: str, ours: float, expected: float, tolerance: float) -> None:
+        self.add(quantity, abs(ours - expected) / max(abs(expected), 1e-3), tolerance, "rel")
+
+    def exact(self, quantity: str, ours: torch.Tensor, expected: torch.Tensor) -> None:
+        same = ours.shape == expected.shape and torch.equal(ours.long(), expected.long())
+        self.add(quantity, 0.0 if same else 1.0, 0.0, "exact")
+
+    def masks(self, quantity: str, ours: torch.Tensor, packed: torch.Tensor, width: int) -> None:
+        expected = torch.from_numpy(np.unpackbits(packed.numpy(), axis=-1, count=width).astype(bool))
+        if ours.shape != expected.shape:
+            self.add(quantity, 1.0, MASK_DISAGREEMENT, "pixels")
+            return
+        disagreement = (ours != expected).flatten(1).float().mean(dim=1)
+        self.add(quantity, disagreement.max().item() if len(disagreement) else 0.0, MASK_DISAGREEMENT, "pixels")
+
+
+@contextlib.contextmanager
+def recording(obj: Any, method: str, calls: list) -> Iterator[None]:
+    """Records ``(args, return value)`` of every call of ``obj.method`` into ``calls``."""
+    original: Callable = getattr(obj, method)
+
+    def wrapper(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append((args, out))
+        return out
+
+    setattr(obj, method, wrapper)
+    try:
+        yield
+    finally:
+        delattr(obj, method)
+
+
+def compare_heads(c: Comparison, prefix: str, outputs, mask_feats: torch.Tensor, top_feats, expected) -> None:
+    """FCOS head, controller and mask-branch outputs against ``{prefix}/head/p*`` etc."""
+    for level, name in enumerate(LEVELS):
+        head = f"{prefix}/head/{name}"
+        c.close("head cls_logits", outputs.logits[level], expected[f"{head}/cls_logits"], FEATURES)
+        c.close("head bbox_reg", outputs.bbox_reg[level], expected[f"{head}/bbox_reg"], BBOX_REG)
+        c.close("head ctrness", outputs.ctrness[level], expected[f"{head}/ctrness"], FEATURES)
+        if f"{head}/top_feats" in expected:
+            c.close("head top_feats", top_feats[level], expected[f"{head}/top_feats"], FEATURES)
+    c.close("mask_feats", mask_feats, expected[f"{prefix}/mask_feats"], FEATURES)
+
+
+def detection_keys(levels: torch.Tensor, locations: torch.Tensor, other: torch.Tensor) -> list[tuple]:
+    """(level, x, y, other) per detection or positive (``other``: class or image index)."""
+    return [(int(lv), int(x), int(y), int(k)) for lv, (x, y), k in zip(levels, locations.tolist(), other)]
+
+
+@torch.no_grad()
+def compare_detections(c: Comparison, network: nn.Module, fixture: Fixture, i: int, prefix: str) -> None:
+    """The inference output of ``network`` on image ``i`` against ``{prefix}/det/*``: the same
+    detection set (by level, location, class), then boxes, scores, masks of each."""
+    sample = fixture.image(i)
+    expected = fixture.expected
+    result = network(sample)[0]["instances"]
+    images, sizes = network.preprocess(sample)
+    raw = network.detect(images)[0]
+    frame = detections_to_output_frame(
+        raw, raw["mask_probs"], network.mask_out_stride, sizes[0],
+        (int(sample[0]["height"]), int(sample[0]["width"])), network.mask_threshold,
+    )
+    h, w = sizes[0]
+    kept = (raw["boxes"][:, 2].clamp(0, w) > raw["boxes"][:, 0].clamp(0, w)) & (
+        raw["boxes"][:, 3].clamp(0, h) > raw["boxes"][:, 1].clamp(0, h))
+    ranking, weights = mask_aware_scores(frame["scores"], mean_foreground_probability(frame["mask_probs"], network.mask_threshold))
+
+    ours = {key: k for k, key in enumerate(detection_keys(raw["fpn_levels"][kept], raw["locations"][kept], raw["labels"][kept]))}
+    keys = detection_keys(expected[f"{prefix}/fpn_levels"], expected[f"{prefix}/locations"], expected[f"{prefix}/classes"])
+    same_set = sorted(ours) == sorted(keys)
+    c.add("detection set (level, location, class)", 0.0 if same_set else 1.0, 0.0, "exact")
+    if not same_set:
+        return
+    index = torch.tensor([ours[k] for k in keys], dtype=torch.long)
+    c.close("boxes (px)", result["boxes"][index], expected[f"{prefix}/boxes"], BOXES)
+    c.close("scores (mask-aware)", result["scores"][index], expected[f"{prefix}/scores"], SCORES)
+    c.close("fcos_scores", raw["scores"][kept][index], expected[f"{prefix}/fcos_scores"], SCORES)
+    c.close("mask_score (loss weight)", weights[index], expected[f"{prefix}/mask_score"], SCORES)
+    c.close("top_feat", raw["top_feat"][kept][index], expected[f"{prefix}/top_feat"], FEATURES)
+    c.close("mask_probs stride 4", raw["mask_probs"][kept][index, 0], expected[f"{prefix}/mask_probs_s4"], MASK_PROBS)
+    if f"{prefix}/mask_probs_full_top3" in expected:
+        top3 = expected[f"{prefix}/mask_probs_full_top3"]
+        c.close("mask_probs full resolution", frame["mask_probs"][index[: len(top3)]], top3, MASK_PROBS)
+    c.masks("binary masks", result["masks"][index], expected[f"{prefix}/masks_packed"], int(sample[0]["width"]))
+    c.exact("detection order", index, torch.arange(len(keys)))
+
+
+@torch.no_grad()
+def compare_inference(fixture: Fixture) -> list[Row]:
+    """(a) the student as CondInst, features to detections; (b) the BoxTeacher model (teacher)."""
+    model = fixture.build()
+    model.eval()
+    a, b = Comparison("a: student inference"), Comparison("b: BoxTeacher (teacher) inference")
+    student = model.student
+    for i in range(fixture.num_images):
+        prefix = f"a/img{i}"
+        features: dict[str, dict] = {}
+        hooks = [
+            student.backbone.bottom_up.register_forward_hook(lambda m, x, out: features.setdefault("resnet", out)),
+            student.backbone.register_forward_hook(lambda m, x, out: features.setdefault("fpn", out)),
+        ]
+        images, _ = student.preprocess(fixture.image(i))
+        mask_feats, outputs, top_feats, _ = student.run_heads(images)
+        for hook in hooks:
+            hook.remove()
+        for name in ("res3", "res4", "res5"):
+            a.close("ResNet outputs", features["resnet"][name], fixture.expected[f"{prefix}/backbone/{name}"], FEATURES)
+        for name in LEVELS:
+            a.close("FPN outputs", features["fpn"][name], fixture.expected[f"{prefix}/fpn/{name}"], FEATURES)
+        compare_heads(a, prefix, outputs, mask_feats, top_feats, fixture.expected)
+        compare_detections(a, student, fixture, i, f"{prefix}/det")
+        compare_detections(b, model.teacher, fixture, i, f"b/img{i}/det")
+        result, teacher_result = model(fixture.image(i))[0]["instances"], model.teacher(fixture.image(i))[0]["instances"]
+        b.add("BoxTeacher evaluates with its teacher", 0.0 if torch.equal(result["scores"], teacher_result["scores"]) else 1.0, 0.0, "exact")
+    return list(a.rows.values()) + list(b.rows.values())
+
+
+def official_grad_norms(model: nn.Module, expected: dict, prefix: str) -> dict[str, tuple[float, float]]:
+    """(ours, official) gradient norm of each parameter listed under ``{prefix}/grad_norm/``."""
+    ours = {name: p.grad.norm().item() for name, p in model.named_parameters() if p.grad is not None}
+    pairs = {}
+    for key, value in expected.items():
+        if key.startswith(f"{prefix}/grad_norm/"):
+            name = detectron2_to_project_name(key[len(f"{prefix}/grad_norm/"):])
+            pairs[name] = (ours.get(name, float("nan")), value.item())
+    return pairs
+
+
+def compare_losses(c: Comparison, losses: dict[str, torch.Tensor], expected: dict, prefix: str) -> torch.Tensor:
+    """Every loss against ``{prefix}/losses/*`` and their sum against ``.../total``; returns the sum."""
+    total = sum(v for k, v in losses.items() if k.startswith("loss"))
+    for name, value in losses.items():
+        if name.startswith("loss"):
+            c.relative(f"{name}", value.item(), expected[f"{prefix}/losses/{name}"].item(), LOSSES)
+    c.relative("total loss", total.item(), expected[f"{prefix}/losses/total"].item(), LOSSES)
+    return total
+
+
+def compare_mask_logits(c: Comparison, args: tuple, logits: torch.Tensor, expected: dict) -> None:
+    """The student's mask logits of the sampled positives, matched to the official ones by
+    (image, level, location); the set of sampled positives must be the same."""
+    _, instances, _ = args
+    ours = {key: k for k, key in enumerate(detection_keys(instances["fpn_levels"], instances["locations"], instances["im_inds"]))}
+    keys = detection_keys(
+        expected["c/student/sampled/fpn_levels"], expected["c/student/sampled/locations"], expected["c/student/sampled/im_inds"]
+    )
+    same_set = sorted(ours) == sorted(keys)
+    c.add("sampled positives (image, level, location)", 0.0 if same_set else 1.0, 0.0, "exact")
+    if same_set:
+        index = torch.tensor([ours[k] for k in keys], dtype=torch.long)
+        c.close("student mask logits", logits[index], expected["c/student/mask_logits"], MASK_LOGITS)
+
+
+def compare_training(fixture: Fixture, legacy: bool) -> list[Row]:
+    """(c) one BoxTeacher training forward and backward on the fixture batch, with the
+    official assignment (``legacy``) or the corrected one (``c/fixed``)."""
+    expected = fixture.expected
+    model = fixture.build("MODEL.BOX_TEACHER.LEGACY_ASSIGNMENT", str(legacy))
+    model.train()
+    name = "c: BoxTeacher training step" + (" (official assignment)" if legacy else " (corrected assignment)")
+    c = Comparison(name)
+    heads: dict[str, list] = {"teacher": [], "student": []}
+    teacher_out, labelled, mask_logits = [], [], []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(recording(model.teacher, "run_heads", heads["teacher"]))
+        stack.enter_context(recording(model.student, "run_heads", heads["student"]))
+        stack.enter_context(recording(model.teacher, "forward_teacher", teacher_out))
+        stack.enter_context(recording(model, "with_pseudo_masks", labelled))
+        stack.enter_context(recording(model.student, "mask_logits", mask_logits))
+        losses = model(fixture.training_batch())
+    prefix = "c" if legacy else "c/fixed"
+    total = compare_losses(c, losses, expected, prefix)
+    c.exact("num_pseudo_masks", losses["num_pseudo_masks"], expected[f"{prefix}/num_pseudo_masks"])
+    assign = "c/assign_legacy" if legacy else "c/assign_fixed"
+    for i, (_, sample) in enumerate(labelled):
+        c.close("assignment weights", sample["instances"]["pseudo_weights"], expected[f"{assign}/img{i}/weight"], SCORES)
+    if legacy:
+        for who in ("teacher", "student"):
+            mask_feats, outputs, top_feats, _ = heads[who][0][1]
+            compare_heads(c, f"c/{who}", outputs, mask_feats, top_feats, expected)
+        for i, det in enumerate(teacher_out[0][1]):
+            p = f"c/teacher/img{i}/det"
+            same = det["boxes"].shape[0] == expected[f"{p}/boxes"].shape[0]
+            c.add("teacher detections (count, order)", 0.0 if same else 1.0, 0.0, "exact")
+            if same:
+                c.close("teacher boxes (px)", det["boxes"], expected[f"{p}/boxes"], BOXES)
+                c.close("teacher ranking scores", det["scores"], expected[f"{p}/scores"], SCORES)
+                c.close("teacher mask_score", det["mask_scores"], expected[f"{p}/mask_score"], SCORES)
+                c.masks("teacher binary masks", det["mask_probs"] > 0.5, expected[f"{p}/masks_packed"], det["mask_probs"].shape[-1])
+        compare_mask_logits(c, *mask_logits[0], expected)
+        for network in ("teacher", "student"):
+            branch = getattr(model, network).mask_branch
+            for key, value in expected.items():
+                if key.startswith(f"c/after/{network}_bn/"):
+                    module, stat = key[len(f"c/after/{network}_bn/"):].rsplit("/", 1)
+                    c.close("mask-branch BN statistics after the step", getattr(branch.get_submodule(module), stat), value, FEATURES)
+            c.exact("mask_head._iter after the step", getattr(model, network).mask_head._iter, expected[f"c/after/{network}_iter"])
+    total.backward()
+    student = model.student
+    norm = torch.stack([p.grad.norm() for p in student.parameters() if p.grad is not None]).norm().item()
+    c.relative("total gradient norm", norm, expected[f"{prefix}/grad_norm_total"].item(), GRAD_TOTAL)
+    if legacy:
+        for ours, official in official_grad_norms(student, expected, "c").values():
+            c.relative("per-parameter gradient norms", ours, official, GRAD_PARAM)
+    c.add("teacher parameters without gradient", 0.0 if all(p.grad is None for p in model.teacher.parameters()) else 1.0, 0.0, "exact")
+    return list(c.rows.values())
+
+
+def compare_adelaidet(fixture: Fixture, boxinst: bool) -> list[Row]:
+    """(d) AdelaiDet's BoxInst (``boxinst``) or mask-supervised CondInst losses from the student."""
+    expected = fixture.expected
+    model = fixture.build("MODEL.META_ARCHITECTURE", "CondInst", "MODEL.BOXINST.ENABLED", str(boxinst), network="student.")
+    model.train()
+    section = "d/boxinst" if boxinst else "d/condinst"
+    c = Comparison(f"d: AdelaiDet {'BoxInst' if boxinst else 'CondInst'} losses")
+    total = compare_losses(c, model(fixture.training_batch(aug=False, masks=not boxinst)), expected, section)
+    total.backward()
+    norm = torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).norm().item()
+    c.relative("total gradient norm", norm, expected[f"{section}/grad_norm_total"].item(), GRAD_TOTAL)
+    return list(c.rows.values())
+
+
+def compare_fixture(fixture: Fixture) -> list[Row]:
+    return [
+        *compare_inference(fixture),
+        *compare_training(fixture, legacy=True),
+        *compare_training(fixture, legacy=False),
+        *compare_adelaidet(fixture, boxinst=True),
+        *compare_adelaidet(fixture, boxinst=False),
+    ]
+
+
+def format_table(rows: list[Row]) -> str:
+    table = []
+    for r in rows:
+        diff = "equal" if r.kind == "exact" and r.ok else f"{r.diff:.3g}" + {"rel": " rel", "pixels": " of pixels"}.get(r.kind, "")
+        table.append([r.section, r.quantity, diff, "exact" if r.kind == "exact" else f"{r.tolerance:g}", "yes" if r.ok else "NO"])
+    return tabulate(table, headers=["section", "quantity", "max difference", "tolerance", "ok"], tablefmt="github")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fixtures", type=Path, default=fixtures_root(), help="folder of fixture folders")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    folders = fixture_folders(args.fixtures)
+    if not folders:
+        logging.error("No fixture folder (with expected.pt) in %s.", args.fixtures)
+        return 1
+    torch.set_num_threads(2)
+    failed = False
+    for folder in folders:
+        rows = compare_fixture(Fixture.load(folder))
+        print(f"\n## {folder.name}\n\n{format_table(rows)}")
+        failed |= not all(r.ok for r in rows)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
