@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from boxteacher.build import build_model
-from boxteacher.engine import Checkpointer
+from boxteacher.config import load_config
+from boxteacher.engine import Checkpointer, load_model_weights
 from boxteacher.engine.weight_files import (
     CheckpointError,
     caffe2_to_detectron2_name,
@@ -233,3 +234,26 @@ def test_one_network_model_loads_the_teacher_of_a_teacher_student_checkpoint(tmp
     Checkpointer(model).load(str(path), checkpointables=[])
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], checkpoint[f"teacher.{k}"]) for k in loaded)
+
+
+REFERENCE_KEYS = Path(os.environ.get("BOXTEACHER_FIXTURES", REPO.parent / "shared" / "fixtures")) / "reference-state-dict-r50.txt"
+
+
+@pytest.mark.skipif(not REFERENCE_KEYS.is_file(), reason=f"{REFERENCE_KEYS} not found")
+def test_every_official_boxteacher_r50_key_maps_onto_our_model(tmp_path):
+    """The official BoxTeacher R-50 state-dict key list (detectron2 names, teacher. and student.)
+    renames onto our model exactly: every key found with its shape, none left over."""
+    official = {}
+    for line in REFERENCE_KEYS.read_text().splitlines():
+        key, shape = line.rsplit(" ", 1)
+        official[key] = tuple(int(d) for d in shape.strip("()").split(",") if d)
+    cfg = load_config(str(REPO / "configs/coco/boxteacher_r50_1x.yaml"), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    path = tmp_path / "official.pth"
+    torch.save({"model": {k: torch.full(shape, 0.5) for k, shape in official.items()}, "iteration": 90000}, path)
+    state = read_model_weights(str(path))["model"]
+    ours = model.state_dict()
+    assert len(state) == len(official) == len(ours) == 744
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+    missing, unexpected = load_model_weights(model, state, str(path))
+    assert not missing and not unexpected

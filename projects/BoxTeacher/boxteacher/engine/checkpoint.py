@@ -116,7 +116,8 @@ def load_model_weights(
     # A model made of several networks (BoxTeacher) loads a one-network checkpoint into the
     # network it names (``single_network_prefix``, e.g. "student.").
     prefix = getattr(model, "single_network_prefix", "")
-    if prefix and not any(key in model_state for key in state_dict):
+    one_network = bool(prefix) and not any(key in model_state for key in state_dict)
+    if one_network:
         state_dict = {prefix + key: value for key, value in state_dict.items()}
     # A one-network model takes the teacher of a BoxTeacher checkpoint (the network BoxTeacher
     # evaluates with).
@@ -149,7 +150,8 @@ def load_model_weights(
     incompatible = model.load_state_dict(loadable, strict=False)
     if hasattr(model, "on_weights_loaded"):
         model.on_weights_loaded(list(loadable))
-    missing = list(incompatible.missing_keys)
+    # The other networks of a one-network load are set by ``on_weights_loaded``.
+    missing = [k for k in incompatible.missing_keys if not one_network or k.startswith(prefix)]
     unexpected = [key for key in state_dict if key not in model_state]
     logger.info("Loaded %d of %d model tensors from '%s'.", len(loadable), len(model_state), source)
     if missing:
