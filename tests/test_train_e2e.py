@@ -53,7 +53,7 @@ def mean_losses(trainer, name, count=10):
 
 
 def test_condinst_training_lowers_the_loss(tmp_path):
-    trainer = make_trainer(SMALL_RUN + ["SOLVER.MAX_ITER", "30", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)])
+    trainer = make_trainer(SMALL_RUN + ["SOLVER.MAX_ITER", "30", "SEED", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)])
     trainer.resume_or_load(resume=False)
     trainer.train()
     first, last = mean_losses(trainer, "loss_mask")
@@ -66,7 +66,7 @@ def test_boxteacher_training_lowers_the_loss_evaluates_and_reads_every_config_ke
         "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "2", "SOLVER.MAX_ITER", "40",
         "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
         "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "100.0", "MODEL.BOX_TEACHER.WITH_AVG_LOSS", "True",
-        "MODEL.BOX_TEACHER.WARMUP_ITERS", "20", "OUTPUT_DIR", str(tmp_path),
+        "MODEL.BOX_TEACHER.WARMUP_ITERS", "20", "SEED", "0", "OUTPUT_DIR", str(tmp_path),
     ]
     RECORDED_READS.clear()
     cfg = RecordingCfgNode(load_config(QUICKSTART_BOXTEACHER, opts))
