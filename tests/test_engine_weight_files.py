@@ -3,6 +3,7 @@ parameter names."""
 import io
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -72,6 +73,21 @@ def test_detectron2_url_is_looked_up_in_pretrained_models(tmp_path, monkeypatch)
     (tmp_path / "pretrained_models/R-50.pkl").write_bytes(b"")
     assert resolve_weights_path("detectron2://ImageNetPretrained/MSRA/R-50.pkl") == os.path.join("pretrained_models", "R-50.pkl")
     assert resolve_weights_path("some/file.pth") == "some/file.pth"
+
+
+def test_torchvision_url_and_bare_file_name_are_looked_up_in_pretrained_models(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    url = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+    with pytest.raises(FileNotFoundError, match=re.escape(url)):
+        resolve_weights_path(url)
+    with pytest.raises(FileNotFoundError, match=r"pretrained_models/resnet50-0676ba61\.pth"):
+        resolve_weights_path("resnet50-0676ba61.pth")
+    (tmp_path / "pretrained_models").mkdir()
+    (tmp_path / "pretrained_models/resnet50-0676ba61.pth").write_bytes(b"")
+    local = os.path.join("pretrained_models", "resnet50-0676ba61.pth")
+    assert resolve_weights_path(url) == resolve_weights_path("resnet50-0676ba61.pth") == local
+    (tmp_path / "mine.pth").write_bytes(b"")
+    assert resolve_weights_path("mine.pth") == "mine.pth"
 
 
 def _caffe2_blobs(model):

@@ -1,8 +1,8 @@
 """Weight files named by ``MODEL.WEIGHTS`` in the formats users hold, read as state dicts in this
 project's parameter names.
 
-* ``detectron2://ImageNetPretrained/MSRA/R-50.pkl`` style names are looked up in
-  ``pretrained_models/`` (by file name); nothing is downloaded.
+* ``detectron2://ImageNetPretrained/MSRA/R-50.pkl`` style names, URLs and bare file names are
+  looked up in ``pretrained_models/`` (by file name); nothing is downloaded.
 * Caffe2 / detectron2 ``.pkl`` files (dicts of numpy arrays, possibly under ``blobs`` or
   ``model``) are read with an unpickler that only admits numpy arrays and plain containers, so
   a crafted file cannot run code. Caffe2 names (``res2_0_branch2a_w``) are converted to
@@ -39,15 +39,22 @@ PRETRAINED_DIR = "pretrained_models"
 
 
 def resolve_weights_path(path: str) -> str:
-    """A local file for ``path``; ``detectron2://X/Y.pkl`` is ``pretrained_models/Y.pkl``."""
-    if not path.startswith(DETECTRON2_PREFIX):
+    """A local file for ``path``. Nothing is downloaded: ``detectron2://X/Y.pkl`` and URLs
+    (``https://download.pytorch.org/models/resnet50-0676ba61.pth``) are looked up in
+    ``pretrained_models/`` by file name, as is a bare file name not found in the working folder."""
+    if path.startswith(DETECTRON2_PREFIX):
+        url = DETECTRON2_DOWNLOAD_ROOT + path[len(DETECTRON2_PREFIX):]
+    elif path.startswith(("https://", "http://")):
+        url = path
+    elif os.path.basename(path) == path and not os.path.exists(path):
+        url = None
+    else:
         return path
-    relative = path[len(DETECTRON2_PREFIX):]
-    local = os.path.join(PRETRAINED_DIR, os.path.basename(relative))
+    local = os.path.join(PRETRAINED_DIR, os.path.basename(path))
     if not os.path.isfile(local):
+        fetch = f"Download {url} into {PRETRAINED_DIR}/" if url else f"Put it into {PRETRAINED_DIR}/"
         raise FileNotFoundError(
-            f"MODEL.WEIGHTS '{path}' is looked up as '{local}', which does not exist. Download "
-            f"{DETECTRON2_DOWNLOAD_ROOT}{relative} into {PRETRAINED_DIR}/ (see "
+            f"MODEL.WEIGHTS '{path}' is looked up as '{local}', which does not exist. {fetch} (see "
             f"{PRETRAINED_DIR}/README.md), or set MODEL.WEIGHTS to a local file or ''."
         )
     return local
