@@ -181,6 +181,31 @@ def test_pseudo_labels_follow_the_assignment():
     assert "pseudo_masks" not in sample["instances"]  # the input is not modified
 
 
+def test_soft_pseudo_masks_keep_the_teacher_probabilities_as_dice_targets():
+    binary, soft = boxteacher(), boxteacher("MODEL.BOX_TEACHER.SOFT_PSEUDO_MASKS", "True")
+    soft.load_state_dict(binary.state_dict())
+    sample = batch()[0]
+    h, w = sample["image"].shape[-2:]
+    probs = torch.zeros(1, h, w)
+    probs[0, 8:40, 8:40] = torch.linspace(0.2, 1.0, 32)[None, :]
+    prediction = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "scores": torch.tensor([0.9]),
+                  "mask_scores": torch.tensor([0.8]), "mask_probs": probs}
+    assert torch.equal(soft.with_pseudo_masks(sample, prediction)["instances"]["pseudo_masks"][0], probs[0])
+    assert torch.equal(binary.with_pseudo_masks(sample, prediction)["instances"]["pseudo_masks"][0], probs[0] > 0.5)
+
+    def targets(model):
+        labelled = [model.with_pseudo_masks(sample, prediction)]
+        gt = [{k: v for k, v in labelled[0]["instances"].items()}]
+        return model.student.mask_targets(labelled, gt, (64, 64), [(h, w)])["pseudo_masks"]
+
+    soft_targets, binary_targets = targets(soft), targets(binary)
+    assert soft_targets.dtype == torch.float32 and binary_targets.dtype == torch.bool
+    # stride-4 samples at (4r + 2, 4c + 2), inside the box
+    assert soft_targets[0, 4, 4].item() == pytest.approx(probs[0, 18, 18].item())
+    assert torch.equal(soft_targets > 0.5, binary_targets)
+    assert 0 < soft_targets[0, 4, 2].item() < 0.5
+
+
 def test_evaluation_uses_the_teacher_or_the_student():
     model = boxteacher()
     with torch.no_grad():

@@ -167,7 +167,7 @@ def _boxteacher_network(cfg: CfgNode) -> PseudoMaskBoxInst:
             warmup_iters=t.WARMUP_ITERS if t.WITH_WARMUP else None,
             fix_reduction=t.FIX_REDUCTION,
             avg_loss_weight=t.AVG_LOSS_WEIGHT if t.WITH_AVG_LOSS else 0.0,
-            mask_threshold=t.TEACHER_MASK_THRESHOLD,
+            mask_threshold=None if t.SOFT_PSEUDO_MASKS else t.TEACHER_MASK_THRESHOLD,
         ),
         centers_from_box_masks=False,
         mask_aware_scores=True,
@@ -199,7 +199,7 @@ def BoxTeacher(cfg: CfgNode) -> boxteacher.BoxTeacher:  # noqa: N802 (registered
         legacy_assignment=t.LEGACY_ASSIGNMENT,
         teacher_eval_mode=t.TEACHER_EVAL,
         use_teacher_inference=t.USE_TEACHER_INFERENCE,
-        pseudo_mask_threshold=None if t.RETURN_FLOAT_MASK else t.TEACHER_MASK_THRESHOLD,
+        pseudo_mask_threshold=None if t.RETURN_FLOAT_MASK or t.SOFT_PSEUDO_MASKS else t.TEACHER_MASK_THRESHOLD,
     )
 
 

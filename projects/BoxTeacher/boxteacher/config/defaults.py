@@ -182,6 +182,11 @@ _C.MODEL.BOX_TEACHER.TEACHER_EVAL = False
 # Pseudo masks as probabilities instead of binary masks (the mask-aware score then averages
 # over the whole image, which the original does too).
 _C.MODEL.BOX_TEACHER.RETURN_FLOAT_MASK = False
+# The student learns from the teacher's mask probabilities: soft Dice targets and affinities
+# from the soft masks, instead of masks binarised at TEACHER_MASK_THRESHOLD (not in the
+# original; the mask-aware score is unchanged). Binary targets at the mask stride (4) lose
+# the boundaries of small objects.
+_C.MODEL.BOX_TEACHER.SOFT_PSEUDO_MASKS = False
 # Binarisation threshold of the teacher's masks, also the threshold of the mask-aware score.
 _C.MODEL.BOX_TEACHER.TEACHER_MASK_THRESHOLD = 0.5
 # Mask-aware score averaged only inside the predicted box (the paper) instead of over the mask.

@@ -35,7 +35,8 @@ class PseudoMaskLosses:
     fix_reduction: normalise by the number of instances with a pseudo mask (else by the sum of
         their weights).
     avg_loss_weight: weight of the optional mean-projection Dice ``loss_avg`` (0: off).
-    mask_threshold: pseudo masks are binarised at this probability.
+    mask_threshold: pseudo masks are binarised at this probability (None: the Dice loss
+        takes the probabilities as soft targets).
     """
 
     mask_weight: float = 0.5
@@ -44,7 +45,7 @@ class PseudoMaskLosses:
     warmup_iters: int | None = 10000
     fix_reduction: bool = True
     avg_loss_weight: float = 0.0
-    mask_threshold: float = 0.5
+    mask_threshold: float | None = 0.5
 
 
 def pseudo_mask_affinity(
@@ -80,9 +81,10 @@ class PseudoMaskBoxInst(BoxInst):
     Instances may carry ``pseudo_masks`` (N, H, W) (bool, or float probabilities) at the input
     resolution and ``pseudo_weights`` (N,); instances of weight 0 have no pseudo mask. Besides
     ``loss_prj`` and ``loss_pairwise`` the losses are the noise-aware pixel loss ``loss_mask``
-    (weighted Dice with the box-constrained, binarised pseudo mask), the noise-reduced affinity
-    loss ``loss_mask_affinity`` (the pairwise term on neighbour pairs the smoothed pseudo mask
-    puts on the same side), optionally ``loss_avg``, and the metric ``num_pseudo_masks``.
+    (weighted Dice with the box-constrained pseudo mask, binarised unless ``mask_threshold`` is
+    None), the noise-reduced affinity loss ``loss_mask_affinity`` (the pairwise term on
+    neighbour pairs the smoothed pseudo mask puts on the same side), optionally ``loss_avg``,
+    and the metric ``num_pseudo_masks``.
 
     Args:
         pseudo_losses: their settings.
@@ -108,7 +110,7 @@ class PseudoMaskBoxInst(BoxInst):
         targets["pseudo_pair_weights"] = pseudo_mask_affinity(
             masks, valid, self.pairwise_offsets, settings.affinity_threshold
         )
-        targets["pseudo_masks"] = masks > settings.mask_threshold
+        targets["pseudo_masks"] = masks if settings.mask_threshold is None else masks > settings.mask_threshold
         targets["pseudo_weights"] = torch.cat([g["pseudo_weights"].to(masks.dtype) for g in gt])
         return targets
 

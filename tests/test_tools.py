@@ -1,0 +1,39 @@
+"""Smoke calls of the benchmark tools (their figures are measured by hand, not in tests)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_tool(name, *args, env=None):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / name), *map(str, args)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_benchmark_accuracy_trains_and_tabulates_the_three_methods(tmp_path):
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
+    out = run_tool(
+        "benchmark_accuracy.py", "--iters", "2", "--batch", "2", "--device", "cpu", "--min-size-train", "64",
+        "--min-size-test", "64", "--output-dir", tmp_path / "bench", "DATALOADER.NUM_WORKERS", "0", env=env,
+    )
+    assert "| CondInst" in out and "| BoxInst" in out and "| BoxTeacher" in out
+    results = json.loads((tmp_path / "bench/results.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["CondInst", "BoxInst", "BoxTeacher"]
+    assert all(0 <= r["AP"] <= 100 and r["wall_minutes"] >= 0 for r in results)
+    assert "MODEL.BOX_TEACHER.WARMUP_ITERS 1" in results[2]["command"]
+    assert (tmp_path / "bench/results.md").read_text().startswith("| method")
+
+
+def test_benchmark_speed_runs_boxteacher():
+    out = run_tool(
+        "benchmark_speed.py", "--config-file", "configs/quickstart/boxteacher_shapes.yaml", "--batch-size", "1",
+        "--short-side", "64", "--iters", "1", "MODEL.DEVICE", "cpu",
+    )
+    assert "| BoxTeacher" in out

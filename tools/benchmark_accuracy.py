@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Train and evaluate CondInst (masks: the upper bound), BoxInst and BoxTeacher (boxes) with the
+same network, schedule, input size and seed on one dataset; print a markdown table of mask AP,
+AP50, AP75, box AP, the ratio to CondInst's mask AP and the wall time, and write it with the raw
+results to ``OUTPUT/results.json`` and ``OUTPUT/results.md``.
+
+    # the built-in shapes set on CPU (the quick-start network, 1000 iterations)
+    python tools/benchmark_accuracy.py --dataset shapes --device cpu
+    # a COCO-format dataset by path (json + images), a GPU-sized setting
+    python tools/benchmark_accuracy.py --train-json a/train.json --train-images a/images \
+        --test-json a/val.json --test-images a/images --depth 50 --iters 6000 --batch 8 \
+        --min-size-train 480 512 544 576 608 --min-size-test 544 --max-size 1000 \
+        --weights detectron2://ImageNetPretrained/MSRA/R-50.pkl [KEY VALUE ...]
+
+Every run is ``train_net.py`` on the quick-start configs of the three methods
+(``configs/quickstart/{condinst,boxinst,boxteacher}_shapes.yaml``) with the options turned into
+config overrides; trailing ``KEY VALUE`` pairs are passed to every run (e.g.
+``DATASETS.FLIP_CLASS_PAIRS`` for datasets with left/right classes). The warm-ups that the
+configs scale with the schedule (LR 10 %, BoxInst pairwise 20 %, BoxTeacher pseudo losses 40 %,
+LR drop at 80 %, BoxTeacher EMA horizon 10 %) follow ``--iters``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+
+from boxteacher.engine.checkpoint import atomic_open
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = {
+    "condinst": ("CondInst", "masks", "configs/quickstart/condinst_shapes.yaml"),
+    "boxinst": ("BoxInst", "boxes", "configs/quickstart/boxinst_shapes.yaml"),
+    "boxteacher": ("BoxTeacher", "boxes", "configs/quickstart/boxteacher_shapes.yaml"),
+}
+logger = logging.getLogger("boxteacher.benchmark_accuracy")
+
+
+def dataset_overrides(args: argparse.Namespace) -> list[str]:
+    """DATASETS.* (and the number of classes of a dataset given by path)."""
+    if args.train_json:
+        with open(args.train_json, encoding="utf-8") as f:
+            num_classes = len(json.load(f)["categories"])
+        register = [["benchmark_train", args.train_json, args.train_images],
+                    ["benchmark_test", args.test_json, args.test_images]]
+        return ["DATASETS.REGISTER", repr(register), "DATASETS.TRAIN", "('benchmark_train',)",
+                "DATASETS.TEST", "('benchmark_test',)", "MODEL.FCOS.NUM_CLASSES", str(num_classes)]
+    if args.dataset == "shapes":
+        return []
+    return ["DATASETS.TRAIN", f"('{args.dataset}_train',)", "DATASETS.TEST", f"('{args.dataset}_val',)"]
+
+
+def schedule_overrides(args: argparse.Namespace) -> list[str]:
+    n = args.iters
+    opts = [
+        "SOLVER.MAX_ITER", str(n), "SOLVER.STEPS", f"({int(0.8 * n)},)", "SOLVER.WARMUP_ITERS", str(max(1, n // 10)),
+        "SOLVER.CHECKPOINT_PERIOD", str(n), "SOLVER.IMS_PER_BATCH", str(args.batch),
+        "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", str(max(1, n // 5)),
+        "MODEL.RESNETS.DEPTH", str(args.depth), "MODEL.WEIGHTS", args.weights, "SEED", str(args.seed),
+        "MODEL.DEVICE", args.device,
+    ]
+    if args.depth != 18 or args.weights:  # standard widths instead of the quick start's narrow R-18
+        res2 = 256 if args.depth >= 50 else 64
+        opts += ["MODEL.RESNETS.STEM_OUT_CHANNELS", "64", "MODEL.RESNETS.RES2_OUT_CHANNELS", str(res2)]
+    if args.min_size_train:
+        opts += ["INPUT.MIN_SIZE_TRAIN", str(tuple(args.min_size_train))]
+    if args.min_size_test:
+        opts += ["INPUT.MIN_SIZE_TEST", str(args.min_size_test)]
+    if args.max_size:
+        opts += ["INPUT.MAX_SIZE_TRAIN", str(args.max_size), "INPUT.MAX_SIZE_TEST", str(args.max_size)]
+    return opts
+
+
+def method_overrides(method: str, iters: int) -> list[str]:
+    if method == "boxteacher":
+        return ["MODEL.BOX_TEACHER.WARMUP_ITERS", str(max(1, int(0.4 * iters)))]
+    return []
+
+
+def final_results(output_dir: Path) -> dict[str, float]:
+    """The last evaluation logged in ``metrics.json``."""
+    results = {}
+    with open(output_dir / "metrics.json", encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if "segm/AP" in record:
+                results = record
+    if not results:
+        raise RuntimeError(f"{output_dir}/metrics.json holds no evaluation")
+    return results
+
+
+def run_method(method: str, args: argparse.Namespace, common: list[str]) -> dict:
+    name, supervision, config = METHODS[method]
+    output_dir = Path(args.output_dir) / method
+    command = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(REPO / config),
+               "--num-gpus", str(args.num_gpus), *common, *method_overrides(method, args.iters),
+               "OUTPUT_DIR", str(output_dir), *args.opts]
+    logger.info("%s: %s", name, " ".join(command))
+    start = time.perf_counter()
+    with open(Path(args.output_dir) / f"{method}.log", "w", encoding="utf-8") as log:
+        subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+    minutes = (time.perf_counter() - start) / 60
+    metrics = final_results(output_dir)
+    return {
+        "method": name, "supervision": supervision, "wall_minutes": round(minutes, 1),
+        **{key: round(metrics[f"segm/{key}"], 1) for key in ("AP", "AP50", "AP75")},
+        "box_AP": round(metrics["bbox/AP"], 1), "command": " ".join(command),
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    upper = next((r["AP"] for r in rows if r["supervision"] == "masks"), None)
+    table = [[r["method"], r["supervision"], r["AP"], r["AP50"], r["AP75"], r["box_AP"],
+              f"{r['AP'] / upper:.2f}" if upper else "-", r["wall_minutes"]] for r in rows]
+    headers = ["method", "supervision", "mask AP", "AP50", "AP75", "box AP", "mask AP / CondInst", "minutes"]
+    return tabulate(table, headers=headers, tablefmt="github")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("dataset: a registered name, or a COCO json + image folder per split")
+    data.add_argument("--dataset", default="shapes", help="name with _train / _val splits (default: shapes)")
+    data.add_argument("--train-json")
+    data.add_argument("--train-images")
+    data.add_argument("--test-json")
+    data.add_argument("--test-images")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    parser.add_argument("--depth", type=int, default=18, choices=(18, 34, 50, 101), help="ResNet depth")
+    parser.add_argument("--weights", default="", help="MODEL.WEIGHTS (default: from scratch)")
+    parser.add_argument("--iters", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--min-size-train", type=int, nargs="+", help="shortest-edge sizes of training")
+    parser.add_argument("--min-size-test", type=int)
+    parser.add_argument("--max-size", type=int, help="longest-edge cap, training and test")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--device", default="auto", help="MODEL.DEVICE")
+    parser.add_argument("--num-gpus", type=int, default=1)
+    parser.add_argument("--output-dir", default="output/benchmark_accuracy")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    args = parser.parse_args(argv)
+    by_path = [args.train_json, args.train_images, args.test_json, args.test_images]
+    if any(by_path) and not all(by_path):
+        parser.error("a dataset by path needs --train-json, --train-images, --test-json and --test-images")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    common = dataset_overrides(args) + schedule_overrides(args)
+    rows = [run_method(method, args, common) for method in args.methods]
+    table = markdown(rows)
+    print(table)
+    with atomic_open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump({"settings": vars(args), "results": rows}, f, indent=2)
+    with atomic_open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
