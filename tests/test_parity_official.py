@@ -51,7 +51,8 @@ def test_parity_boxteacher_training_step(fixture, legacy):
     required = {"loss_mask", "loss_mask_affinity", "loss_prj", "loss_pairwise", "total loss", "num_pseudo_masks",
                 "assignment weights", "total gradient norm", "teacher parameters without gradient"}
     if legacy:
-        required |= {"student mask logits", "teacher ranking scores", "mask-branch BN statistics after the step",
+        required |= {"student mask logits", "teacher detection set (level, location, class)", "teacher ranking scores",
+                     "mask-branch BN statistics after the step",
                      "mask_head._iter after the step"}
     assert_within_tolerance(compare_training(fixture, legacy), required)
 

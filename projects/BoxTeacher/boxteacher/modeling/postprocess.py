@@ -46,7 +46,8 @@ def detections_to_output_frame(
     Returns:
         ``boxes`` (clipped to the output image; boxes that become empty are dropped),
         ``scores``, ``labels``, ``mask_probs`` (M', height, width) and ``masks`` (bool,
-        probability > ``mask_threshold``).
+        probability > ``mask_threshold``); ``fpn_levels`` and ``locations`` (input frame) of
+        the kept detections when ``detections`` has them.
     """
     h, w = input_size
     out_h, out_w = output_size
@@ -56,10 +57,12 @@ def detections_to_output_frame(
     boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=out_h)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     probs = upsample_mask_probs(mask_probs[keep], mask_stride, input_size, output_size)
+    origin = {k: detections[k][keep] for k in ("fpn_levels", "locations") if k in detections}
     return {
         "boxes": boxes[keep],
         "scores": detections["scores"][keep],
         "labels": detections["labels"][keep],
         "mask_probs": probs,
         "masks": probs > mask_threshold,
+        **origin,
     }

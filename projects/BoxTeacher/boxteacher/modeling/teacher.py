@@ -52,8 +52,9 @@ def teacher_outputs(
     settings: TeacherPass,
 ) -> list[dict[str, torch.Tensor]]:
     """Per image: ``boxes`` (M, 4) in the student frame, ``scores`` (M,) the mask-aware ranking
-    score, ``mask_scores`` (M,) the pseudo-mask weight, ``fcos_scores``, ``labels``, and
-    ``mask_probs`` (M, h, w) at the student's unpadded input size.
+    score, ``mask_scores`` (M,) the pseudo-mask weight, ``fcos_scores``, ``labels``,
+    ``mask_probs`` (M, h, w) at the student's unpadded input size, and the FCOS ``fpn_levels``
+    and ``locations`` (teacher input frame) of the detections when the detector gives them.
 
     detections: the detector's detections of the resized images (boxes in that frame,
     ``mask_probs`` at ``mask_stride`` over the padded batch); input_sizes: the resized sizes.
@@ -76,5 +77,6 @@ def teacher_outputs(
             "fcos_scores": frame["scores"],
             "labels": frame["labels"],
             "mask_probs": probs,
+            **{k: frame[k] for k in ("fpn_levels", "locations") if k in frame},
         })
     return outputs
