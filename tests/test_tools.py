@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,9 +33,20 @@ def test_benchmark_accuracy_trains_and_tabulates_the_three_methods(tmp_path):
     assert (tmp_path / "bench/results.md").read_text().startswith("| method")
 
 
-def test_benchmark_speed_runs_boxteacher():
+def test_benchmark_speed_compares_boxinst_and_boxteacher_with_a_breakdown(tmp_path):
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
     out = run_tool(
-        "benchmark_speed.py", "--config-file", "configs/quickstart/boxteacher_shapes.yaml", "--batch-size", "1",
-        "--short-side", "64", "--iters", "1", "MODEL.DEVICE", "cpu",
+        "benchmark_speed.py", "--config-file", "configs/quickstart/boxinst_shapes.yaml",
+        "configs/quickstart/boxteacher_shapes.yaml", "--batch-size", "2", "--short-side", "64", "--iters", "2",
+        "--with-data", "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", env=env,
     )
-    assert "| BoxTeacher" in out
+    table, breakdown = out.strip().split("\n\n")
+    assert "| BoxInst" in table and "| BoxTeacher" in table and "1.00x" in table
+    shares = {}
+    for line in breakdown.splitlines()[2:]:
+        model, part, share = (cell.strip() for cell in line.strip("|").split("|"))
+        shares.setdefault(model, {})[part] = float(share)
+    assert "teacher pass" in shares["BoxTeacher"] and "teacher pass" not in shares["BoxInst"]
+    for parts in shares.values():
+        assert {"backbone", "heads", "mask targets", "backward + optimizer"} <= set(parts)
+        assert sum(parts.values()) == pytest.approx(100, abs=1.0)

@@ -1,24 +1,41 @@
 #!/usr/bin/env python
-"""Training-step time, inference throughput and peak memory of a model, on synthetic batches
-(data loading excluded). Prints a markdown table.
+"""Training-step time, inference throughput and peak memory of one or more models at the same
+input size and batch, and where a training step spends its time. Prints markdown tables.
 
     python tools/benchmark_speed.py --config-file configs/CondInst/MS_R_50_1x.yaml \
-        --batch-size 2 --short-side 512 --iters 10 MODEL.DEVICE cpu
+        configs/BoxInst/MS_R_50_1x.yaml configs/coco/boxteacher_r50_1x.yaml \
+        --batch-size 2 --short-side 512 --iters 10 [--with-data] [--amp] MODEL.DEVICE cpu
+
+Training steps run on a fixed synthetic batch (data loading excluded); ``--with-data`` also
+times steps that read the config's training set through the real data loader (the input size
+is then the config's). ``--amp`` uses mixed precision (CUDA only). The breakdown times the
+forward parts of the network being trained (for BoxTeacher the student): backbone (ResNet +
+FPN), heads (FCOS head, mask branch, controller), mask targets (box masks, LAB colour
+similarity, pseudo-mask targets), mask head and mask losses, and for BoxTeacher the teacher
+pass; "backward + optimizer" includes BoxTeacher's EMA update. Peak memory is the CUDA
+allocator's peak, or on CPU the process's peak RSS (which only grows from one model to the next).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import resource
 import statistics
 import time
+from collections import defaultdict
+from typing import Callable, Iterator
 
 import torch
 from tabulate import tabulate
+from torch import nn
 
 from boxteacher.build import build_model
 from boxteacher.config import load_config
+from boxteacher.data.build import build_train_loader
+from boxteacher.data.builtin import register_builtin_datasets
 from boxteacher.engine.solver import build_optimizer
+from boxteacher.engine.train_loop import unwrap_model
 from boxteacher.modeling.ema import ema_update
 
 logger = logging.getLogger("boxteacher.benchmark_speed")
@@ -53,65 +70,161 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def timed(fn, iters: int, device: torch.device) -> list[float]:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], iters: int, device: torch.device) -> list[float]:
     times = []
     for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--short-side", type=int, default=512)
-    parser.add_argument("--iters", type=int, default=10, help="timed iterations (after 2 warm-up)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO)
+class PartTimer:
+    """Adds up the wall time of wrapped methods, by part name."""
 
-    cfg = load_config(args.config_file, args.opts)
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.enabled = False
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.seconds[name] += time.perf_counter() - start
+
+    def wrap(self, obj: object, method: str, name: str) -> None:
+        original = getattr(obj, method)
+
+        def wrapper(*args, **kwargs):
+            with self.part(name):
+                return original(*args, **kwargs)
+
+        setattr(obj, method, wrapper)
+
+
+def instrument(model: nn.Module, timer: PartTimer) -> None:
+    """Time the parts of the trained network's forward (the student of a teacher-student model).
+    ``heads`` is measured as run_heads and the backbone is subtracted from it afterwards."""
+    model = unwrap_model(model)
+    network = getattr(model, "student", model)
+    timer.wrap(network.backbone, "forward", "backbone")
+    timer.wrap(network, "run_heads", "backbone + heads")
+    timer.wrap(network, "mask_targets", "mask targets")
+    timer.wrap(network, "mask_losses", "mask head + mask losses")
+    if hasattr(model, "teacher"):
+        timer.wrap(model.teacher, "forward_teacher", "teacher pass")
+
+
+def breakdown(seconds: dict[str, float], step_seconds: float) -> dict[str, float]:
+    """Share of the step per part (teacher pass first, then the student's parts)."""
+    parts = dict(seconds)
+    parts["heads"] = parts.pop("backbone + heads", 0.0) - parts.get("backbone", 0.0)
+    parts["other (losses of FCOS, assignment, ...)"] = step_seconds - sum(parts.values())
+    order = ["teacher pass", "backbone", "heads", "mask targets", "mask head + mask losses",
+             "backward + optimizer", "other (losses of FCOS, assignment, ...)"]
+    return {name: parts[name] / step_seconds for name in order if name in parts}
+
+
+def model_name(cfg) -> str:
+    if cfg.MODEL.META_ARCHITECTURE == "CondInst" and cfg.MODEL.BOXINST.ENABLED:
+        return "BoxInst"
+    return cfg.MODEL.META_ARCHITECTURE
+
+
+def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
+    cfg = load_config(config_file, args.opts)
     model = build_model(cfg)
     device = next(model.parameters()).device
+    if args.amp and device.type != "cuda":
+        raise SystemExit("--amp needs a CUDA device (MODEL.DEVICE cuda)")
     optimizer = build_optimizer(cfg, model)
     height, width = args.short_side, args.short_side * 4 // 3
     generator = torch.Generator().manual_seed(0)
-    batch = synthetic_batch(args.batch_size, height, width, cfg.MODEL.FCOS.NUM_CLASSES, generator,
-                            student_view=cfg.MODEL.META_ARCHITECTURE == "BoxTeacher")
+    teacher_student = cfg.MODEL.META_ARCHITECTURE == "BoxTeacher"
+    batch = synthetic_batch(args.batch_size, height, width, cfg.MODEL.FCOS.NUM_CLASSES, generator, teacher_student)
+    timer = PartTimer(device)
+    instrument(model, timer)
 
-    def train_step():
-        if hasattr(model, "teacher"):  # BoxTeacher: the EMA update is part of every step
-            ema_update(model.teacher, model.student, 0.999)
-        losses = model(batch)
-        optimizer.zero_grad(set_to_none=True)
-        sum(v for k, v in losses.items() if k.startswith("loss")).backward()
-        optimizer.step()
+    def train_step(data: list[dict]) -> None:
+        with torch.autocast("cuda", enabled=args.amp) if device.type == "cuda" else contextlib.nullcontext():
+            losses = model(data)
+        with timer.part("backward + optimizer"):
+            optimizer.zero_grad(set_to_none=True)
+            sum(v for k, v in losses.items() if k.startswith("loss")).backward()
+            optimizer.step()
+            if teacher_student:  # the EMA update is part of every BoxTeacher step
+                ema_update(model.teacher, model.student, 0.999)
 
     model.train()
-    timed(train_step, 2, device)
-    train_times = timed(train_step, args.iters, device)
+    timed(lambda: train_step(batch), 2, device)
+    timer.enabled = True
+    train_times = timed(lambda: train_step(batch), args.iters, device)
+    timer.enabled = False
+    step = statistics.median(train_times)
+    shares = breakdown({k: v / args.iters for k, v in timer.seconds.items()}, sum(train_times) / args.iters)
+
+    with_data = "-"
+    if args.with_data:
+        data_cfg = cfg.clone()
+        data_cfg.defrost()
+        data_cfg.SOLVER.IMS_PER_BATCH = args.batch_size
+        loader = build_train_loader(data_cfg, seed=0)
+        next(loader)
+        with_data = f"{statistics.median(timed(lambda: train_step(next(loader)), args.iters, device)):.3f}"
+
     model.eval()
     images = [{k: v for k, v in x.items() if k not in ("instances", "aug_image")} for x in batch]
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cuda", enabled=args.amp) if device.type == "cuda" else contextlib.nullcontext():
         timed(lambda: model(images), 1, device)
         infer_times = timed(lambda: model(images), args.iters, device)
 
-    name = "BoxInst" if cfg.MODEL.META_ARCHITECTURE == "CondInst" and cfg.MODEL.BOXINST.ENABLED else cfg.MODEL.META_ARCHITECTURE
-    rows = [[
-        name, f"R-{cfg.MODEL.RESNETS.DEPTH}", str(device),
-        f"{args.batch_size} x {height}x{width}",
-        f"{statistics.median(train_times):.3f}",
-        f"{args.batch_size / statistics.median(infer_times):.2f}",
-        f"{peak_memory_mb(device):.0f}",
-    ]]
-    headers = ["model", "backbone", "device", "batch", "s / train iter (median)", "inference img / s", "peak memory (MB)"]
+    name = model_name(cfg)
+    row = [name, f"R-{cfg.MODEL.RESNETS.DEPTH}", str(device), "on" if args.amp else "off",
+           f"{args.batch_size} x {height}x{width}", f"{step:.3f}", with_data,
+           f"{args.batch_size / statistics.median(infer_times):.2f}", f"{peak_memory_mb(device):.0f}"]
+    share_rows = [[name, part, f"{100 * share:.1f}"] for part, share in shares.items()]
+    return row, share_rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", nargs="+", required=True, help="one or more configs, same settings")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--short-side", type=int, default=512)
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations (after 2 warm-up)")
+    parser.add_argument("--with-data", action="store_true", help="also time steps with the real data loader")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every config")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    register_builtin_datasets()
+
+    rows, share_rows = [], []
+    for config_file in args.config_file:
+        row, shares = benchmark(config_file, args)
+        rows.append(row)
+        share_rows += shares
+    step = {row[0]: float(row[5]) for row in rows}
+    for row in rows:
+        row.append(f"{step[row[0]] / step['BoxInst']:.2f}x" if "BoxInst" in step else "-")
+    headers = ["model", "backbone", "device", "AMP", "batch", "s / train iter (synthetic batch)",
+               "s / train iter (with data loading)", "inference img / s", "peak memory (MB)", "step vs BoxInst"]
     print(tabulate(rows, headers=headers, tablefmt="github"))
+    print()
+    print(tabulate(share_rows, headers=["model", "part of the training step", "share (%)"], tablefmt="github"))
 
 
 if __name__ == "__main__":
