@@ -1,8 +1,11 @@
 """BoxTeacher: EMA math and hook, pseudo-mask targets and losses, one training step, the views."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import box_iou
 
 from boxteacher.build import build_model
 from boxteacher.data.color_augment import perturb_colors
@@ -152,6 +155,37 @@ def test_one_training_step_has_finite_losses_and_no_teacher_gradient():
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
     assert model.teacher.training  # the teacher pass runs in train mode by default
+
+
+def test_the_teacher_drops_unassignable_detections_without_changing_the_training_step():
+    pruned = boxteacher("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.BOX_TEACHER.IOU_THR", "0.3")
+    full = boxteacher("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.BOX_TEACHER.IOU_THR", "0.3")
+    full.teacher.teacher_pass = dataclasses.replace(full.teacher.teacher_pass, candidate_iou=None)
+    assert pruned.teacher.teacher_pass.candidate_iou == 0.3
+    with torch.no_grad():  # boxes of about 16 x 16 pixels at stride 8 (a random head gives slivers)
+        pruned.teacher.proposal_generator.fcos_head.bbox_pred.bias.fill_(1.0)
+    full.load_state_dict(pruned.state_dict())
+    pruned.train()
+    full.train()
+    with torch.no_grad():
+        kept, every = pruned.teacher.forward_teacher(batch()), full.teacher.forward_teacher(batch())
+    for image, (k, e) in enumerate(zip(kept, every)):
+        gt = batch()[image]["instances"]["boxes"]
+        assignable = (box_iou(e["boxes"], gt) >= 0.3).any(dim=1)
+        assert 0 < int(assignable.sum()) < assignable.numel()
+        for key in ("boxes", "scores", "mask_scores", "labels", "mask_probs", "locations"):
+            assert torch.equal(k[key], e[key][assignable]), key
+    torch.manual_seed(0)
+    losses_pruned = pruned(batch())
+    torch.manual_seed(0)
+    losses_full = full(batch())
+    assert losses_full["num_pseudo_masks"].item() > 0
+    for name, value in losses_full.items():
+        assert torch.equal(losses_pruned[name], value), name
+
+
+def test_the_legacy_assignment_gets_every_teacher_detection():
+    assert boxteacher("MODEL.BOX_TEACHER.LEGACY_ASSIGNMENT", "True").teacher.teacher_pass.candidate_iou is None
 
 
 def test_pseudo_losses_are_zero_and_connected_when_no_box_is_matched():

@@ -179,6 +179,9 @@ def _boxteacher_network(cfg: CfgNode) -> PseudoMaskBoxInst:
             float_masks=t.RETURN_FLOAT_MASK,
             score_in_box=t.SCORE_IN_BOX,
             clip_masks_to_boxes=t.CLIP_MASKS_TO_BOXES,
+            # The released assignment treats the first detection specially, so the teacher
+            # keeps every detection for it.
+            candidate_iou=None if t.LEGACY_ASSIGNMENT else t.IOU_THR,
         ),
         **_boxinst_kwargs(cfg),
         **_condinst_kwargs(cfg),

@@ -265,14 +265,19 @@ class CondInst(nn.Module):
         sample, each image resized to the teacher's test size, with masks at the sample's own
         (student input) resolution. Runs in the module's current mode (BoxTeacher keeps the
         teacher in train mode by default: batch statistics in the mask branch) but always
-        post-processes as at test time. See ``teacher.teacher_outputs`` for the fields."""
+        post-processes as at test time. With ``teacher_pass.candidate_iou``, detections that
+        cannot be assigned to a ground-truth box of the sample are dropped before their masks
+        are upsampled. See ``teacher.teacher_outputs`` for the fields."""
         settings = self.teacher_pass
         images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         student_sizes = [tuple(im.shape[-2:]) for im in images]
         resized = [resize_to_test_size(im, settings.min_size, settings.max_size) for im in images]
         batch, sizes = batch_images(resized, self.backbone.size_divisibility)
         detections = self.detect(batch, settings.post_nms_topk)
-        return teacher_outputs(detections, sizes, student_sizes, self.mask_out_stride, settings)
+        gt_boxes = None
+        if all("instances" in x for x in batched_inputs):
+            gt_boxes = [x["instances"]["boxes"].to(self.device) for x in batched_inputs]
+        return teacher_outputs(detections, sizes, student_sizes, self.mask_out_stride, settings, gt_boxes)
 
     def detect(self, images: torch.Tensor, post_nms_topk: int | None = None) -> list[dict[str, torch.Tensor]]:
         """Detections per image of a padded batch with their stride-4 mask probabilities

@@ -29,6 +29,17 @@ def upsample_mask_probs(
     return probs[:, 0]
 
 
+def rescale_boxes(boxes: torch.Tensor, input_size: tuple[int, int], output_size: tuple[int, int]) -> torch.Tensor:
+    """(M, 4) XYXY boxes of an ``input_size`` (h, w) image -> the ``output_size`` frame,
+    clipped to the output image."""
+    h, w = input_size
+    out_h, out_w = output_size
+    boxes = boxes * boxes.new_tensor([out_w / w, out_h / h, out_w / w, out_h / h])
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=out_w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=out_h)
+    return boxes
+
+
 def detections_to_output_frame(
     detections: dict[str, torch.Tensor],
     mask_probs: torch.Tensor,
@@ -49,12 +60,7 @@ def detections_to_output_frame(
         probability > ``mask_threshold``); ``fpn_levels`` and ``locations`` (input frame) of
         the kept detections when ``detections`` has them.
     """
-    h, w = input_size
-    out_h, out_w = output_size
-    scale = detections["boxes"].new_tensor([out_w / w, out_h / h, out_w / w, out_h / h])
-    boxes = detections["boxes"] * scale
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=out_w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=out_h)
+    boxes = rescale_boxes(detections["boxes"], input_size, output_size)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     probs = upsample_mask_probs(mask_probs[keep], mask_stride, input_size, output_size)
     origin = {k: detections[k][keep] for k in ("fpn_levels", "locations") if k in detections}

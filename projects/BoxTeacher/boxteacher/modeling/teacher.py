@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_iou
 
 from .layers import resized_shape
-from .postprocess import detections_to_output_frame
+from .postprocess import detections_to_output_frame, rescale_boxes
 from .pseudo_labels import boxes_to_masks, mask_aware_scores, mean_foreground_probability
 
 
@@ -25,6 +26,10 @@ class TeacherPass:
     score_in_box: average the foreground probability only inside the predicted box (the
         paper's formula) instead of over the whole mask (the released code).
     clip_masks_to_boxes: zero the mask probabilities outside the predicted box before scoring.
+    candidate_iou: when set and the samples carry ground-truth ``instances``, only detections
+        whose box overlaps one of the ground-truth boxes with IoU >= candidate_iou are kept
+        (the others can never be assigned a box); their masks are never upsampled, which saves
+        most of the post-processing. The outputs of the kept detections do not change.
     """
 
     min_size: int = 800
@@ -34,6 +39,7 @@ class TeacherPass:
     float_masks: bool = False
     score_in_box: bool = False
     clip_masks_to_boxes: bool = False
+    candidate_iou: float | None = None
 
 
 def resize_to_test_size(image: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:
@@ -44,12 +50,30 @@ def resize_to_test_size(image: torch.Tensor, min_size: int, max_size: int) -> to
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
+def assignable_detections(
+    detections: dict[str, torch.Tensor],
+    input_size: tuple[int, int],
+    student_size: tuple[int, int],
+    gt_boxes: torch.Tensor,
+    iou_threshold: float,
+) -> dict[str, torch.Tensor]:
+    """The detections of one image (every field indexed by detection) whose box, in the student
+    frame, has IoU >= ``iou_threshold`` with one of ``gt_boxes`` (N, 4); order kept."""
+    boxes = rescale_boxes(detections["boxes"], input_size, student_size)
+    if gt_boxes.shape[0] == 0:
+        keep = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    else:
+        keep = (box_iou(boxes, gt_boxes.to(boxes)) >= iou_threshold).any(dim=1)
+    return {k: v[keep] for k, v in detections.items()}
+
+
 def teacher_outputs(
     detections: list[dict[str, torch.Tensor]],
     input_sizes: list[tuple[int, int]],
     student_sizes: list[tuple[int, int]],
     mask_stride: int,
     settings: TeacherPass,
+    gt_boxes: list[torch.Tensor] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Per image: ``boxes`` (M, 4) in the student frame, ``scores`` (M,) the mask-aware ranking
     score, ``mask_scores`` (M,) the pseudo-mask weight, ``fcos_scores``, ``labels``,
@@ -57,11 +81,14 @@ def teacher_outputs(
     and ``locations`` (teacher input frame) of the detections when the detector gives them.
 
     detections: the detector's detections of the resized images (boxes in that frame,
-    ``mask_probs`` at ``mask_stride`` over the padded batch); input_sizes: the resized sizes.
+    ``mask_probs`` at ``mask_stride`` over the padded batch); input_sizes: the resized sizes;
+    gt_boxes: per image (N, 4) in the student frame, for ``settings.candidate_iou``.
     """
     threshold = -1.0 if settings.float_masks else settings.mask_threshold
     outputs = []
-    for det, input_size, student_size in zip(detections, input_sizes, student_sizes):
+    for i, (det, input_size, student_size) in enumerate(zip(detections, input_sizes, student_sizes)):
+        if settings.candidate_iou is not None and gt_boxes is not None:
+            det = assignable_detections(det, input_size, student_size, gt_boxes[i], settings.candidate_iou)
         frame = detections_to_output_frame(
             det, det["mask_probs"], mask_stride, input_size, student_size, threshold
         )
