@@ -55,6 +55,8 @@ def test_ema_update_averages_parameters_only():
     assert mean_parameter_distance(teacher, student) > 0
     copy_student_to_teacher(teacher, student)
     assert teacher.bn.running_mean.tolist() == [7.0, 7.0] and mean_parameter_distance(teacher, student) == 0
+    teacher.bn.running_var.fill_(100.0)  # each network's own statistics: not a parameter distance
+    assert mean_parameter_distance(teacher, student) == 0
 
 
 def test_ema_of_a_teacher_in_eval_mode_also_averages_batchnorm_statistics():

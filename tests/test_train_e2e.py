@@ -76,10 +76,12 @@ def test_boxteacher_training_lowers_the_loss_evaluates_and_reads_every_config_ke
     trainer.resume_or_load(resume=False)
     results = trainer.train()
 
+    # The pseudo-mask losses rise from 0 during their warm-up, so the total falls less than
+    # the box terms (CPU threads make runs differ slightly).
     first, last = mean_losses(trainer, "total_loss")
-    assert last < 0.8 * first, (first, last)
-    first, last = mean_losses(trainer, "loss_prj")
     assert last < first, (first, last)
+    first, last = mean_losses(trainer, "loss_prj")
+    assert last < 0.8 * first, (first, last)
     assert set(results) == {"bbox", "segm"} and 0 <= results["segm"]["AP"] <= 100
     assert (tmp_path / "model_final.pth").is_file()
     lines = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]

@@ -132,6 +132,7 @@ def _condinst_kwargs(cfg: CfgNode) -> dict:
         max_proposals=c.MAX_PROPOSALS,
         topk_proposals_per_im=c.TOPK_PROPOSALS_PER_IM,
         mask_threshold=c.MASK_THRESHOLD,
+        teacher_pass=teacher_pass(cfg),
     )
 
 
@@ -155,6 +156,24 @@ def CondInst(cfg: CfgNode) -> meta_arch.CondInst:  # noqa: N802 (registered unde
     return meta_arch.BoxInst(**_boxinst_kwargs(cfg), **_condinst_kwargs(cfg))
 
 
+def teacher_pass(cfg: CfgNode) -> TeacherPass:
+    """How a network of ``cfg`` runs as a teacher (``forward_teacher``): BoxTeacher's teacher
+    pass, also used when a CondInst / BoxInst network labels boxes."""
+    t = cfg.MODEL.BOX_TEACHER
+    return TeacherPass(
+        min_size=cfg.INPUT.MIN_SIZE_TEST,
+        max_size=cfg.INPUT.MAX_SIZE_TEST,
+        mask_threshold=t.TEACHER_MASK_THRESHOLD,
+        post_nms_topk=cfg.MODEL.FCOS.POST_NMS_TOPK_TEST,
+        float_masks=t.RETURN_FLOAT_MASK,
+        score_in_box=t.SCORE_IN_BOX,
+        clip_masks_to_boxes=t.CLIP_MASKS_TO_BOXES,
+        # The released assignment treats the first detection specially, so the teacher
+        # keeps every detection for it.
+        candidate_iou=None if t.LEGACY_ASSIGNMENT else t.IOU_THR,
+    )
+
+
 def _boxteacher_network(cfg: CfgNode) -> PseudoMaskBoxInst:
     """One of BoxTeacher's two identical networks: BoxInst with pseudo-mask losses, FCOS
     positives around box centres, mask-aware scores, and the teacher-pass settings."""
@@ -171,18 +190,6 @@ def _boxteacher_network(cfg: CfgNode) -> PseudoMaskBoxInst:
         ),
         centers_from_box_masks=False,
         mask_aware_scores=True,
-        teacher_pass=TeacherPass(
-            min_size=cfg.INPUT.MIN_SIZE_TEST,
-            max_size=cfg.INPUT.MAX_SIZE_TEST,
-            mask_threshold=t.TEACHER_MASK_THRESHOLD,
-            post_nms_topk=cfg.MODEL.FCOS.POST_NMS_TOPK_TEST,
-            float_masks=t.RETURN_FLOAT_MASK,
-            score_in_box=t.SCORE_IN_BOX,
-            clip_masks_to_boxes=t.CLIP_MASKS_TO_BOXES,
-            # The released assignment treats the first detection specially, so the teacher
-            # keeps every detection for it.
-            candidate_iou=None if t.LEGACY_ASSIGNMENT else t.IOU_THR,
-        ),
         **_boxinst_kwargs(cfg),
         **_condinst_kwargs(cfg),
     )

@@ -19,7 +19,7 @@ from torch import nn
 from .losses import dice_loss
 from .meta_arch import BoxInst
 from .pairwise import overlap, pairwise_loss
-from .pseudo_labels import assign_detections_to_boxes
+from .pseudo_labels import pseudo_masks_for_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -214,24 +214,12 @@ class BoxTeacher(nn.Module):
         """A copy of ``sample`` whose instances carry ``pseudo_masks`` (N, h, w) at the input
         resolution (all zero for a box no detection matched) and ``pseudo_weights`` (N,)."""
         instances = {k: v.to(self.device) for k, v in sample["instances"].items()}
-        boxes = instances["boxes"]
-        matched = assign_detections_to_boxes(
-            prediction["boxes"], prediction["scores"], boxes,
-            self.iou_threshold, self.score_threshold, self.legacy_assignment,
+        labels = pseudo_masks_for_boxes(
+            prediction, instances["boxes"], self.iou_threshold, self.score_threshold,
+            self.legacy_assignment, self.pseudo_mask_threshold,
         )
-        has_match = matched >= 0
-        probs = prediction["mask_probs"]
-        if probs.shape[0] == 0:
-            probs = probs.new_zeros((1, *probs.shape[1:]))
-            scores = probs.new_zeros(1)
-        else:
-            scores = prediction["mask_scores"]
-        chosen = probs[matched.clamp(min=0)]
-        if self.pseudo_mask_threshold is not None:
-            chosen = chosen > self.pseudo_mask_threshold
-        pseudo = chosen * has_match[:, None, None]
-        weights = torch.where(has_match, scores[matched.clamp(min=0)], scores.new_zeros(()))
-        return {**sample, "instances": {**instances, "pseudo_masks": pseudo, "pseudo_weights": weights}}
+        pseudo = {"pseudo_masks": labels["masks"], "pseudo_weights": labels["weights"]}
+        return {**sample, "instances": {**instances, **pseudo}}
 
     # Weights of a single network (ImageNet backbones, CondInst / BoxInst checkpoints) load into
     # the student; see ``engine.checkpoint.load_model_weights``.

@@ -60,10 +60,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, norm_sta
 
 @torch.no_grad()
 def mean_parameter_distance(teacher: nn.Module, student: nn.Module) -> float:
-    """Mean over state tensors of the L2 distance between teacher and student."""
-    t, s = teacher.state_dict(), student.state_dict()
-    floats = [k for k in t if t[k].is_floating_point()]
-    if not floats:
+    """Mean over parameter tensors of the L2 distance between teacher and student (buffers such
+    as BatchNorm statistics, which each network keeps for itself in train mode, are left out)."""
+    pairs = list(zip(teacher.parameters(), student.parameters()))
+    if not pairs:
         return 0.0
-    norms = torch._foreach_norm([t[k] - s[k] for k in floats])
+    norms = torch._foreach_norm([t.detach() - s.detach() for t, s in pairs])
     return float(torch.stack(norms).mean())

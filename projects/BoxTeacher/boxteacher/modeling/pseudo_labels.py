@@ -89,6 +89,42 @@ def assign_detections_to_boxes(
     return matched
 
 
+def pseudo_masks_for_boxes(
+    prediction: dict[str, torch.Tensor],
+    gt_boxes: torch.Tensor,
+    iou_threshold: float = 0.5,
+    score_threshold: float = 0.0,
+    legacy_first_detection_bug: bool = False,
+    mask_threshold: float | None = 0.5,
+) -> dict[str, torch.Tensor]:
+    """The pseudo mask and weight of every ground-truth box of one image.
+
+    prediction: a teacher's detections (``boxes`` (M, 4), ranking ``scores`` (M,), pseudo-mask
+        weights ``mask_scores`` (M,), ``mask_probs`` (M, h, w)); gt_boxes: (N, 4) XYXY in the
+        same frame. The detections are assigned to the boxes by ``assign_detections_to_boxes``.
+    Returns ``masks`` (N, h, w): the assigned detection's probabilities binarised at
+    ``mask_threshold`` (bool; kept as probabilities when it is None), zero for a box without a
+    detection; ``weights`` (N,): its ``mask_scores``, 0 without; ``assigned`` (N,) int64: the
+    detection index, -1 without.
+    """
+    probs = prediction["mask_probs"]
+    assigned = assign_detections_to_boxes(
+        prediction["boxes"], prediction["scores"], gt_boxes.to(probs.device),
+        iou_threshold, score_threshold, legacy_first_detection_bug,
+    )
+    has_match = assigned >= 0
+    weights = prediction["mask_scores"]
+    if probs.shape[0] == 0:
+        probs, weights = probs.new_zeros((1, *probs.shape[1:])), probs.new_zeros(1)
+    index = assigned.clamp(min=0)
+    chosen = probs[index] if mask_threshold is None else probs[index] > mask_threshold
+    return {
+        "masks": chosen * has_match[:, None, None],
+        "weights": torch.where(has_match, weights[index], weights.new_zeros(())),
+        "assigned": assigned,
+    }
+
+
 def _best_available(iou: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
     """Per row, the column of highest IoU among the available ones (the last on ties), or -1."""
     num_cols = iou.shape[1]
