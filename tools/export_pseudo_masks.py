@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Label the boxes of a COCO json with the masks of a trained teacher.
+
+    python tools/export_pseudo_masks.py --config-file C --json boxes.json --images DIR --output out.json \
+        [--score-threshold 0.0] [--box-fallback] [--batch-size 1] [KEY VALUE ...]
+
+The model of the config (with ``MODEL.WEIGHTS``) labels every non-crowd box: a BoxTeacher model
+with its teacher, a CondInst / BoxInst model with the network itself, through
+``forward_teacher``. Each image is read with OpenCV at its original resolution, the network
+resizes it to ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, and every box gets the mask of the
+detection that training's box-based assignment gives it (``MODEL.BOX_TEACHER.IOU_THR``,
+``SCORE_THR``, detections ranked by the mask-aware score), binarised at
+``MODEL.BOX_TEACHER.TEACHER_MASK_THRESHOLD``. The network runs in eval mode (running BN
+statistics, as at evaluation). ``--batch-size N`` runs N images at a time, images of one size
+together; images of different sizes are padded to a common size, which changes the detections a
+little (as in any batched inference), so the default is 1.
+
+``out.json`` is the input with, in every non-crowd annotation, ``pseudo_mask_score`` (the
+pseudo-mask weight of training), ``pseudo_mask_matched`` and, when matched, ``segmentation`` (RLE).
+A box is unmatched when no detection is assigned to it, its mask is empty or its score is below
+``--score-threshold``: its ``segmentation`` is then left out, or with ``--box-fallback`` is the
+mask of the box. The input's masks are never shown to the network. An image that cannot be read
+is reported with a warning and its boxes are unmatched; 10 such images in a row stop the export.
+
+Printed and written to ``out.report.json``: the fraction of matched boxes and, where the input
+has masks, the mean mask IoU of the exported masks with them, overall and per category.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from boxteacher.build import build_model
+from boxteacher.config import CfgNode, load_config
+from boxteacher.data.coco import load_coco_json
+from boxteacher.engine.checkpoint import Checkpointer, atomic_open
+from boxteacher.evaluation.pseudo_mask_iou import pseudo_mask_report, report_table
+from boxteacher.pseudo_export import ExportSettings, PseudoMaskExporter
+from boxteacher.utils.logger import setup_logger
+
+logger = logging.getLogger("boxteacher.export_pseudo_masks")
+
+
+def export_settings(cfg: CfgNode, args: argparse.Namespace) -> ExportSettings:
+    t = cfg.MODEL.BOX_TEACHER
+    return ExportSettings(
+        iou_threshold=t.IOU_THR,
+        ranking_score_threshold=t.SCORE_THR,
+        legacy_assignment=t.LEGACY_ASSIGNMENT,
+        mask_threshold=t.TEACHER_MASK_THRESHOLD,
+        min_score=args.score_threshold,
+        box_fallback=args.box_fallback,
+        image_format=cfg.INPUT.FORMAT,
+    )
+
+
+def report_path(output: str) -> str:
+    """``out.json`` -> ``out.report.json``, next to it."""
+    return os.path.splitext(output)[0] + ".report.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--json", required=True, help="COCO instances json whose boxes are labelled")
+    parser.add_argument("--images", required=True, help="folder of its images (file_name is relative to it)")
+    parser.add_argument("--output", required=True, help="COCO json to write")
+    parser.add_argument("--score-threshold", type=float, default=0.0,
+                        help="boxes whose pseudo-mask score is below this are unmatched (default 0)")
+    parser.add_argument("--box-fallback", action="store_true", help="unmatched boxes get the mask of their box")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS")
+    args = parser.parse_args(argv)
+    if os.path.realpath(args.output) == os.path.realpath(args.json):
+        parser.error("--output must differ from --json (the input is kept as it is)")
+    if not os.path.isdir(args.images):
+        parser.error(f"--images '{args.images}' is not a folder")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logger()
+    cfg = load_config(args.config_file, args.opts)
+    if not cfg.MODEL.WEIGHTS:
+        raise SystemExit("No weights: add MODEL.WEIGHTS path/to/model_final.pth to the command line.")
+    load_coco_json(args.json, args.images)  # errors name the file and the bad entry
+    with open(args.json, "rb") as f:
+        data = json.load(f)
+
+    model = build_model(cfg)
+    Checkpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
+    network = getattr(model, "teacher", model).eval()  # a BoxTeacher labels with its teacher
+    result = PseudoMaskExporter(network, export_settings(cfg, args)).export(data, args.images, args.batch_size)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with atomic_open(args.output, "w") as f:
+        json.dump(result.data, f)
+
+    report = {
+        "json": args.json, "output": args.output, "weights": cfg.MODEL.WEIGHTS,
+        "score_threshold": args.score_threshold, "box_fallback": args.box_fallback,
+        "unreadable_images": result.unreadable_images,
+        **pseudo_mask_report(data, result.data),
+    }
+    with atomic_open(report_path(args.output), "w") as f:
+        json.dump(report, f, indent=2)
+    print(report_table(report))
+    print(f"Wrote {args.output} ({report['matched']} of {report['boxes']} boxes matched, "
+          f"{len(result.unreadable_images)} unreadable images) and {report_path(args.output)}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
