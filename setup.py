@@ -23,6 +23,7 @@ setup(
         "pillow",
         "tensorboard",
         "tabulate",
+        "matplotlib",
     ],
     extras_require={"dev": ["pytest>=7"]},
 )

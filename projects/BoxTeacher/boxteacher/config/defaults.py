@@ -294,5 +294,9 @@ _C.TEST.EVAL_PERIOD = 0
 _C.OUTPUT_DIR = "./output"
 # Random seed; negative = drawn at random (and saved in checkpoints so that resuming repeats it).
 _C.SEED = -1
+# Every this many iterations (0 = never), a picture of the first image of the batch just trained
+# on goes to TensorBoard and OUTPUT_DIR/vis/iter_XXXXXXX.png: the ground-truth boxes and the
+# predicted masks, and for BoxTeacher the teacher's pseudo masks (engine/visualization.py).
+_C.VIS_PERIOD = 0
 # cuDNN benchmark mode (faster for fixed input sizes, not deterministic).
 _C.CUDNN_BENCHMARK = False

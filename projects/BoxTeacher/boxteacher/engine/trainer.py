@@ -22,6 +22,7 @@ from .defaults import create_ddp_model, resolve_data_seed
 from .events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from .solver import build_grad_clipper, build_lr_scheduler, build_optimizer
 from .train_loop import SimpleTrainer, unwrap_model
+from .visualization import TrainingVisualizer
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class Trainer(SimpleTrainer):
         )
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.last_results: dict[str, Any] = {}
+        # The batch of the last step, for the hooks that look at it (TrainingVisualizer).
+        self.last_batch: Any = None
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume: bool = True) -> None:
@@ -121,11 +124,20 @@ class Trainer(SimpleTrainer):
             hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD),
             hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self.test),
         ]
+        if cfg.VIS_PERIOD > 0:
+            # Before the writers, so that they write the pictures of the same iteration.
+            result.append(TrainingVisualizer(
+                cfg.VIS_PERIOD, cfg.OUTPUT_DIR, get_train_metadata(cfg).thing_classes, cfg.INPUT.FORMAT
+            ))
         if comm.is_main_process():
             result.append(hooks.PeriodicWriter(self.build_writers(), period=20))
         if hasattr(unwrap_model(self.model), "teacher"):
             result.append(hooks.EMAHook(ema_max_momentum(cfg), norm_stats=cfg.MODEL.BOX_TEACHER.TEACHER_EVAL))
         return result
+
+    def _next_batch(self) -> Any:
+        self.last_batch = super()._next_batch()
+        return self.last_batch
 
     def build_writers(self) -> list:
         return [
