@@ -50,3 +50,14 @@ def test_benchmark_speed_compares_boxinst_and_boxteacher_with_a_breakdown(tmp_pa
     for parts in shares.values():
         assert {"backbone", "heads", "mask targets", "backward + optimizer"} <= set(parts)
         assert sum(parts.values()) == pytest.approx(100, abs=1.0)
+
+
+def test_benchmark_teacher_postprocess_keeps_the_assignable_detections():
+    out = run_tool(
+        "benchmark_teacher_postprocess.py", "--teacher-size", "64", "96", "--student-size", "48", "64",
+        "--detections", "20", "--boxes", "3", "--near-fraction", "0.5", "--repeats", "1",
+    )
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "ms per" not in line]
+    masks = {name.strip(): float(count) for name, count, *_ in rows}
+    assert masks["every detection (release)"] == 20
+    assert 10 <= masks["assignable detections only"] < 20  # the jittered copies of the boxes, maybe a few more
