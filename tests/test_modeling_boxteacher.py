@@ -160,6 +160,7 @@ def test_one_training_step_has_finite_losses_and_no_teacher_gradient():
 
 
 def test_the_teacher_drops_unassignable_detections_without_changing_the_training_step():
+    torch.manual_seed(0)
     pruned = boxteacher("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.BOX_TEACHER.IOU_THR", "0.3")
     full = boxteacher("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.BOX_TEACHER.IOU_THR", "0.3")
     full.teacher.teacher_pass = dataclasses.replace(full.teacher.teacher_pass, candidate_iou=None)
@@ -175,15 +176,18 @@ def test_the_teacher_drops_unassignable_detections_without_changing_the_training
         gt = batch()[image]["instances"]["boxes"]
         assignable = (box_iou(e["boxes"], gt) >= 0.3).any(dim=1)
         assert 0 < int(assignable.sum()) < assignable.numel()
-        for key in ("boxes", "scores", "mask_scores", "labels", "mask_probs", "locations"):
+        for key in ("boxes", "labels", "locations"):
             assert torch.equal(k[key], e[key][assignable]), key
+        # The mask head runs on fewer detections: equal up to float rounding.
+        for key in ("scores", "mask_scores", "mask_probs"):
+            torch.testing.assert_close(k[key], e[key][assignable], rtol=1e-5, atol=1e-6)
     torch.manual_seed(0)
     losses_pruned = pruned(batch())
     torch.manual_seed(0)
     losses_full = full(batch())
     assert losses_full["num_pseudo_masks"].item() > 0
     for name, value in losses_full.items():
-        assert torch.equal(losses_pruned[name], value), name
+        torch.testing.assert_close(losses_pruned[name], value, rtol=1e-5, atol=1e-7)
 
 
 def test_the_legacy_assignment_gets_every_teacher_detection():

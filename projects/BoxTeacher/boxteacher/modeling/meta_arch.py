@@ -43,7 +43,7 @@ from .losses import dice_loss
 from .pairwise import neighbour_offsets, pairwise_loss
 from .postprocess import detections_to_output_frame
 from .pseudo_labels import mask_aware_scores, mean_foreground_probability
-from .teacher import TeacherPass, resize_to_test_size, teacher_outputs
+from .teacher import TeacherPass, assignable_detections, resize_to_test_size, teacher_outputs
 
 
 class CondInst(nn.Module):
@@ -266,28 +266,44 @@ class CondInst(nn.Module):
         (student input) resolution. Runs in the module's current mode (BoxTeacher keeps the
         teacher in train mode by default: batch statistics in the mask branch) but always
         post-processes as at test time. With ``teacher_pass.candidate_iou``, detections that
-        cannot be assigned to a ground-truth box of the sample are dropped before their masks
-        are upsampled. See ``teacher.teacher_outputs`` for the fields."""
+        cannot be assigned to a ground-truth box of the sample are dropped before the mask head
+        runs. See ``teacher.teacher_outputs`` for the fields."""
         settings = self.teacher_pass
         images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         student_sizes = [tuple(im.shape[-2:]) for im in images]
         resized = [resize_to_test_size(im, settings.min_size, settings.max_size) for im in images]
         batch, sizes = batch_images(resized, self.backbone.size_divisibility)
-        detections = self.detect(batch, settings.post_nms_topk)
-        gt_boxes = None
-        if all("instances" in x for x in batched_inputs):
-            gt_boxes = [x["instances"]["boxes"].to(self.device) for x in batched_inputs]
-        return teacher_outputs(detections, sizes, student_sizes, self.mask_out_stride, settings, gt_boxes)
+        mask_feats, detections = self.detect_boxes(batch, settings.post_nms_topk)
+        if settings.candidate_iou is not None and all("instances" in x for x in batched_inputs):
+            detections = [
+                assignable_detections(det, size, student_size, x["instances"]["boxes"].to(self.device), settings.candidate_iou)
+                for det, size, student_size, x in zip(detections, sizes, student_sizes, batched_inputs)
+            ]
+        detections = self.with_mask_probs(mask_feats, detections)
+        return teacher_outputs(detections, sizes, student_sizes, self.mask_out_stride, settings)
 
     def detect(self, images: torch.Tensor, post_nms_topk: int | None = None) -> list[dict[str, torch.Tensor]]:
         """Detections per image of a padded batch with their stride-4 mask probabilities
         (``mask_probs``: (M, 1, H/4, W/4)) in the network input frame."""
+        return self.with_mask_probs(*self.detect_boxes(images, post_nms_topk))
+
+    def detect_boxes(
+        self, images: torch.Tensor, post_nms_topk: int | None = None
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """The mask features (B, C, H/8, W/8) of a padded batch and its FCOS detections per image
+        (boxes, scores, labels, levels, locations and controller outputs ``top_feat``)."""
         mask_feats, outputs, top_feats, locations = self.run_heads(images)
-        detections = self.proposal_generator.predict(outputs, locations, top_feats, post_nms_topk)
+        return mask_feats, self.proposal_generator.predict(outputs, locations, top_feats, post_nms_topk)
+
+    def with_mask_probs(
+        self, mask_feats: torch.Tensor, detections: list[dict[str, torch.Tensor]]
+    ) -> list[dict[str, torch.Tensor]]:
+        """The detections, each with the stride-4 mask probabilities of the dynamic mask head
+        (``mask_probs``: (M, 1, H/4, W/4))."""
         counts = [d["scores"].numel() for d in detections]
         merged = {k: torch.cat([d[k] for d in detections]) for k in detections[0]}
         merged["im_inds"] = torch.repeat_interleave(
-            torch.arange(len(counts), device=images.device), torch.tensor(counts, device=images.device)
+            torch.arange(len(counts), device=mask_feats.device), torch.tensor(counts, device=mask_feats.device)
         )
         probs = self.mask_logits(mask_feats, merged, "top_feat").sigmoid()
         return [dict(d, mask_probs=p) for d, p in zip(detections, probs.split(counts))]

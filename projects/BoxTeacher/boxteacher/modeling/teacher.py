@@ -28,8 +28,8 @@ class TeacherPass:
     clip_masks_to_boxes: zero the mask probabilities outside the predicted box before scoring.
     candidate_iou: when set and the samples carry ground-truth ``instances``, only detections
         whose box overlaps one of the ground-truth boxes with IoU >= candidate_iou are kept
-        (the others can never be assigned a box); their masks are never upsampled, which saves
-        most of the post-processing. The outputs of the kept detections do not change.
+        (the others can never be assigned a box): the mask head and the post-processing run for
+        fewer detections, and the outputs of the kept detections do not change.
     """
 
     min_size: int = 800
@@ -73,7 +73,6 @@ def teacher_outputs(
     student_sizes: list[tuple[int, int]],
     mask_stride: int,
     settings: TeacherPass,
-    gt_boxes: list[torch.Tensor] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Per image: ``boxes`` (M, 4) in the student frame, ``scores`` (M,) the mask-aware ranking
     score, ``mask_scores`` (M,) the pseudo-mask weight, ``fcos_scores``, ``labels``,
@@ -81,14 +80,11 @@ def teacher_outputs(
     and ``locations`` (teacher input frame) of the detections when the detector gives them.
 
     detections: the detector's detections of the resized images (boxes in that frame,
-    ``mask_probs`` at ``mask_stride`` over the padded batch); input_sizes: the resized sizes;
-    gt_boxes: per image (N, 4) in the student frame, for ``settings.candidate_iou``.
+    ``mask_probs`` at ``mask_stride`` over the padded batch); input_sizes: the resized sizes.
     """
     threshold = -1.0 if settings.float_masks else settings.mask_threshold
     outputs = []
-    for i, (det, input_size, student_size) in enumerate(zip(detections, input_sizes, student_sizes)):
-        if settings.candidate_iou is not None and gt_boxes is not None:
-            det = assignable_detections(det, input_size, student_size, gt_boxes[i], settings.candidate_iou)
+    for det, input_size, student_size in zip(detections, input_sizes, student_sizes):
         frame = detections_to_output_frame(
             det, det["mask_probs"], mask_stride, input_size, student_size, threshold
         )
