@@ -190,6 +190,19 @@ def test_the_teacher_drops_unassignable_detections_without_changing_the_training
         torch.testing.assert_close(losses_pruned[name], value, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("test_size, batch_shape", [("True", (64, 96)), ("False", (64, 64))])
+def test_the_teacher_sees_the_test_size_or_the_student_size(test_size, batch_shape):
+    model = boxteacher("MODEL.BOX_TEACHER.TEACHER_TEST_SIZE", test_size)  # test size 64; images 64x64, 48x64
+    seen = []
+    detect_boxes = model.teacher.detect_boxes
+    model.teacher.detect_boxes = lambda images, *args: seen.append(tuple(images.shape[-2:])) or detect_boxes(images, *args)
+    model.train()
+    with torch.no_grad():
+        outputs = model.teacher.forward_teacher(batch())
+    assert seen == [batch_shape]  # 48x64 -> 64x85 at the test size, padded to multiples of 32
+    assert [tuple(o["mask_probs"].shape[-2:]) for o in outputs] == [(64, 64), (48, 64)]
+
+
 def test_the_legacy_assignment_gets_every_teacher_detection():
     assert boxteacher("MODEL.BOX_TEACHER.LEGACY_ASSIGNMENT", "True").teacher.teacher_pass.candidate_iou is None
 

@@ -161,8 +161,8 @@ def teacher_pass(cfg: CfgNode) -> TeacherPass:
     pass, also used when a CondInst / BoxInst network labels boxes."""
     t = cfg.MODEL.BOX_TEACHER
     return TeacherPass(
-        min_size=cfg.INPUT.MIN_SIZE_TEST,
-        max_size=cfg.INPUT.MAX_SIZE_TEST,
+        min_size=cfg.INPUT.MIN_SIZE_TEST if t.TEACHER_TEST_SIZE else None,
+        max_size=cfg.INPUT.MAX_SIZE_TEST if t.TEACHER_TEST_SIZE else None,
         mask_threshold=t.TEACHER_MASK_THRESHOLD,
         post_nms_topk=cfg.MODEL.FCOS.POST_NMS_TOPK_TEST,
         float_masks=t.RETURN_FLOAT_MASK,

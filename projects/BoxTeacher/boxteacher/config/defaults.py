@@ -193,6 +193,10 @@ _C.MODEL.BOX_TEACHER.TEACHER_MASK_THRESHOLD = 0.5
 _C.MODEL.BOX_TEACHER.SCORE_IN_BOX = False
 # Zero the teacher's mask probabilities outside its predicted box before scoring.
 _C.MODEL.BOX_TEACHER.CLIP_MASKS_TO_BOXES = False
+# The teacher sees every image resized to the test size (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST),
+# as the original does; False: at the student's training size, which costs less when training
+# sizes are below the test size (not in the original).
+_C.MODEL.BOX_TEACHER.TEACHER_TEST_SIZE = True
 
 # ---------------------------------------------------------------------------------------
 # Input

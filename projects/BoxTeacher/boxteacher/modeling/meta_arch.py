@@ -262,10 +262,10 @@ class CondInst(nn.Module):
     @torch.no_grad()
     def forward_teacher(self, batched_inputs: list[dict]) -> list[dict[str, torch.Tensor]]:
         """The teacher protocol of BoxTeacher: detections of the clean view ``image`` of every
-        sample, each image resized to the teacher's test size, with masks at the sample's own
-        (student input) resolution. Runs in the module's current mode (BoxTeacher keeps the
-        teacher in train mode by default: batch statistics in the mask branch) but always
-        post-processes as at test time. With ``teacher_pass.candidate_iou``, detections that
+        sample, each image resized to the teacher's test size (``teacher_pass.min_size``; None:
+        as it is), with masks at the sample's own (student input) resolution. Runs in the
+        module's current mode (BoxTeacher keeps the teacher in train mode by default: batch
+        statistics in the mask branch) but always post-processes as at test time. With ``teacher_pass.candidate_iou``, detections that
         cannot be assigned to a ground-truth box of the sample are dropped before the mask head
         runs. See ``teacher.teacher_outputs`` for the fields."""
         settings = self.teacher_pass

@@ -18,7 +18,8 @@ class TeacherPass:
     """How a detector runs as a teacher.
 
     min_size, max_size: every image is resized to this test size (shortest edge, longest
-        edge cap) before the teacher sees it, whatever the student's training scale.
+        edge cap) before the teacher sees it, whatever the student's training scale; None:
+        the teacher sees the student's input size.
     mask_threshold: foreground threshold of the teacher's masks and of the mask-aware score.
     post_nms_topk: detections kept per image.
     float_masks: return the mask probabilities as pseudo masks (the original's
@@ -32,8 +33,8 @@ class TeacherPass:
         fewer detections, and the outputs of the kept detections do not change.
     """
 
-    min_size: int = 800
-    max_size: int = 1333
+    min_size: int | None = 800
+    max_size: int | None = 1333
     mask_threshold: float = 0.5
     post_nms_topk: int = 100
     float_masks: bool = False
@@ -42,8 +43,10 @@ class TeacherPass:
     candidate_iou: float | None = None
 
 
-def resize_to_test_size(image: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:
-    """Bilinearly resize a (C, h, w) float image by the shortest-edge rule."""
+def resize_to_test_size(image: torch.Tensor, min_size: int | None, max_size: int | None) -> torch.Tensor:
+    """Bilinearly resize a (C, h, w) float image by the shortest-edge rule (None: unchanged)."""
+    if min_size is None:
+        return image
     size = resized_shape(image.shape[-2], image.shape[-1], min_size, max_size)
     if tuple(image.shape[-2:]) == size:
         return image
