@@ -1,6 +1,7 @@
 """The picture helpers (``boxteacher.utils.visualizer``) and ``tools/demo.py`` on tiny models."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +233,29 @@ def test_demo_reports_config_overrides_given_as_inputs_and_missing_weights(tmp_p
     config_file, _, _ = write_tiny_setup(tmp_path)
     with pytest.raises(SystemExit, match="MODEL.WEIGHTS is empty"):
         demo.main(["--config-file", str(config_file), "--input", "a.jpg", "--output", str(tmp_path / "o")])
+
+
+def test_demo_runs_on_the_checkpoint_of_a_short_training_run(tmp_path):
+    """train_net.py trains the tiny model for 2 iterations on the built-in shapes set; the demo
+    loads its model_final.pth (a full training checkpoint) and draws with the dataset's names."""
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
+    cfg = tiny_cfg(*TINY_DEMO, "DATASETS.TRAIN", "('shapes_train',)", "SOLVER.MAX_ITER", "2",
+                   "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+                   "OUTPUT_DIR", str(tmp_path / "run"))
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(cfg.dump())
+    train = subprocess.run([sys.executable, str(REPO / "train_net.py"), "--config-file", str(config_file),
+                            "DATASETS.TEST", "()"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert train.returncode == 0, train.stderr[-3000:]
+    images = write_images(tmp_path / "images")
+    out_dir = tmp_path / "out"
+    demo = subprocess.run(
+        [sys.executable, str(REPO / "tools/demo.py"), "--config-file", str(config_file), "--input",
+         str(tmp_path / "images"), "--output", str(out_dir), "--confidence-threshold", "0",
+         "MODEL.WEIGHTS", str(tmp_path / "run/model_final.pth")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-3000:]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["first.png", "results.json", "second.png"]
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results and {r["category_id"] for r in results} <= {1, 3, 7}  # the shapes json ids
