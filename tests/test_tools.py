@@ -33,6 +33,19 @@ def test_benchmark_accuracy_trains_and_tabulates_the_three_methods(tmp_path):
     assert (tmp_path / "bench/results.md").read_text().startswith("| method")
 
 
+def test_benchmark_accuracy_with_a_fraction_of_the_masks(tmp_path):
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
+    out = run_tool(
+        "benchmark_accuracy.py", "--methods", "boxinst", "--mask-fraction", "0.5", "--iters", "2", "--batch", "2",
+        "--device", "cpu", "--min-size-train", "64", "--min-size-test", "64", "--output-dir", tmp_path / "bench",
+        "DATALOADER.NUM_WORKERS", "0", env=env,
+    )
+    assert "| BoxInst" in out and "boxes + 50% masks" in out
+    result = json.loads((tmp_path / "bench/results.json").read_text())["results"][0]
+    assert "MODEL.BOXINST.GT_MASKS fraction MODEL.BOXINST.GT_MASK_FRACTION 0.5" in result["command"]
+    assert (tmp_path / "bench/boxinst/mask_image_ids.json").is_file()
+
+
 def test_benchmark_speed_compares_boxinst_and_boxteacher_with_a_breakdown(tmp_path):
     env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
     out = run_tool(

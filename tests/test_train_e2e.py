@@ -2,7 +2,6 @@
 repeats an uninterrupted run exactly, two CPU processes train together (gloo), the command
 line trains and evaluates, and every config key is read somewhere."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +11,12 @@ import torch
 
 from boxteacher.config import load_config
 from boxteacher.config.defaults import _C
-from boxteacher.data.builtin import register_builtin_datasets
 from boxteacher.data.catalog import get_dataset_records
 from boxteacher.engine import default_argument_parser, default_setup
 from boxteacher.engine.hooks import HookBase
 from boxteacher.engine.trainer import Trainer
 from boxteacher.utils.env import seed_all_rng
-from tiny_models import RECORDED_READS, RecordingCfgNode, leaf_keys
+from tiny_models import RECORDED_READS, RecordingCfgNode, builtin_datasets_under, leaf_keys
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs/quickstart/condinst_shapes.yaml")
@@ -30,16 +28,8 @@ SMALL_RUN = ["MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_P
 @pytest.fixture(scope="module", autouse=True)
 def datasets_root(tmp_path_factory):
     """Built-in datasets (shapes) under a temporary root, also for child processes."""
-    root = str(tmp_path_factory.mktemp("datasets"))
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = root
-    register_builtin_datasets(root)
-    yield root
-    if old is None:
-        del os.environ["DETECTRON2_DATASETS"]
-    else:
-        os.environ["DETECTRON2_DATASETS"] = old
-    register_builtin_datasets()
+    with builtin_datasets_under(str(tmp_path_factory.mktemp("datasets"))) as root:
+        yield root
 
 
 def make_trainer(opts, config=QUICKSTART):

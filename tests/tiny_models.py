@@ -1,9 +1,14 @@
 """Tiny configs and inputs for fast model tests (not a test module)."""
 from __future__ import annotations
 
+import contextlib
+import os
+from typing import Iterator
+
 import torch
 
 from boxteacher.config import CfgNode, get_cfg
+from boxteacher.data.builtin import register_builtin_datasets
 
 TINY_MODEL_OVERRIDES = [
     "MODEL.DEVICE", "cpu",
@@ -19,6 +24,23 @@ TINY_MODEL_OVERRIDES = [
     "MODEL.CONDINST.MASK_BRANCH.CHANNELS", "16",
     "MODEL.CONDINST.MASK_BRANCH.NUM_CONVS", "1",
 ]
+
+
+@contextlib.contextmanager
+def builtin_datasets_under(root: str) -> Iterator[str]:
+    """The built-in datasets (shapes) registered under ``root``, also for child processes
+    (``DETECTRON2_DATASETS``); the previous root is restored on exit."""
+    old = os.environ.get("DETECTRON2_DATASETS")
+    os.environ["DETECTRON2_DATASETS"] = root
+    register_builtin_datasets(root)
+    try:
+        yield root
+    finally:
+        if old is None:
+            del os.environ["DETECTRON2_DATASETS"]
+        else:
+            os.environ["DETECTRON2_DATASETS"] = old
+        register_builtin_datasets()
 
 
 def tiny_cfg(*overrides: str):

@@ -12,6 +12,7 @@ from fvcore.common.registry import Registry
 from torch import nn
 
 from .config import CfgNode
+from .config.supervision import gt_mask_mode
 from .modeling import boxteacher, meta_arch
 from .modeling.backbone import FPNBackbone, ResNet
 from .modeling.boxteacher import PseudoMaskBoxInst, PseudoMaskLosses
@@ -145,6 +146,8 @@ def _boxinst_kwargs(cfg: CfgNode) -> dict:
         pairwise_color_thresh=b.PAIRWISE.COLOR_THRESH,
         pairwise_warmup_iters=b.PAIRWISE.WARMUP_ITERS,
         input_format=cfg.INPUT.FORMAT,
+        mixed_supervision=gt_mask_mode(cfg) != "ignore",
+        box_terms_on_masked=b.BOX_TERMS_ON_MASKED,
     )
 
 
@@ -152,6 +155,7 @@ def _boxinst_kwargs(cfg: CfgNode) -> dict:
 def CondInst(cfg: CfgNode) -> meta_arch.CondInst:  # noqa: N802 (registered under its config name)
     """CondInst from ``MODEL.*``; BoxInst (box supervision) when ``MODEL.BOXINST.ENABLED``."""
     if not cfg.MODEL.BOXINST.ENABLED:
+        gt_mask_mode(cfg)  # CondInst is mask-supervised: a mixed mode is an error
         return meta_arch.CondInst(**_condinst_kwargs(cfg))
     return meta_arch.BoxInst(**_boxinst_kwargs(cfg), **_condinst_kwargs(cfg))
 

@@ -129,7 +129,8 @@ _C.MODEL.CONDINST.MASK_BRANCH.NUM_CONVS = 4
 # BoxInst (AdelaiDet): CondInst trained from boxes only
 # ---------------------------------------------------------------------------------------
 _C.MODEL.BOXINST = CN()
-# Box supervision: projection and colour-pairwise mask losses; annotation masks are not read.
+# Box supervision: projection and colour-pairwise mask losses; annotation masks are not read
+# (unless GT_MASKS says so).
 _C.MODEL.BOXINST.ENABLED = False
 # Rows at the bottom of every image, in original-image pixels, left out of the pairwise term.
 _C.MODEL.BOXINST.BOTTOM_PIXELS_REMOVED = 10
@@ -142,6 +143,17 @@ _C.MODEL.BOXINST.PAIRWISE.DILATION = 2
 _C.MODEL.BOXINST.PAIRWISE.WARMUP_ITERS = 10000
 # Neighbours whose LAB colour similarity is at least this must take the same label.
 _C.MODEL.BOXINST.PAIRWISE.COLOR_THRESH = 0.3
+
+# Mixed supervision (BoxInst and BoxTeacher): which instances also learn from their annotation
+# mask. "ignore": none (pure box supervision); "present": every instance whose annotation has a
+# non-empty segmentation; "fraction": those of a seeded random GT_MASK_FRACTION of the training
+# images that have masks (the others' segmentations are dropped; the kept image ids are saved to
+# OUTPUT_DIR/mask_image_ids.json). Masked positives get CondInst's Dice loss (loss_gt_mask).
+_C.MODEL.BOXINST.GT_MASKS = "ignore"
+# With GT_MASKS "fraction": the share of the training images with masks that keep them, in [0, 1].
+_C.MODEL.BOXINST.GT_MASK_FRACTION = 1.0
+# Also apply the box terms (loss_prj, loss_pairwise) to instances supervised by their mask.
+_C.MODEL.BOXINST.BOX_TERMS_ON_MASKED = False
 
 # ---------------------------------------------------------------------------------------
 # BoxTeacher (MODEL.META_ARCHITECTURE "BoxTeacher"; key names of the original release)

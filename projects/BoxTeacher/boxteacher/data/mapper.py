@@ -7,7 +7,8 @@ Output of ``DatasetMapper(record, rng)``::
      "aug_image" (training with a student view): the same image with perturbed colours only,
      "instances" (training only): {"boxes": float32 [N, 4] XYXY absolute in the resized frame,
                                    "labels": int64 [N] (0..K-1),
-                                   "masks": bool [N, H, W] (only if with_masks)}}
+                                   "masks": bool [N, H, W] (only if with_masks),
+                                   "has_mask": bool [N] (only if masks_optional)}}
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import cv2
 import numpy as np
 import torch
 
+from ..config.supervision import gt_mask_mode, is_box_supervised
 from .catalog import get_metadata
 from .coco import segmentation_to_mask
 from .color_augment import AUG_TYPES, perturb_colors
@@ -39,6 +41,10 @@ class DatasetMapper:
     ``aug_image`` (or, without ``student_aug_separate``, the perturbed view replaces ``image``).
     All randomness comes from the ``rng`` argument, so a record and a generator state give one
     output. The record is not modified.
+
+    With ``with_masks`` every instance needs a segmentation; with ``masks_optional`` too
+    (mixed supervision), an instance without one gets an all-False mask row (no mask is made
+    from its box) and ``has_mask`` tells which rows hold a non-empty annotation mask.
     """
 
     def __init__(
@@ -51,6 +57,7 @@ class DatasetMapper:
         hflip: bool = True,
         image_format: str = "BGR",
         with_masks: bool = True,
+        masks_optional: bool = False,
         flip_class_map: dict[int, int] | None = None,
         student_aug: str = "none",
         student_aug_separate: bool = True,
@@ -67,7 +74,10 @@ class DatasetMapper:
         self.size_sampling = size_sampling
         self.hflip = hflip and is_train
         self.image_format = image_format
+        if masks_optional and not with_masks:
+            raise ValueError("masks_optional needs with_masks: optional masks are still masks.")
         self.with_masks = with_masks
+        self.masks_optional = masks_optional
         self.flip_class_map = dict(flip_class_map or {})
         if student_aug not in AUG_TYPES:
             raise ValueError(f"Unknown INPUT.AUG_TYPE '{student_aug}'; expected one of {AUG_TYPES}.")
@@ -91,6 +101,7 @@ class DatasetMapper:
                                  "dataset to look the class names up in.")
             thing_classes = get_metadata(names[0]).thing_classes if names else []
             flip_class_map = build_flip_class_map(cfg.DATASETS.FLIP_CLASS_PAIRS, thing_classes)
+        mixed = gt_mask_mode(cfg) != "ignore"
         return cls(
             True,
             min_sizes=tuple(cfg.INPUT.MIN_SIZE_TRAIN),
@@ -98,7 +109,8 @@ class DatasetMapper:
             size_sampling=cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
             hflip=cfg.INPUT.HFLIP_TRAIN,
             image_format=cfg.INPUT.FORMAT,
-            with_masks=not cfg.MODEL.BOXINST.ENABLED and cfg.MODEL.META_ARCHITECTURE != "BoxTeacher",
+            with_masks=not is_box_supervised(cfg) or mixed,
+            masks_optional=mixed,
             flip_class_map=flip_class_map,
             # The student view exists for BoxTeacher's student only.
             student_aug=cfg.INPUT.AUG_TYPE if cfg.MODEL.META_ARCHITECTURE == "BoxTeacher" else "none",
@@ -163,7 +175,7 @@ class DatasetMapper:
 
     def _instances(self, record: dict, transform: ResizeFlip) -> dict[str, torch.Tensor]:
         indexed = [(i, a) for i, a in enumerate(record["annotations"]) if not a.get("iscrowd", 0)]
-        if self.with_masks:
+        if self.with_masks and not self.masks_optional:
             for i, ann in indexed:
                 if "segmentation" not in ann:
                     raise ValueError(
@@ -184,9 +196,15 @@ class DatasetMapper:
             "labels": torch.from_numpy(labels[keep]),
         }
         if self.with_masks:
-            masks = [_transformed_mask(record, *indexed[k], transform) for k in keep]
+            masks = [
+                _transformed_mask(record, *indexed[k], transform) if indexed[k][1].get("segmentation")
+                else np.zeros((new_h, new_w), dtype=bool)
+                for k in keep
+            ]
             stacked = np.stack(masks) if masks else np.zeros((0, new_h, new_w), dtype=bool)
             instances["masks"] = torch.from_numpy(np.ascontiguousarray(stacked))
+            if self.masks_optional:
+                instances["has_mask"] = instances["masks"].flatten(1).any(dim=1)
         return instances
 
 

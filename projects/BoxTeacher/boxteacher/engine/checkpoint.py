@@ -11,10 +11,9 @@ holding only tensors and plain python values, so ``torch.load(weights_only=True)
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from typing import IO, Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from fvcore.common.checkpoint import Checkpointer as _FvcoreCheckpointer
@@ -26,6 +25,7 @@ from torch import nn
 
 from ..utils import comm
 from ..utils.env import get_rng_state, set_rng_state
+from ..utils.io import atomic_open
 from .train_loop import unwrap_model
 from .weight_files import CheckpointError, read_model_weights
 
@@ -37,44 +37,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open ``path + ".tmp"`` for writing; on success it replaces ``path`` atomically.
-
-    The data is flushed and fsync-ed before ``os.replace``, so a crash leaves either the old
-    file or the complete new one under ``path``, never a truncated file. On an exception the
-    temporary file is removed and the exception propagates.
-    """
-    if "w" not in mode:
-        raise ValueError(f"atomic_open writes files; got mode '{mode}'.")
-    tmp_path = path + ".tmp"
-    try:
-        with open(tmp_path, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp_path)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make the rename durable (POSIX); not possible on every platform or file system."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -84,7 +84,8 @@ class PseudoMaskBoxInst(BoxInst):
     (weighted Dice with the box-constrained pseudo mask, binarised unless ``mask_threshold`` is
     None), the noise-reduced affinity loss ``loss_mask_affinity`` (the pairwise term on
     neighbour pairs the smoothed pseudo mask puts on the same side), optionally ``loss_avg``,
-    and the metric ``num_pseudo_masks``.
+    and the metric ``num_pseudo_masks``. In mixed supervision (see ``BoxInst``) the metric
+    ``num_teacher_masks`` also counts the instances whose pseudo mask comes from the teacher.
 
     Args:
         pseudo_losses: their settings.
@@ -117,16 +118,27 @@ class PseudoMaskBoxInst(BoxInst):
     def mask_losses(self, mask_feats, sampled, targets) -> dict[str, torch.Tensor]:
         if "pseudo_masks" not in targets:
             return super().mask_losses(mask_feats, sampled, targets)
-        names = self.LOSS_NAMES + ("loss_mask", "loss_mask_affinity") + (
+        names = self.loss_names() + ("loss_mask", "loss_mask_affinity") + (
             ("loss_avg",) if self.pseudo_losses.avg_loss_weight > 0 else ()
         )
         if sampled["gt_inds"].numel() == 0:
             zero = self.zero_loss(mask_feats, sampled)
-            return {name: zero.clone() for name in names} | {"num_pseudo_masks": zero.detach()}
-        logits = self.mask_logits(mask_feats, sampled, "top_feats")
-        losses = self.box_losses(logits, sampled, targets)
-        losses.update(self.pseudo_mask_losses(logits, sampled, targets))
-        return losses
+            losses = {name: zero.clone() for name in names} | {"num_pseudo_masks": zero.detach()}
+        else:
+            logits = self.mask_logits(mask_feats, sampled, "top_feats")
+            losses = self.box_and_mask_losses(logits, sampled, targets)
+            losses.update(self.pseudo_mask_losses(logits, sampled, targets))
+        return losses | self.supervision_counts(targets)
+
+    def supervision_counts(self, targets: dict) -> dict[str, torch.Tensor]:
+        """BoxInst's counts, the instances without an annotation mask split into those with a
+        teacher mask (``num_teacher_masks``) and those with boxes alone (``num_box_only``)."""
+        counts = super().supervision_counts(targets)
+        if counts and "pseudo_weights" in targets:
+            teacher = (targets["pseudo_weights"] > 0) & ~targets["has_mask"]
+            counts["num_teacher_masks"] = teacher.sum().float()
+            counts["num_box_only"] = counts["num_box_only"] - counts["num_teacher_masks"]
+        return counts
 
     def pseudo_mask_losses(self, logits, sampled, targets) -> dict[str, torch.Tensor]:
         settings = self.pseudo_losses
@@ -212,14 +224,25 @@ class BoxTeacher(nn.Module):
 
     def with_pseudo_masks(self, sample: dict, prediction: dict[str, torch.Tensor]) -> dict:
         """A copy of ``sample`` whose instances carry ``pseudo_masks`` (N, h, w) at the input
-        resolution (all zero for a box no detection matched) and ``pseudo_weights`` (N,)."""
+        resolution (all zero for a box no detection matched) and ``pseudo_weights`` (N,).
+
+        In mixed supervision (instances with ``has_mask`` (N,) and ``masks`` (N, h, w)), the
+        teacher's detections are assigned to the box-only instances alone; a masked instance's
+        pseudo mask is its annotation mask, with weight 1."""
         instances = {k: v.to(self.device) for k, v in sample["instances"].items()}
+        has_mask = instances.get("has_mask", torch.zeros_like(instances["labels"], dtype=torch.bool))
         labels = pseudo_masks_for_boxes(
-            prediction, instances["boxes"], self.iou_threshold, self.score_threshold,
+            prediction, instances["boxes"][~has_mask], self.iou_threshold, self.score_threshold,
             self.legacy_assignment, self.pseudo_mask_threshold,
         )
-        pseudo = {"pseudo_masks": labels["masks"], "pseudo_weights": labels["weights"]}
-        return {**sample, "instances": {**instances, **pseudo}}
+        if not bool(has_mask.any()):
+            pseudo = {"pseudo_masks": labels["masks"], "pseudo_weights": labels["weights"]}
+            return {**sample, "instances": {**instances, **pseudo}}
+        masks = instances["masks"].to(labels["masks"].dtype, copy=True)
+        masks[~has_mask] = labels["masks"]
+        weights = has_mask.to(labels["weights"].dtype)
+        weights[~has_mask] = labels["weights"]
+        return {**sample, "instances": {**instances, "pseudo_masks": masks, "pseudo_weights": weights}}
 
     # Weights of a single network (ImageNet backbones, CondInst / BoxInst checkpoints) load into
     # the student; see ``engine.checkpoint.load_model_weights``.

@@ -16,6 +16,15 @@ def dice_loss(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1e-5) -> 
     return 1.0 - 2.0 * intersection / union
 
 
+def masked_dice_loss(probs: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Mean ``dice_loss`` over the ``selected`` (K,) bool rows of probs (K, ...) and targets
+    (K, ...) (same number of elements per row); with no row selected, a zero that is still
+    connected to ``probs`` (gradient 0)."""
+    if not bool(selected.any()):
+        return probs.sum() * 0
+    return dice_loss(probs[selected], targets[selected]).mean()
+
+
 def ltrb_iou_and_giou(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """IoU and generalised IoU of boxes given as (l, t, r, b) distances from a common point.
 

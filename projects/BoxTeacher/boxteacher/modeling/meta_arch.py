@@ -8,13 +8,15 @@ Input: a list with one dict per image:
 * ``height``, ``width``: the original image size (inference results are returned at it);
 * ``image_id`` (optional, for evaluation);
 * ``instances`` (training): ``{"boxes": float32 (N, 4) XYXY absolute in the resized frame,
-  "labels": int64 (N,) in 0..K-1, "masks": bool (N, H, W) (mask supervision only)}``.
+  "labels": int64 (N,) in 0..K-1, "masks": bool (N, H, W) (mask supervision only),
+  "has_mask": bool (N,) (mixed supervision: which rows of ``masks`` are annotation masks)}``.
 
 Training output: ``dict[str, Tensor]`` of 0-dim losses, already weighted, named as AdelaiDet
 names them (``loss_fcos_cls``, ``loss_fcos_loc``, ``loss_fcos_ctr``, and ``loss_mask`` for
-CondInst or ``loss_prj``, ``loss_pairwise`` for BoxInst, which never reads ``masks``). The engine
-sums the keys that start with "loss"; any other key is a metric it only logs. A batch without
-objects gives zero losses that are still connected to the graph.
+CondInst or ``loss_prj``, ``loss_pairwise`` for BoxInst, which reads ``masks`` only in mixed
+supervision, adding ``loss_gt_mask``). The engine sums the keys that start with "loss"; any
+other key is a metric it only logs. A batch without objects gives zero losses that are still
+connected to the graph.
 
 Inference output: one dict per image, ``{"instances": {"boxes": (M, 4) XYXY, "scores": (M,),
 "labels": (M,), "masks": bool (M, height, width)}}`` in the original frame.
@@ -39,7 +41,7 @@ from .condinst import DynamicMaskHead, MaskBranch, sample_top_per_object
 from .fcos import FCOS, HeadOutputs
 from .fcos_targets import mask_centers
 from .layers import aligned_bilinear, batch_images
-from .losses import dice_loss
+from .losses import dice_loss, masked_dice_loss
 from .pairwise import neighbour_offsets, pairwise_loss
 from .postprocess import detections_to_output_frame
 from .pseudo_labels import mask_aware_scores, mean_foreground_probability
@@ -182,6 +184,7 @@ class CondInst(nn.Module):
                 "boxes": torch.zeros((0, 4), device=self.device),
                 "labels": torch.zeros((0,), dtype=torch.int64, device=self.device),
                 "masks": torch.zeros((0, h, w), dtype=torch.bool, device=self.device),
+                "has_mask": torch.zeros((0,), dtype=torch.bool, device=self.device),
             }
         return {k: v.to(self.device) for k, v in instances.items()}
 
@@ -315,8 +318,14 @@ class BoxInst(CondInst):
     The mask losses are the projection term (``loss_prj``) and the colour-pairwise term
     (``loss_pairwise``, warmed up linearly over ``pairwise_warmup_iters`` training iterations).
     Their targets (box masks, colour similarity of the unnormalised input ``image``) are built
-    before the heads run; annotation masks are never read. FCOS positives are sampled around
+    before the heads run; annotation masks are not read. FCOS positives are sampled around
     the centres of the box masks, as in AdelaiDet.
+
+    Mixed supervision (``mixed_supervision``): instances carry ``masks`` and ``has_mask``; the
+    sampled positives of masked instances get CondInst's Dice loss with their mask
+    (``loss_gt_mask``, the mean over them), the box terms cover the other positives only (all of
+    them with ``box_terms_on_masked``), and the metrics ``num_gt_masks`` / ``num_box_only``
+    count the batch's instances with and without an annotation mask.
 
     Args:
         bottom_pixels_removed: rows at the bottom of every image, in original-image pixels,
@@ -327,6 +336,8 @@ class BoxInst(CondInst):
         input_format: channel order of ``image`` ("BGR" or "RGB").
         centers_from_box_masks: sample FCOS positives around the centres of the box masks
             (AdelaiDet's BoxInst) instead of the box centres (BoxTeacher's student).
+        mixed_supervision: learn from the annotation masks of the instances that have one.
+        box_terms_on_masked: in mixed supervision, apply the box terms to masked instances too.
         **kwargs: the arguments of ``CondInst``.
     """
 
@@ -340,10 +351,14 @@ class BoxInst(CondInst):
         pairwise_warmup_iters: int = 10000,
         input_format: str = "BGR",
         centers_from_box_masks: bool = True,
+        mixed_supervision: bool = False,
+        box_terms_on_masked: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.centers_from_box_masks = centers_from_box_masks
+        self.mixed_supervision = mixed_supervision
+        self.box_terms_on_masked = box_terms_on_masked
         self.bottom_pixels_removed = bottom_pixels_removed
         self.pairwise_offsets = neighbour_offsets(pairwise_size, pairwise_dilation)
         self.pairwise_color_thresh = pairwise_color_thresh
@@ -360,7 +375,8 @@ class BoxInst(CondInst):
         """Box masks of all images at the mask output stride (``box_masks``: (N_total, H/s, W/s)),
         per-image neighbour weights 1[colour similarity >= threshold] (``pair_weights``:
         (B, len(offsets), H/s, W/s) bool), the valid pixels (``valid``: (B, H/s, W/s)) and the
-        centres FCOS samples positives around (``centers``)."""
+        centres FCOS samples positives around (``centers``). In mixed supervision also the
+        annotation masks (``gt_masks``: (N_total, H/s, W/s)) and ``has_mask`` (N_total,) bool."""
         s = self.mask_out_stride
         raw, _ = batch_images([x["image"].to(self.device) for x in batched_inputs], self.backbone.size_divisibility)
         valid = valid_pixels_at_stride(
@@ -368,23 +384,73 @@ class BoxInst(CondInst):
             padded_size, s, self.bottom_pixels_removed, self.device,
         )
         similarity = color_similarity(downsampled_lab(raw, s, self.rgb_channels), valid, self.pairwise_offsets)
-        return {
+        targets = {
             "box_masks": torch.cat([box_masks_at_stride(g["boxes"], padded_size, s) for g in gt]),
             "pair_weights": similarity >= self.pairwise_color_thresh,
             "valid": valid,
             "centers": [box_mask_centers(g["boxes"], padded_size) if self.centers_from_box_masks else None for g in gt],
         }
+        if self.mixed_supervision:
+            targets.update(self._annotation_mask_targets(gt, padded_size))
+        return targets
+
+    def _annotation_mask_targets(self, gt: list[dict[str, torch.Tensor]], padded_size: tuple[int, int]) -> dict:
+        """``gt_masks`` (N_total, H/s, W/s) at the mask output stride and ``has_mask`` (N_total,)."""
+        missing = [i for i, g in enumerate(gt) if not {"masks", "has_mask"} <= g.keys()]
+        if missing:
+            raise ValueError(
+                f"Mixed supervision (MODEL.BOXINST.GT_MASKS) needs instances 'masks' and 'has_mask', "
+                f"which images {missing} of the batch lack."
+            )
+        return {
+            "gt_masks": torch.cat([self._masks_at_output_stride(g["masks"], padded_size) for g in gt]),
+            "has_mask": torch.cat([g["has_mask"] for g in gt]),
+        }
 
     LOSS_NAMES = ("loss_prj", "loss_pairwise")
+
+    def loss_names(self) -> tuple[str, ...]:
+        """The losses of ``box_and_mask_losses``."""
+        return self.LOSS_NAMES + (("loss_gt_mask",) if self.mixed_supervision else ())
 
     def mask_losses(
         self, mask_feats: torch.Tensor, sampled: dict[str, torch.Tensor], targets: dict
     ) -> dict[str, torch.Tensor]:
         if sampled["gt_inds"].numel() == 0:
             zero = self.zero_loss(mask_feats, sampled)
-            return {name: zero.clone() for name in self.LOSS_NAMES}
-        logits = self.mask_logits(mask_feats, sampled, "top_feats")
-        return self.box_losses(logits, sampled, targets)
+            losses = {name: zero.clone() for name in self.loss_names()}
+        else:
+            logits = self.mask_logits(mask_feats, sampled, "top_feats")
+            losses = self.box_and_mask_losses(logits, sampled, targets)
+        return losses | self.supervision_counts(targets)
+
+    def supervision_counts(self, targets: dict) -> dict[str, torch.Tensor]:
+        """Mixed supervision's metrics: the batch's instances with an annotation mask
+        (``num_gt_masks``) and without (``num_box_only``); none otherwise."""
+        if not self.mixed_supervision:
+            return {}
+        has_mask = targets["has_mask"]
+        return {"num_gt_masks": has_mask.sum().float(), "num_box_only": (~has_mask).sum().float()}
+
+    def box_and_mask_losses(
+        self, logits: torch.Tensor, sampled: dict[str, torch.Tensor], targets: dict
+    ) -> dict[str, torch.Tensor]:
+        """The box terms of K sampled positives' mask logits (K, 1, H/s, W/s) and, in mixed
+        supervision, ``loss_gt_mask`` of the masked ones, the box terms then covering the
+        box-only ones (unless ``box_terms_on_masked``). A term without positives is a zero
+        connected to ``logits``."""
+        if not self.mixed_supervision:
+            return self.box_losses(logits, sampled, targets)
+        masked = targets["has_mask"][sampled["gt_inds"]]
+        if self.box_terms_on_masked:
+            losses = self.box_losses(logits, sampled, targets)
+        elif bool(masked.all()):
+            losses = {name: logits.sum() * 0 for name in self.LOSS_NAMES}
+        else:
+            box_only = ~masked
+            losses = self.box_losses(logits[box_only], {k: v[box_only] for k, v in sampled.items()}, targets)
+        losses["loss_gt_mask"] = masked_dice_loss(logits.sigmoid(), targets["gt_masks"][sampled["gt_inds"]], masked)
+        return losses
 
     def box_losses(
         self, logits: torch.Tensor, sampled: dict[str, torch.Tensor], targets: dict

@@ -1,8 +1,8 @@
 """Pictures of instance predictions: mask fill and outline, box, "label score" tag (numpy/OpenCV).
 
 Every function takes and returns RGB ``uint8`` images of shape (H, W, 3) and never modifies its
-inputs. The module imports neither torch nor the rest of the package, so a training hook, a demo
-or a notebook can use it alike.
+inputs. The module imports no torch (only numpy, OpenCV and ``utils.io``), so a training hook, a
+demo or a notebook can use it alike.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+
+from .io import atomic_open
 
 __all__ = ["draw_instances", "instance_colors", "save_png", "side_by_side"]
 
@@ -125,14 +127,8 @@ def save_png(path: str, image_rgb: np.ndarray) -> None:
     if not ok:
         raise OSError(f"OpenCV could not encode the picture for {path}.")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp_path = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp_path, "wb") as f:
-            f.write(encoded.tobytes())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
+    with atomic_open(path, "wb") as f:
+        f.write(encoded.tobytes())
 
 
 def _check_image(image: np.ndarray, name: str) -> None:
