@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import CfgNode
 from .config.supervision import gt_mask_mode
-from .modeling import boxteacher, meta_arch
+from .modeling import boxinst_model, boxteacher, meta_arch
 from .modeling.backbone import FPNBackbone, ResNet
 from .modeling.boxteacher import PseudoMaskBoxInst, PseudoMaskLosses
 from .modeling.condinst import DynamicMaskHead, MaskBranch
@@ -157,7 +157,7 @@ def CondInst(cfg: CfgNode) -> meta_arch.CondInst:  # noqa: N802 (registered unde
     if not cfg.MODEL.BOXINST.ENABLED:
         gt_mask_mode(cfg)  # CondInst is mask-supervised: a mixed mode is an error
         return meta_arch.CondInst(**_condinst_kwargs(cfg))
-    return meta_arch.BoxInst(**_boxinst_kwargs(cfg), **_condinst_kwargs(cfg))
+    return boxinst_model.BoxInst(**_boxinst_kwargs(cfg), **_condinst_kwargs(cfg))
 
 
 def teacher_pass(cfg: CfgNode) -> TeacherPass:

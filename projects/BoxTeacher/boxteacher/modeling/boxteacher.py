@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .losses import dice_loss
-from .meta_arch import BoxInst
+from .boxinst_model import BoxInst
 from .pairwise import overlap, pairwise_loss
 from .pseudo_labels import pseudo_masks_for_boxes
 
