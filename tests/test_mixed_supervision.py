@@ -17,6 +17,7 @@ from boxteacher.data import DatasetMapper
 from boxteacher.data.catalog import get_dataset_records
 from boxteacher.data.mask_subset import keep_masks_of, restrict_masks_to_fraction, select_mask_images
 from boxteacher.engine.trainer import Trainer
+from boxteacher.modeling.losses import dice_loss
 from boxteacher.utils.env import seed_all_rng
 from tiny_models import builtin_datasets_under, sample, tiny_cfg
 
@@ -196,6 +197,33 @@ def test_a_batch_of_box_only_or_of_masked_instances_trains(arch, masked):
     student = model.student if arch == "boxteacher" else model
     assert all(p.grad is not None for p in student.controller.parameters())
     assert student.mask_branch.parameters().__next__().grad.abs().sum() > 0
+
+
+def test_each_group_of_positives_weighs_its_share():
+    torch.manual_seed(0)
+    model = mixed_model("boxinst")
+    model.train()
+    seen = {}
+    mask_losses = model.mask_losses
+
+    def spy(mask_feats, sampled, targets):
+        seen.update(mask_feats=mask_feats, sampled=sampled, targets=targets)
+        return mask_losses(mask_feats, sampled, targets)
+
+    model.mask_losses = spy
+    losses = model(two_images([True, False], [False]))  # one masked instance of three
+    sampled, targets = seen["sampled"], seen["targets"]
+    masked = targets["has_mask"][sampled["gt_inds"]]
+    assert 0 < int(masked.sum()) < masked.numel()
+    probs = model.mask_logits(seen["mask_feats"], sampled, "top_feats").sigmoid()
+    gt_masks = targets["gt_masks"][sampled["gt_inds"]]
+    box_masks = targets["box_masks"][sampled["gt_inds"]].unsqueeze(1)
+    per_positive_dice = dice_loss(probs[masked], gt_masks[masked])
+    per_positive_projection = sum(
+        dice_loss(probs[~masked].amax(dim=d), box_masks[~masked].amax(dim=d)) for d in (2, 3))
+    # sums over each group divided by all positives: each positive weighs as in CondInst / BoxInst
+    torch.testing.assert_close(losses["loss_gt_mask"], per_positive_dice.sum() / masked.numel())
+    torch.testing.assert_close(losses["loss_prj"], per_positive_projection.sum() / masked.numel())
 
 
 def test_box_terms_on_masked_instances_when_asked():

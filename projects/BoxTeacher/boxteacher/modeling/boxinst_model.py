@@ -145,18 +145,27 @@ class BoxInst(CondInst):
         """The box terms of K sampled positives' mask logits (K, 1, H/s, W/s) and, in mixed
         supervision, ``loss_gt_mask`` of the masked ones, the box terms then covering the
         box-only ones (unless ``box_terms_on_masked``). A term without positives is a zero
-        connected to ``logits``."""
+        connected to ``logits``.
+
+        Every positive weighs what it weighs in its pure method: a term over a group of the
+        positives is the group's mean scaled by the group's share of the K positives (with every
+        positive masked, ``loss_gt_mask`` is CondInst's ``loss_mask``; with none, the box terms
+        are BoxInst's). A plain mean over a few masked positives would give each of them the
+        weight of the whole batch."""
         if not self.mixed_supervision:
             return self.box_losses(logits, sampled, targets)
         masked = targets["has_mask"][sampled["gt_inds"]]
+        masked_share = masked.to(logits.dtype).mean()
         if self.box_terms_on_masked:
             losses = self.box_losses(logits, sampled, targets)
         elif bool(masked.all()):
             losses = {name: logits.sum() * 0 for name in self.LOSS_NAMES}
         else:
             box_only = ~masked
-            losses = self.box_losses(logits[box_only], {k: v[box_only] for k, v in sampled.items()}, targets)
-        losses["loss_gt_mask"] = masked_dice_loss(logits.sigmoid(), targets["gt_masks"][sampled["gt_inds"]], masked)
+            subset = self.box_losses(logits[box_only], {k: v[box_only] for k, v in sampled.items()}, targets)
+            losses = {name: value * (1 - masked_share) for name, value in subset.items()}
+        gt_masks = targets["gt_masks"][sampled["gt_inds"]]
+        losses["loss_gt_mask"] = masked_dice_loss(logits.sigmoid(), gt_masks, masked) * masked_share
         return losses
 
     def box_losses(
