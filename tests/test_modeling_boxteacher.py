@@ -234,6 +234,24 @@ def test_pseudo_labels_follow_the_assignment():
     assert "pseudo_masks" not in sample["instances"]  # the input is not modified
 
 
+def test_refined_pseudo_masks_follow_the_colour_edges_of_the_clean_view():
+    assert boxteacher().refinement is None
+    model = boxteacher("MODEL.BOX_TEACHER.REFINE_RADIUS", "4", "MODEL.BOX_TEACHER.REFINE_EPS", "0.02")
+    assert (model.refinement.radius, model.refinement.eps) == (4, 0.02)
+    sample = batch()[0]
+    sample["image"] = torch.full_like(sample["image"], 20)
+    sample["image"][:, 34:56, 34:56] = 230  # the object of the second box (30, 30, 60, 60)
+    probs = torch.zeros(1, 64, 64)
+    probs[0, 33:58, 33:58] = 0.9  # a teacher mask a little too large
+    prediction = {"boxes": torch.tensor([[33.0, 33.0, 58.0, 58.0]]), "scores": torch.tensor([0.9]),
+                  "mask_scores": torch.tensor([0.7]), "mask_probs": probs}
+    masks = model.with_pseudo_masks(sample, prediction)["instances"]["pseudo_masks"]
+    assert masks.dtype == torch.bool and not masks[0].any()
+    assert torch.equal(masks[1], sample["image"][0] > 100)
+    with pytest.raises(ValueError, match="MODEL.BOX_TEACHER.REFINE_RADIUS"):
+        boxteacher("MODEL.BOX_TEACHER.REFINE_RADIUS", "-1")
+
+
 def test_soft_pseudo_masks_keep_the_teacher_probabilities_as_dice_targets():
     binary, soft = boxteacher(), boxteacher("MODEL.BOX_TEACHER.SOFT_PSEUDO_MASKS", "True")
     soft.load_state_dict(binary.state_dict())

@@ -74,3 +74,4 @@ def test_benchmark_teacher_postprocess_keeps_the_assignable_detections():
     masks = {name.strip(): float(count) for name, count, *_ in rows}
     assert masks["every detection (release)"] == 20
     assert 10 <= masks["assignable detections only"] < 20  # the jittered copies of the boxes, maybe a few more
+    assert masks["assigned masks as they are"] == masks["guided filter, radius 4"] == 3

@@ -1,6 +1,7 @@
 """``tools/export_pseudo_masks.py`` and ``boxteacher.pseudo_export`` on a tiny BoxTeacher whose
 weights the tests write, and a small COCO file of drawn shapes (non-contiguous category ids,
 a crowd region, an image without annotations, polygon and RLE masks, a box without mask)."""
+import argparse
 import copy
 import importlib.util
 import json
@@ -264,8 +265,12 @@ def test_a_boxinst_config_exports_what_the_boxteacher_teacher_exports(files, tea
 # ---------------------------------------------------------------------------------------------
 # Pieces
 # ---------------------------------------------------------------------------------------------
-def test_box_labels_are_the_pseudo_labels_of_training(files):
-    model = build_model(load_config(str(files["config"]), OVERRIDES))
+@pytest.mark.parametrize("refine_radius", [0, 3])
+def test_box_labels_are_the_pseudo_labels_of_training(files, refine_radius):
+    cfg = load_config(str(files["config"]), [*OVERRIDES, "MODEL.BOX_TEACHER.REFINE_RADIUS", str(refine_radius)])
+    model = build_model(cfg)
+    settings = tool.export_settings(cfg, argparse.Namespace(score_threshold=0.0, box_fallback=False))
+    assert settings.refinement == model.refinement and (refine_radius == 0) == (settings.refinement is None)
     h, w = 64, 64
     probs = torch.zeros(3, h, w)
     probs[0, 10:20, 10:20] = 0.9
@@ -275,11 +280,14 @@ def test_box_labels_are_the_pseudo_labels_of_training(files):
                   "scores": torch.tensor([0.9, 0.8, 0.95]), "mask_scores": torch.tensor([0.7, 0.6, 0.2]),
                   "mask_probs": probs}
     boxes = torch.tensor([[8.0, 8, 22, 22], [30, 30, 60, 60], [0, 0, 30, 30], [60, 0, 64, 4]])
-    sample = {"image": torch.zeros(3, h, w, dtype=torch.uint8), "height": h, "width": w,
+    image = torch.zeros(3, h, w, dtype=torch.uint8)
+    image[:, 11:19, 10:21] = 200  # the object of the mask of detection 0 (rows and columns 10:20)
+    sample = {"image": image, "height": h, "width": w,
               "instances": {"boxes": boxes, "labels": torch.zeros(4, dtype=torch.int64)}}
     training = model.with_pseudo_masks(sample, prediction)["instances"]
-    out = box_labels(prediction, boxes, ExportSettings())
+    out = box_labels(prediction, boxes, settings, image)
     assert torch.equal(out["masks"], training["pseudo_masks"])
+    assert torch.equal(out["masks"][1], probs[0] > 0.5 if refine_radius == 0 else image[0] > 0)
     assert torch.equal(out["scores"], training["pseudo_weights"])
     assert out["matched"].tolist() == [False, True, False, False]  # no detection, match, empty mask, none
     assert box_labels(prediction, boxes, ExportSettings(min_score=0.75))["matched"].tolist() == [False] * 4

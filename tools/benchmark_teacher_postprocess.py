@@ -11,7 +11,9 @@ then also runs for these only). Prints a markdown table.
 Each image gets ``--boxes`` ground-truth boxes and ``--detections`` teacher detections, a
 ``--near-fraction`` of them jittered copies of the boxes (as a trained teacher gives) and the
 rest elsewhere, with random stride-4 mask probabilities. The network pass is not included: see
-``tools/benchmark_speed.py`` for whole training steps.
+``tools/benchmark_speed.py`` for whole training steps. A second table times the pseudo labels
+built from these outputs (assignment, binarisation) without and with the guided-filter
+refinement of the assigned masks (``MODEL.BOX_TEACHER.REFINE_RADIUS``, ``--refine-radius``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import time
 import torch
 from tabulate import tabulate
 
+from boxteacher.modeling.guided_filter import MaskRefinement
+from boxteacher.modeling.pseudo_labels import pseudo_masks_for_boxes
 from boxteacher.modeling.teacher import TeacherPass, assignable_detections, teacher_outputs
 
 
@@ -54,6 +58,38 @@ def synthetic_image(
     return {k: v.to(args.device) for k, v in detections.items()}, gt.to(args.device)
 
 
+def timed(function, device: str, repeats: int) -> tuple[float, object]:
+    """Median seconds of ``repeats`` calls after one warm-up call, and the last result."""
+    times, result = [], None
+    for _ in range(repeats + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = function()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]), result
+
+
+def refinement_table(args: argparse.Namespace, outputs: list[dict], gt_boxes: list[torch.Tensor]) -> str:
+    """Pseudo labels of every image from the teacher ``outputs``, without and with refinement."""
+    generator = torch.Generator().manual_seed(1)
+    guides = [torch.randint(0, 256, (3, *args.student_size), generator=generator, dtype=torch.uint8).to(args.device)
+              for _ in outputs]
+    rows, base = [], None
+    for name, refinement in (("assigned masks as they are", None),
+                             (f"guided filter, radius {args.refine_radius}", MaskRefinement(args.refine_radius))):
+        def label():
+            return [pseudo_masks_for_boxes(o, g, args.iou, mask_threshold=0.5, refinement=refinement, image=i)
+                    for o, g, i in zip(outputs, gt_boxes, guides)]
+        seconds, labels = timed(label, args.device, args.repeats)
+        base = base or seconds
+        matched = sum(int((x["assigned"] >= 0).sum()) for x in labels) / len(labels)
+        rows.append([name, f"{matched:.1f}", f"{1000 * seconds:.1f}", f"{seconds / base:.2f}x"])
+    return tabulate(rows, headers=["pseudo labels", "masks per image", "ms per batch", "time"], tablefmt="github")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher-size", type=int, nargs=2, default=[800, 1066], metavar=("H", "W"))
@@ -65,6 +101,7 @@ def main() -> None:
     parser.add_argument("--iou", type=float, default=0.5, help="MODEL.BOX_TEACHER.IOU_THR")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--refine-radius", type=int, default=4, help="MODEL.BOX_TEACHER.REFINE_RADIUS")
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(0)
@@ -73,21 +110,14 @@ def main() -> None:
     sizes = dict(input_sizes=[tuple(args.teacher_size)] * args.images, student_sizes=[tuple(args.student_size)] * args.images)
     rows, seconds = [], {}
     for name, select in (("every detection (release)", False), ("assignable detections only", True)):
-        times, kept = [], 0
-        for _ in range(args.repeats + 1):
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+        def post_process():
             selected = detections
             if select:
                 selected = [assignable_detections(d, tuple(args.teacher_size), tuple(args.student_size), g, args.iou)
                             for d, g in zip(detections, gt_boxes)]
-            outputs = teacher_outputs(selected, mask_stride=4, settings=TeacherPass(), **sizes)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            kept = sum(o["scores"].numel() for o in outputs)
-        seconds[name] = statistics.median(times[1:])
+            return teacher_outputs(selected, mask_stride=4, settings=TeacherPass(), **sizes)
+        seconds[name], outputs = timed(post_process, args.device, args.repeats)
+        kept = sum(o["scores"].numel() for o in outputs)
         rows.append([name, f"{kept / args.images:.1f}", f"{1000 * seconds[name]:.1f}"])
     base = seconds["every detection (release)"]
     for row, name in zip(rows, seconds):
@@ -97,6 +127,8 @@ def main() -> None:
           f"per image, device {args.device}")
     print(tabulate(rows, headers=["teacher post-processing", "masks per image", "ms per batch", "speed-up"],
                    tablefmt="github"))
+    print()
+    print(refinement_table(args, outputs, gt_boxes))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ with its teacher, a CondInst / BoxInst model with the network itself, through
 ``forward_teacher``. Each image is read with OpenCV at its original resolution, the network
 resizes it to ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, and every box gets the mask of the
 detection that training's box-based assignment gives it (``MODEL.BOX_TEACHER.IOU_THR``,
-``SCORE_THR``, detections ranked by the mask-aware score), binarised at
+``SCORE_THR``, detections ranked by the mask-aware score), refined with the guided filter when
+``MODEL.BOX_TEACHER.REFINE_RADIUS`` > 0 and binarised at
 ``MODEL.BOX_TEACHER.TEACHER_MASK_THRESHOLD``. The network runs in eval mode (running BN
 statistics, as at evaluation). ``--batch-size N`` runs N images at a time, images of one size
 together; images of different sizes are padded to a common size, which changes the detections a
@@ -33,7 +34,7 @@ import logging
 import os
 import sys
 
-from boxteacher.build import build_model
+from boxteacher.build import build_model, mask_refinement
 from boxteacher.config import CfgNode, load_config
 from boxteacher.data.coco import load_coco_json
 from boxteacher.engine.checkpoint import Checkpointer, atomic_open
@@ -51,6 +52,7 @@ def export_settings(cfg: CfgNode, args: argparse.Namespace) -> ExportSettings:
         ranking_score_threshold=t.SCORE_THR,
         legacy_assignment=t.LEGACY_ASSIGNMENT,
         mask_threshold=t.TEACHER_MASK_THRESHOLD,
+        refinement=mask_refinement(cfg),
         min_score=args.score_threshold,
         box_fallback=args.box_fallback,
         image_format=cfg.INPUT.FORMAT,

@@ -18,6 +18,7 @@ from .modeling.backbone import FPNBackbone, ResNet
 from .modeling.boxteacher import PseudoMaskBoxInst, PseudoMaskLosses
 from .modeling.condinst import DynamicMaskHead, MaskBranch
 from .modeling.fcos import FCOS, FCOSHead
+from .modeling.guided_filter import MaskRefinement
 from .modeling.layers import get_norm
 from .modeling.teacher import TeacherPass
 from .utils.env import resolve_device
@@ -214,7 +215,19 @@ def BoxTeacher(cfg: CfgNode) -> boxteacher.BoxTeacher:  # noqa: N802 (registered
         teacher_eval_mode=t.TEACHER_EVAL,
         use_teacher_inference=t.USE_TEACHER_INFERENCE,
         pseudo_mask_threshold=None if t.RETURN_FLOAT_MASK or t.SOFT_PSEUDO_MASKS else t.TEACHER_MASK_THRESHOLD,
+        refinement=mask_refinement(cfg),
     )
+
+
+def mask_refinement(cfg: CfgNode) -> MaskRefinement | None:
+    """The guided-filter refinement of pseudo masks (``MODEL.BOX_TEACHER.REFINE_*``), None when off."""
+    t = cfg.MODEL.BOX_TEACHER
+    if t.REFINE_RADIUS < 0 or t.REFINE_EPS <= 0:
+        raise ValueError(
+            f"MODEL.BOX_TEACHER.REFINE_RADIUS must be >= 0 (0: off) and REFINE_EPS > 0, "
+            f"got {t.REFINE_RADIUS} and {t.REFINE_EPS}."
+        )
+    return MaskRefinement(t.REFINE_RADIUS, t.REFINE_EPS) if t.REFINE_RADIUS > 0 else None
 
 
 def build_model(cfg: CfgNode) -> nn.Module:

@@ -32,6 +32,7 @@ import pycocotools.mask as mask_util
 import torch
 from torch import nn
 
+from .modeling.guided_filter import MaskRefinement
 from .modeling.pseudo_labels import boxes_to_masks, pseudo_masks_for_boxes
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class ExportSettings:
     iou_threshold, ranking_score_threshold, legacy_assignment: the box-based assignment of
         training (``MODEL.BOX_TEACHER.IOU_THR``, ``SCORE_THR``, ``LEGACY_ASSIGNMENT``).
     mask_threshold: the teacher's mask probabilities are binarised at this value.
+    refinement: guided-filter refinement of the masks before that (``MODEL.BOX_TEACHER.REFINE_*``).
     min_score: boxes whose pseudo-mask score is below this count as unmatched.
     box_fallback: an unmatched box gets the mask of its box instead of no mask.
     image_format: channel order the network expects ("BGR" or "RGB").
@@ -59,6 +61,7 @@ class ExportSettings:
     ranking_score_threshold: float = 0.0
     legacy_assignment: bool = False
     mask_threshold: float = 0.5
+    refinement: MaskRefinement | None = None
     min_score: float = 0.0
     box_fallback: bool = False
     image_format: str = "BGR"
@@ -66,18 +69,22 @@ class ExportSettings:
 
 
 def box_labels(
-    prediction: dict[str, torch.Tensor], boxes: torch.Tensor, settings: ExportSettings
+    prediction: dict[str, torch.Tensor],
+    boxes: torch.Tensor,
+    settings: ExportSettings,
+    image: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The pseudo mask of every box of one image, as a BoxTeacher training step builds it
     (``modeling.pseudo_labels.pseudo_masks_for_boxes``).
 
-    prediction: ``forward_teacher`` output of the image; boxes: (N, 4) XYXY, same frame.
+    prediction: ``forward_teacher`` output of the image; boxes: (N, 4) XYXY, same frame;
+    image: (C, h, w) uint8, the guide of ``settings.refinement`` (needed only with it).
     Returns ``masks`` bool (N, h, w) (empty where no detection was assigned), ``scores`` (N,)
     the pseudo-mask weights (0 where none) and ``matched`` bool (N,).
     """
     labels = pseudo_masks_for_boxes(
         prediction, boxes, settings.iou_threshold, settings.ranking_score_threshold,
-        settings.legacy_assignment, settings.mask_threshold,
+        settings.legacy_assignment, settings.mask_threshold, settings.refinement, image,
     )
     masks, scores = labels["masks"], labels["weights"]
     matched = (labels["assigned"] >= 0) & masks.flatten(1).any(dim=1) & (scores >= settings.min_score)
@@ -201,7 +208,7 @@ class PseudoMaskExporter:
         """(annotation position, label) of every box of a batch of (sample, box positions)."""
         predictions = self.network.forward_teacher([sample for sample, _ in batch])
         for (sample, positions), prediction in zip(batch, predictions):
-            out = box_labels(prediction, sample["instances"]["boxes"], self.settings)
+            out = box_labels(prediction, sample["instances"]["boxes"], self.settings, sample["image"])
             rles = iter(encode_masks(out["masks"][out["matched"]].cpu().numpy()))
             for position, score, matched in zip(positions, out["scores"].tolist(), out["matched"].tolist()):
                 yield position, BoxLabel(next(rles) if matched else None, float(score), bool(matched))

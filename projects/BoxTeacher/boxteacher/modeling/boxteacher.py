@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import dice_loss
 from .boxinst_model import BoxInst
+from .guided_filter import MaskRefinement
+from .losses import dice_loss
 from .pairwise import overlap, pairwise_loss
 from .pseudo_labels import pseudo_masks_for_boxes
 
@@ -183,6 +184,8 @@ class BoxTeacher(nn.Module):
             mode (mask-branch BN with batch statistics), the default here too.
         use_teacher_inference: evaluate with the teacher.
         pseudo_mask_threshold: binarises the teacher's masks (None: keep probabilities).
+        refinement: refines the assigned teacher masks with the guided filter, the clean view
+            as guide, before they are binarised (None: the teacher's masks as they are).
     """
 
     def __init__(
@@ -196,6 +199,7 @@ class BoxTeacher(nn.Module):
         teacher_eval_mode: bool = False,
         use_teacher_inference: bool = True,
         pseudo_mask_threshold: float | None = 0.5,
+        refinement: MaskRefinement | None = None,
     ):
         super().__init__()
         self.teacher = teacher
@@ -208,6 +212,7 @@ class BoxTeacher(nn.Module):
         self.teacher_eval_mode = teacher_eval_mode
         self.use_teacher_inference = use_teacher_inference
         self.pseudo_mask_threshold = pseudo_mask_threshold
+        self.refinement = refinement
 
     @property
     def device(self) -> torch.device:
@@ -233,7 +238,7 @@ class BoxTeacher(nn.Module):
         has_mask = instances.get("has_mask", torch.zeros_like(instances["labels"], dtype=torch.bool))
         labels = pseudo_masks_for_boxes(
             prediction, instances["boxes"][~has_mask], self.iou_threshold, self.score_threshold,
-            self.legacy_assignment, self.pseudo_mask_threshold,
+            self.legacy_assignment, self.pseudo_mask_threshold, self.refinement, sample["image"],
         )
         if not bool(has_mask.any()):
             pseudo = {"pseudo_masks": labels["masks"], "pseudo_weights": labels["weights"]}

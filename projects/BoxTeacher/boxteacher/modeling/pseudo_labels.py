@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torchvision.ops import box_iou
 
+from .guided_filter import MaskRefinement
+
 
 def mean_foreground_probability(
     mask_probs: torch.Tensor, threshold: float = 0.5, boxes: torch.Tensor | None = None
@@ -96,13 +98,17 @@ def pseudo_masks_for_boxes(
     score_threshold: float = 0.0,
     legacy_first_detection_bug: bool = False,
     mask_threshold: float | None = 0.5,
+    refinement: MaskRefinement | None = None,
+    image: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The pseudo mask and weight of every ground-truth box of one image.
 
     prediction: a teacher's detections (``boxes`` (M, 4), ranking ``scores`` (M,), pseudo-mask
         weights ``mask_scores`` (M,), ``mask_probs`` (M, h, w)); gt_boxes: (N, 4) XYXY in the
         same frame. The detections are assigned to the boxes by ``assign_detections_to_boxes``.
-    Returns ``masks`` (N, h, w): the assigned detection's probabilities binarised at
+    refinement, image: when given, the assigned probabilities are refined by the guided filter
+        with ``image`` (C, h, w) uint8 (the view the teacher saw, at the masks' size) as guide.
+    Returns ``masks`` (N, h, w): the assigned detection's (refined) probabilities binarised at
     ``mask_threshold`` (bool; kept as probabilities when it is None), zero for a box without a
     detection; ``weights`` (N,): its ``mask_scores``, 0 without; ``assigned`` (N,) int64: the
     detection index, -1 without.
@@ -117,7 +123,12 @@ def pseudo_masks_for_boxes(
     if probs.shape[0] == 0:
         probs, weights = probs.new_zeros((1, *probs.shape[1:])), probs.new_zeros(1)
     index = assigned.clamp(min=0)
-    chosen = probs[index] if mask_threshold is None else probs[index] > mask_threshold
+    chosen = probs[index]
+    if refinement is not None and bool(has_match.any()):
+        chosen = chosen.clone()
+        chosen[has_match] = refinement(image, chosen[has_match]).to(chosen.dtype)
+    if mask_threshold is not None:
+        chosen = chosen > mask_threshold
     return {
         "masks": chosen * has_match[:, None, None],
         "weights": torch.where(has_match, weights[index], weights.new_zeros(())),

@@ -1,0 +1,87 @@
+"""The colour guided filter and the refinement of pseudo masks with it."""
+import pytest
+import torch
+
+from boxteacher.modeling.guided_filter import MaskRefinement, guided_filter
+from boxteacher.modeling.pseudo_labels import pseudo_masks_for_boxes
+
+
+def guided_filter_by_windows(guide, src, radius, eps):
+    """The filter's definition, window by window: a ridge fit of the source on the colours of
+    each window (inside the image), then every pixel averages the fits of its windows."""
+    channels, h, w = guide.shape
+    g, s = guide.double(), src.double()
+    out = torch.zeros(src.shape, dtype=torch.float64)
+    count = torch.zeros(h, w, dtype=torch.float64)
+    for y in range(h):
+        for x in range(w):
+            rows = slice(max(0, y - radius), min(h, y + radius + 1))
+            cols = slice(max(0, x - radius), min(w, x + radius + 1))
+            colours = g[:, rows, cols].reshape(channels, -1).T  # (P, C)
+            centred = colours - colours.mean(0)
+            covariance = centred.T @ centred / colours.shape[0] + eps * torch.eye(channels, dtype=torch.float64)
+            for n in range(src.shape[0]):
+                values = s[n, rows, cols].reshape(-1)
+                a = torch.linalg.solve(covariance, centred.T @ (values - values.mean()) / colours.shape[0])
+                b = values.mean() - a @ colours.mean(0)
+                out[n, rows, cols] += (torch.einsum("c,chw->hw", a, g[:, rows, cols]) + b)
+            count[rows, cols] += 1
+    return out / count
+
+
+@pytest.mark.parametrize("channels, radius, eps", [(3, 1, 0.01), (3, 2, 0.001), (1, 2, 0.1)])
+def test_guided_filter_equals_its_window_by_window_definition(channels, radius, eps):
+    g = torch.Generator().manual_seed(channels + radius)
+    guide = torch.rand(channels, 9, 11, generator=g)
+    src = torch.rand(2, 9, 11, generator=g)
+    expected = guided_filter_by_windows(guide, src, radius, eps).float()
+    torch.testing.assert_close(guided_filter(guide, src, radius, eps), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_guided_filter_keeps_constant_maps_and_empty_batches():
+    guide = torch.rand(3, 12, 12)
+    assert guided_filter(guide, torch.zeros(0, 12, 12), 2, 0.01).shape == (0, 12, 12)
+    torch.testing.assert_close(guided_filter(guide, torch.full((1, 12, 12), 0.3), 2, 0.01),
+                               torch.full((1, 12, 12), 0.3), atol=1e-5, rtol=0)
+
+
+def flat_object_image():
+    """A 40x48 image: a flat 12x16 rectangle on a flat background of another colour."""
+    image = torch.zeros(3, 40, 48, dtype=torch.uint8)
+    image[0], image[1], image[2] = 30, 90, 200
+    image[:, 10:22, 12:28] = torch.tensor([220, 40, 60], dtype=torch.uint8)[:, None, None]
+    truth = torch.zeros(40, 48, dtype=torch.bool)
+    truth[10:22, 12:28] = True
+    return image, truth
+
+
+@pytest.mark.parametrize("grow", [-1, 1])
+def test_refinement_moves_a_shifted_mask_boundary_onto_the_colour_edge(grow):
+    image, truth = flat_object_image()
+    blurred = torch.zeros(1, 40, 48)
+    blurred[0, 10 - grow:22 + grow, 12 - grow:28 + grow] = 1.0
+    refined = MaskRefinement(radius=4, eps=0.01)(image, blurred)
+    assert refined.dtype == torch.float32 and refined.min() >= 0 and refined.max() <= 1
+    errors_before, errors_after = int((blurred[0].bool() != truth).sum()), int(((refined[0] > 0.5) != truth).sum())
+    assert errors_before >= 48 and errors_after <= 4  # (shrunk: the four corner pixels stay out)
+
+
+def test_pseudo_masks_are_refined_after_the_assignment_and_before_binarising():
+    image, truth = flat_object_image()
+    probs = torch.zeros(2, 40, 48)
+    probs[0, 9:24, 11:30] = 0.8  # the object's detection, a little too large
+    probs[1, 30:38, 2:10] = 0.9  # a detection no box gets
+    prediction = {"boxes": torch.tensor([[11.0, 9.0, 30.0, 24.0], [2.0, 30.0, 10.0, 38.0]]),
+                  "scores": torch.tensor([0.9, 0.8]), "mask_scores": torch.tensor([0.7, 0.6]),
+                  "mask_probs": probs}
+    boxes = torch.tensor([[12.0, 10.0, 28.0, 22.0], [30.0, 28.0, 46.0, 38.0]])  # the second matches nothing
+    refinement = MaskRefinement(radius=4, eps=0.01)
+    plain = pseudo_masks_for_boxes(prediction, boxes, 0.5, mask_threshold=0.5)
+    refined = pseudo_masks_for_boxes(prediction, boxes, 0.5, mask_threshold=0.5, refinement=refinement, image=image)
+    assert torch.equal(plain["masks"][0], probs[0] > 0.5) and not torch.equal(plain["masks"][0], truth)
+    assert torch.equal(refined["masks"][0], truth)
+    assert refined["masks"].dtype == torch.bool and not refined["masks"][1].any()
+    assert torch.equal(refined["weights"], plain["weights"]) and torch.equal(refined["assigned"], plain["assigned"])
+    soft = pseudo_masks_for_boxes(prediction, boxes, 0.5, mask_threshold=None, refinement=refinement, image=image)
+    torch.testing.assert_close(soft["masks"][0], refinement(image, probs[:1])[0])
+    assert soft["masks"][1].abs().sum() == 0
