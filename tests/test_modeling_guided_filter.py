@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from boxteacher.modeling.guided_filter import MaskRefinement, guided_filter
-from boxteacher.modeling.pseudo_labels import pseudo_masks_for_boxes
+from boxteacher.modeling.pseudo_labels import boxes_to_masks, pseudo_masks_for_boxes
 
 
 def guided_filter_by_windows(guide, src, radius, eps):
@@ -60,10 +60,21 @@ def test_refinement_moves_a_shifted_mask_boundary_onto_the_colour_edge(grow):
     image, truth = flat_object_image()
     blurred = torch.zeros(1, 40, 48)
     blurred[0, 10 - grow:22 + grow, 12 - grow:28 + grow] = 1.0
-    refined = MaskRefinement(radius=4, eps=0.01)(image, blurred)
+    refined = MaskRefinement(radius=4, eps=0.01)(image, blurred, torch.tensor([[10.0, 8.0, 30.0, 24.0]]))
     assert refined.dtype == torch.float32 and refined.min() >= 0 and refined.max() <= 1
     errors_before, errors_after = int((blurred[0].bool() != truth).sum()), int(((refined[0] > 0.5) != truth).sum())
     assert errors_before >= 48 and errors_after <= 4  # (shrunk: the four corner pixels stay out)
+
+
+def test_refinement_of_a_box_equals_filtering_the_whole_image_inside_it():
+    g = torch.Generator().manual_seed(3)
+    image = torch.randint(0, 256, (3, 50, 60), dtype=torch.uint8, generator=g)
+    masks = torch.rand(3, 50, 60, generator=g)
+    boxes = torch.tensor([[5.0, 7.0, 30.5, 20.0], [0.0, 0.0, 60.0, 50.0], [41.2, 30.0, 58.0, 49.0]])
+    refinement = MaskRefinement(radius=3, eps=0.02)
+    whole = guided_filter(image.float() / 255, masks, 3, 0.02).clamp(0, 1)
+    inside = boxes_to_masks(boxes, (50, 60))
+    torch.testing.assert_close(refinement(image, masks, boxes), whole * inside, rtol=0, atol=1e-5)
 
 
 def test_pseudo_masks_are_refined_after_the_assignment_and_before_binarising():
@@ -83,5 +94,8 @@ def test_pseudo_masks_are_refined_after_the_assignment_and_before_binarising():
     assert refined["masks"].dtype == torch.bool and not refined["masks"][1].any()
     assert torch.equal(refined["weights"], plain["weights"]) and torch.equal(refined["assigned"], plain["assigned"])
     soft = pseudo_masks_for_boxes(prediction, boxes, 0.5, mask_threshold=None, refinement=refinement, image=image)
-    torch.testing.assert_close(soft["masks"][0], refinement(image, probs[:1])[0])
+    inside = torch.zeros(40, 48)
+    inside[10:22, 12:28] = 1  # the pixels whose centre is inside box 0
+    filtered = guided_filter(image.float() / 255, probs[:1], 4, 0.01).clamp(0, 1)[0]
+    torch.testing.assert_close(soft["masks"][0], filtered * inside)  # the box's crop, as the whole image
     assert soft["masks"][1].abs().sum() == 0

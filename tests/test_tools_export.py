@@ -273,7 +273,7 @@ def test_box_labels_are_the_pseudo_labels_of_training(files, refine_radius):
     assert settings.refinement == model.refinement and (refine_radius == 0) == (settings.refinement is None)
     h, w = 64, 64
     probs = torch.zeros(3, h, w)
-    probs[0, 10:20, 10:20] = 0.9
+    probs[0, 40:50, 40:50] = 0.9
     probs[1, 35:50, 35:50] = 0.8
     probs[2, 0:30, 0:30] = 0.3  # an empty mask at threshold 0.5
     prediction = {"boxes": torch.tensor([[31.0, 31, 59, 59], [100, 100, 110, 110], [0, 0, 30, 30]]),
@@ -281,7 +281,7 @@ def test_box_labels_are_the_pseudo_labels_of_training(files, refine_radius):
                   "mask_probs": probs}
     boxes = torch.tensor([[8.0, 8, 22, 22], [30, 30, 60, 60], [0, 0, 30, 30], [60, 0, 64, 4]])
     image = torch.zeros(3, h, w, dtype=torch.uint8)
-    image[:, 11:19, 10:21] = 200  # the object of the mask of detection 0 (rows and columns 10:20)
+    image[:, 41:49, 40:51] = 200  # the object of the mask of detection 0 (rows and columns 40:50)
     sample = {"image": image, "height": h, "width": w,
               "instances": {"boxes": boxes, "labels": torch.zeros(4, dtype=torch.int64)}}
     training = model.with_pseudo_masks(sample, prediction)["instances"]

@@ -209,8 +209,8 @@ _C.MODEL.BOX_TEACHER.CLIP_MASKS_TO_BOXES = False
 # as the original does; False: at the student's training size, which costs less when training
 # sizes are below the test size (not in the original).
 _C.MODEL.BOX_TEACHER.TEACHER_TEST_SIZE = True
-# Refine the assigned teacher masks with the colour guided filter (clean view as guide; window
-# radius in input pixels, 0: off as in the original) before they are binarised (not in the
+# Refine the assigned teacher masks inside their box with the colour guided filter (clean view
+# as guide; window radius in input pixels, 0: off as in the original) before they are binarised (not in the
 # original). The teacher's masks come from a stride-4 map and blur boundaries over a few
 # pixels, which self-training on them reinforces; the filter moves them onto colour edges.
 _C.MODEL.BOX_TEACHER.REFINE_RADIUS = 0

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .pseudo_labels import boxes_to_masks
+
 
 def window_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Mean over the (2r+1) x (2r+1) window of every pixel, the part inside the image only.
@@ -63,8 +65,28 @@ class MaskRefinement:
     radius: int = 4
     eps: float = 0.01
 
-    def __call__(self, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """image: (C, H, W) uint8 (any channel order); masks: (N, H, W) bool or probabilities.
-        Returns (N, H, W) float refined probabilities in [0, 1]."""
+    def __call__(self, image: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Refine each mask inside its box; zero outside it.
+
+        The filter runs on each box grown by twice the radius (all a pixel's output depends
+        on), so inside the box the result equals filtering the whole image, at the cost of the
+        box's area.
+
+        image: (C, H, W) uint8 (any channel order); masks: (N, H, W) bool or probabilities;
+        boxes: (N, 4) XYXY in pixels of the same frame.
+        Returns (N, H, W) float refined probabilities in [0, 1].
+        """
         guide = image.to(device=masks.device, dtype=torch.float32) / 255.0
-        return guided_filter(guide, masks.float(), self.radius, self.eps).clamp_(0.0, 1.0)
+        inside = boxes_to_masks(boxes.to(masks.device, torch.float32), tuple(masks.shape[-2:]))
+        out = torch.zeros(masks.shape, dtype=torch.float32, device=masks.device)
+        margin = 2 * self.radius
+        height, width = masks.shape[-2:]
+        for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            top, left = max(int(y0) - margin, 0), max(int(x0) - margin, 0)
+            bottom, right = min(int(y1) + 1 + margin, height), min(int(x1) + 1 + margin, width)
+            if bottom <= top or right <= left:
+                continue
+            crop = masks[i : i + 1, top:bottom, left:right].float()
+            refined = guided_filter(guide[:, top:bottom, left:right], crop, self.radius, self.eps)
+            out[i, top:bottom, left:right] = refined[0]
+        return out.clamp_(0.0, 1.0) * inside

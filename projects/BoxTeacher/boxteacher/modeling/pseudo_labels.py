@@ -2,10 +2,13 @@
 assignment of teacher detections to ground-truth boxes."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torchvision.ops import box_iou
 
-from .guided_filter import MaskRefinement
+if TYPE_CHECKING:  # guided_filter uses boxes_to_masks of this module
+    from .guided_filter import MaskRefinement
 
 
 def mean_foreground_probability(
@@ -106,16 +109,18 @@ def pseudo_masks_for_boxes(
     prediction: a teacher's detections (``boxes`` (M, 4), ranking ``scores`` (M,), pseudo-mask
         weights ``mask_scores`` (M,), ``mask_probs`` (M, h, w)); gt_boxes: (N, 4) XYXY in the
         same frame. The detections are assigned to the boxes by ``assign_detections_to_boxes``.
-    refinement, image: when given, the assigned probabilities are refined by the guided filter
-        with ``image`` (C, h, w) uint8 (the view the teacher saw, at the masks' size) as guide.
+    refinement, image: when given, the assigned probabilities are refined inside their box by
+        the guided filter with ``image`` (C, h, w) uint8 (the view the teacher saw, at the masks'
+        size) as guide, and zeroed outside it.
     Returns ``masks`` (N, h, w): the assigned detection's (refined) probabilities binarised at
     ``mask_threshold`` (bool; kept as probabilities when it is None), zero for a box without a
     detection; ``weights`` (N,): its ``mask_scores``, 0 without; ``assigned`` (N,) int64: the
     detection index, -1 without.
     """
     probs = prediction["mask_probs"]
+    gt_boxes = gt_boxes.to(probs.device)
     assigned = assign_detections_to_boxes(
-        prediction["boxes"], prediction["scores"], gt_boxes.to(probs.device),
+        prediction["boxes"], prediction["scores"], gt_boxes,
         iou_threshold, score_threshold, legacy_first_detection_bug,
     )
     has_match = assigned >= 0
@@ -126,7 +131,7 @@ def pseudo_masks_for_boxes(
     chosen = probs[index]
     if refinement is not None and bool(has_match.any()):
         chosen = chosen.clone()
-        chosen[has_match] = refinement(image, chosen[has_match]).to(chosen.dtype)
+        chosen[has_match] = refinement(image, chosen[has_match], gt_boxes[has_match]).to(chosen.dtype)
     if mask_threshold is not None:
         chosen = chosen > mask_threshold
     return {
