@@ -142,7 +142,7 @@ def write_images(folder):
 
 def test_demo_draws_and_records_every_readable_image_and_skips_the_corrupt_one(tmp_path):
     config_file, weights, _ = write_tiny_setup(tmp_path)
-    write_images(tmp_path / "images")
+    images = write_images(tmp_path / "images")
     out_dir = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools/demo.py"), "--config-file", str(config_file),
@@ -176,7 +176,7 @@ def test_demo_draws_and_records_every_readable_image_and_skips_the_corrupt_one(t
 def test_demo_with_boxteacher_predicts_with_the_teacher_at_the_test_size(tmp_path):
     config_file, weights, model = write_tiny_setup(
         tmp_path, "MODEL.META_ARCHITECTURE", "BoxTeacher", "MODEL.BOXINST.ENABLED", "True")
-    write_images(tmp_path / "images")
+    images = write_images(tmp_path / "images")
     out_dir = tmp_path / "out"
     path = str(tmp_path / "images" / "first.png")
     assert demo.main(["--config-file", str(config_file), "--input", path, "--output", str(out_dir),
@@ -196,7 +196,7 @@ def test_demo_with_boxteacher_predicts_with_the_teacher_at_the_test_size(tmp_pat
 
 def test_demo_draws_nothing_below_the_threshold_and_numbers_unknown_classes(tmp_path):
     config_file, weights, _ = write_tiny_setup(tmp_path, "DATASETS.TEST", "()")
-    write_images(tmp_path / "images")
+    images = write_images(tmp_path / "images")
     out_dir = tmp_path / "out"
     demo.main(["--config-file", str(config_file), "--input", str(tmp_path / "images/*.png"),
                str(tmp_path / "images/first.png"), "--output", str(out_dir), "--confidence-threshold", "1.01",
