@@ -6,7 +6,6 @@ import pytest
 
 from boxteacher.build import build_model
 from boxteacher.config import ConfigError, load_config
-from boxteacher.config.defaults import _C
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (REPO / "configs").rglob("*.yaml"))

@@ -15,7 +15,8 @@ from .coco import load_coco_json, register_coco_instances, segmentation_to_mask
 from .mapper import DatasetMapper, build_flip_class_map
 from .samplers import InferenceSampler, TrainingBatchSampler
 from .shapes import ensure_shapes_dataset, generate_shapes_dataset
-from .transforms import ResizeFlip, resized_shape
+from ..modeling.layers import resized_shape
+from .transforms import ResizeFlip
 
 register_builtin_datasets()
 

@@ -24,7 +24,8 @@ from ..config.supervision import gt_mask_mode, is_box_supervised
 from .catalog import get_metadata
 from .coco import segmentation_to_mask
 from .color_augment import AUG_TYPES, perturb_colors
-from .transforms import ResizeFlip, clip_boxes, resized_shape, sample_short_edge
+from ..modeling.layers import resized_shape
+from .transforms import ResizeFlip, clip_boxes, sample_short_edge
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,6 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..modeling.layers import resized_shape
-
 
 def sample_short_edge(min_sizes: Sequence[int], sampling: str, rng: np.random.Generator) -> int:
     """A short-edge length: one of ``min_sizes`` ("choice") or uniform in
