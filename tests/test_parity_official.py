@@ -1,7 +1,8 @@
 """Parity with the official BoxTeacher / AdelaiDet implementation on the fixtures of
 ``$BOXTEACHER_FIXTURES`` (default ``../shared/fixtures``): every folder holding ``expected.pt``
 runs, every recorded quantity must be within the tolerance of the fixtures' README (section
-10). The comparisons are those of ``tools/parity_report.py``, which prints them as a table."""
+10). The comparisons are those of ``tools/parity_report.py``, which prints them as a table
+(fixture reading and tolerances: ``tools/parity_fixtures.py``)."""
 import sys
 from pathlib import Path
 
@@ -10,15 +11,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
-from parity_report import (  # noqa: E402
-    Fixture,
-    compare_adelaidet,
-    compare_inference,
-    compare_training,
-    fixture_folders,
-    fixtures_root,
-    format_table,
-)
+from parity_fixtures import Fixture, fixture_folders, fixtures_root  # noqa: E402
+from parity_report import compare_adelaidet, compare_inference, compare_training, format_table  # noqa: E402
 
 FOLDERS = fixture_folders(fixtures_root())
 

@@ -46,6 +46,52 @@ def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return dict(state_dict)
 
 
+def _keys_of_model(
+    state_dict: dict[str, Any], model_state: Mapping[str, Any], prefix: str, source: str
+) -> tuple[dict[str, Any], bool]:
+    """The checkpoint renamed to the model's keys, and whether it is one network loaded into a
+    model of several. A model made of several networks (BoxTeacher) loads a one-network
+    checkpoint into the network ``prefix`` names (e.g. "student."); a one-network model takes
+    the teacher of a BoxTeacher checkpoint (the network BoxTeacher evaluates with)."""
+    one_network = bool(prefix) and not any(key in model_state for key in state_dict)
+    if one_network:
+        state_dict = {prefix + key: value for key, value in state_dict.items()}
+    if not any(key in model_state for key in state_dict) and any(k.startswith("teacher.") for k in state_dict):
+        logger.info("'%s' is a teacher-student checkpoint: loading its teacher.", source)
+        state_dict = {k[len("teacher."):]: v for k, v in state_dict.items() if k.startswith("teacher.")}
+    return state_dict, one_network
+
+
+def _loadable_tensors(
+    state_dict: Mapping[str, Any], model_state: Mapping[str, torch.Tensor], source: str
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors whose key and shape the model has (shape mismatches skipped with
+    a warning). Raises CheckpointError for a non-tensor value or when nothing fits."""
+    loadable: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key not in model_state:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"'{key}' in '{source}' is a {type(value).__name__}, not a tensor."
+            )
+        expected = tuple(model_state[key].shape)
+        if tuple(value.shape) != expected:
+            logger.warning(
+                "Skip loading '%s' from '%s': shape %s in the checkpoint, %s in the model.",
+                key, source, tuple(value.shape), expected,
+            )
+            continue
+        loadable[key] = value
+    if model_state and not loadable:
+        raise CheckpointError(
+            f"Not a single tensor of '{source}' fits the model: it is a checkpoint of another "
+            f"model (checkpoint keys start with {sorted(state_dict)[:3]}, model keys with "
+            f"{sorted(model_state)[:3]})."
+        )
+    return loadable
+
+
 def load_model_weights(
     model: nn.Module, checkpoint: Mapping[str, Any], source: str
 ) -> tuple[list[str], list[str]]:
@@ -75,40 +121,9 @@ def load_model_weights(
     state_dict = _strip_prefix(state_dict, "module.")
     model = unwrap_model(model)
     model_state = model.state_dict()
-    # A model made of several networks (BoxTeacher) loads a one-network checkpoint into the
-    # network it names (``single_network_prefix``, e.g. "student.").
     prefix = getattr(model, "single_network_prefix", "")
-    one_network = bool(prefix) and not any(key in model_state for key in state_dict)
-    if one_network:
-        state_dict = {prefix + key: value for key, value in state_dict.items()}
-    # A one-network model takes the teacher of a BoxTeacher checkpoint (the network BoxTeacher
-    # evaluates with).
-    if not any(key in model_state for key in state_dict) and any(k.startswith("teacher.") for k in state_dict):
-        logger.info("'%s' is a teacher-student checkpoint: loading its teacher.", source)
-        state_dict = {k[len("teacher."):]: v for k, v in state_dict.items() if k.startswith("teacher.")}
-
-    loadable: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key not in model_state:
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(
-                f"'{key}' in '{source}' is a {type(value).__name__}, not a tensor."
-            )
-        expected = tuple(model_state[key].shape)
-        if tuple(value.shape) != expected:
-            logger.warning(
-                "Skip loading '%s' from '%s': shape %s in the checkpoint, %s in the model.",
-                key, source, tuple(value.shape), expected,
-            )
-            continue
-        loadable[key] = value
-    if model_state and not loadable:
-        raise CheckpointError(
-            f"Not a single tensor of '{source}' fits the model: it is a checkpoint of another "
-            f"model (checkpoint keys start with {sorted(state_dict)[:3]}, model keys with "
-            f"{sorted(model_state)[:3]})."
-        )
+    state_dict, one_network = _keys_of_model(state_dict, model_state, prefix, source)
+    loadable = _loadable_tensors(state_dict, model_state, source)
     incompatible = model.load_state_dict(loadable, strict=False)
     if hasattr(model, "on_weights_loaded"):
         model.on_weights_loaded(list(loadable))
