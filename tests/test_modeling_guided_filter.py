@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from boxteacher.modeling.guided_filter import MaskRefinement, guided_filter
-from boxteacher.modeling.pseudo_labels import boxes_to_masks, pseudo_masks_for_boxes
+from boxteacher.modeling.layers import boxes_to_masks
+from boxteacher.modeling.pseudo_labels import pseudo_masks_for_boxes
 
 
 def guided_filter_by_windows(guide, src, radius, eps):

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from .modeling.guided_filter import MaskRefinement
-from .modeling.pseudo_labels import boxes_to_masks, pseudo_masks_for_boxes
+from .modeling.layers import boxes_to_masks
+from .modeling.pseudo_labels import pseudo_masks_for_boxes
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .pseudo_labels import boxes_to_masks
+from .layers import boxes_to_masks
 
 
 def window_mean(x: torch.Tensor, radius: int) -> torch.Tensor:

@@ -112,3 +112,12 @@ def resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tu
         shrink = max_size / max(new_h, new_w)
         new_h, new_w = new_h * shrink, new_w * shrink
     return int(new_h + 0.5), int(new_w + 0.5)
+
+
+def boxes_to_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(M, 4) XYXY boxes -> (M, h, w) bool masks of the pixels whose centre is inside the box."""
+    ys = torch.arange(size[0], device=boxes.device, dtype=boxes.dtype) + 0.5
+    xs = torch.arange(size[1], device=boxes.device, dtype=boxes.dtype) + 0.5
+    inside_y = (ys[None] >= boxes[:, 1:2]) & (ys[None] <= boxes[:, 3:4])
+    inside_x = (xs[None] >= boxes[:, 0:1]) & (xs[None] <= boxes[:, 2:3])
+    return inside_y[:, :, None] & inside_x[:, None, :]

@@ -2,13 +2,11 @@
 assignment of teacher detections to ground-truth boxes."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torchvision.ops import box_iou
 
-if TYPE_CHECKING:  # guided_filter uses boxes_to_masks of this module
-    from .guided_filter import MaskRefinement
+from .guided_filter import MaskRefinement
+from .layers import boxes_to_masks
 
 
 def mean_foreground_probability(
@@ -21,15 +19,6 @@ def mean_foreground_probability(
     if boxes is not None:
         foreground = foreground * boxes_to_masks(boxes, mask_probs.shape[-2:]).to(mask_probs.dtype)
     return (mask_probs * foreground).sum(dim=(1, 2)) / (foreground.sum(dim=(1, 2)) + 1e-6)
-
-
-def boxes_to_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(M, 4) XYXY boxes -> (M, h, w) bool masks of the pixels whose centre is inside the box."""
-    ys = torch.arange(size[0], device=boxes.device, dtype=boxes.dtype) + 0.5
-    xs = torch.arange(size[1], device=boxes.device, dtype=boxes.dtype) + 0.5
-    inside_y = (ys[None] >= boxes[:, 1:2]) & (ys[None] <= boxes[:, 3:4])
-    inside_x = (xs[None] >= boxes[:, 0:1]) & (xs[None] <= boxes[:, 2:3])
-    return inside_y[:, :, None] & inside_x[:, None, :]
 
 
 def mask_aware_scores(

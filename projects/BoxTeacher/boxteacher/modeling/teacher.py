@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from .layers import resized_shape
+from .layers import boxes_to_masks, resized_shape
 from .postprocess import detections_to_output_frame, rescale_boxes
-from .pseudo_labels import boxes_to_masks, mask_aware_scores, mean_foreground_probability
+from .pseudo_labels import mask_aware_scores, mean_foreground_probability
 
 
 @dataclass(frozen=True)
