@@ -14,7 +14,7 @@ from torch import nn
 from .config import CfgNode
 from .config.supervision import gt_mask_mode
 from .modeling import boxinst_model, boxteacher, meta_arch
-from .modeling.backbone import FPNBackbone, ResNet
+from .modeling.backbone import INITIALISATIONS, FPNBackbone, ResNet
 from .modeling.boxteacher import PseudoMaskBoxInst, PseudoMaskLosses
 from .modeling.condinst import DynamicMaskHead, MaskBranch
 from .modeling.fcos import FCOS, FCOSHead
@@ -35,6 +35,8 @@ META_ARCH_REGISTRY.__doc__ = "Model builders, registered under their MODEL.META_
 def build_fcos_resnet_fpn_backbone(cfg: CfgNode) -> FPNBackbone:
     """ResNet + FPN with P6/P7 on P5, as AdelaiDet's builder of the same name."""
     r = cfg.MODEL.RESNETS
+    if r.INIT not in INITIALISATIONS:
+        raise ValueError(f"MODEL.RESNETS.INIT must be one of {list(INITIALISATIONS)}, got {r.INIT!r}")
     bottom_up = ResNet(
         depth=r.DEPTH,
         norm=get_norm(r.NORM),
@@ -48,6 +50,7 @@ def build_fcos_resnet_fpn_backbone(cfg: CfgNode) -> FPNBackbone:
         deform_on_per_stage=tuple(r.DEFORM_ON_PER_STAGE),
         deform_modulated=r.DEFORM_MODULATED,
         deform_num_groups=r.DEFORM_NUM_GROUPS,
+        init=r.INIT,
     )
     return FPNBackbone(
         bottom_up,

@@ -52,6 +52,11 @@ _C.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False, False, False, False]
 _C.MODEL.RESNETS.DEFORM_MODULATED = False
 # Groups of offsets of the deformable convolutions.
 _C.MODEL.RESNETS.DEFORM_NUM_GROUPS = 1
+# Initialisation of the ResNet's convolutions when no weights overwrite them (training from
+# scratch): "msra" = detectron2's (c2_msra_fill: N(0, 2 / fan_out), the release's behaviour);
+# "pytorch" = PyTorch's default of nn.Conv2d (U(+-1 / sqrt(fan_in))). Norms start at weight 1,
+# bias 0 either way. FPN and heads are initialised as in the release regardless of this key.
+_C.MODEL.RESNETS.INIT = "msra"
 
 _C.MODEL.FPN = CN()
 _C.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]

@@ -18,6 +18,15 @@ from .layers import NormFactory, freeze_batchnorm
 
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
+INITIALISATIONS = ("msra", "pytorch")
+
+
+def msra_fill_(conv: nn.Module) -> None:
+    """Caffe2's "MSRAFill" as detectron2's ``c2_msra_fill``: weight ~ N(0, 2 / fan_out) with
+    fan_out = C_out * kh * kw, bias (if any) 0."""
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
 
 
 class DeformableConv3x3(DeformConv2d):
@@ -33,7 +42,7 @@ class DeformableConv3x3(DeformConv2d):
         self.modulated = modulated
         per_group = 27 if modulated else 18
         self.offset = nn.Conv2d(in_channels, per_group * deform_groups, 3, stride=stride, padding=1)
-        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        msra_fill_(self)
         nn.init.zeros_(self.offset.weight)
         nn.init.zeros_(self.offset.bias)
 
@@ -61,6 +70,11 @@ class ResNet(nn.Module):
             converted to FrozenBatchNorm2d.
         deform_on_per_stage: deformable 3x3 convolutions in the bottlenecks of res2..res5.
         deform_modulated, deform_num_groups: DCNv2 and the offset groups of those.
+        init: "msra" (detectron2's ResNet): every convolution of the stem, the blocks and the
+            shortcuts gets ``msra_fill_``; "pytorch": they keep PyTorch's default
+            (kaiming-uniform with a = sqrt(5), i.e. U(+-1/sqrt(fan_in))). Either way the norms
+            start at weight 1, bias 0, including the last norm of each block (detectron2 does
+            not zero it), and deformable convolutions are MSRA-filled with zero offsets.
     """
 
     def __init__(
@@ -77,8 +91,11 @@ class ResNet(nn.Module):
         deform_on_per_stage: tuple[bool, ...] = (False, False, False, False),
         deform_modulated: bool = False,
         deform_num_groups: int = 1,
+        init: str = "msra",
     ):
         super().__init__()
+        if init not in INITIALISATIONS:
+            raise ValueError(f"ResNet init must be one of {INITIALISATIONS}, got {init!r}")
         if depth not in BLOCKS_PER_STAGE:
             raise ValueError(f"ResNet depth must be one of {sorted(BLOCKS_PER_STAGE)}, got {depth}")
         unknown = set(out_features) - set(STAGE_NAMES)
@@ -117,6 +134,8 @@ class ResNet(nn.Module):
             in_channels = out_channels
             out_channels *= 2
             bottleneck_width *= 2
+        if init == "msra":
+            self._msra_fill_convolutions()
         self._freeze(freeze_at)
 
     @staticmethod
@@ -151,6 +170,14 @@ class ResNet(nn.Module):
             blocks.append(b)
             in_channels = out_channels
         return nn.Sequential(*blocks)
+
+    def _msra_fill_convolutions(self) -> None:
+        # Deformable convolutions are DeformConv2d, not nn.Conv2d, and already MSRA-filled; the
+        # offset convolutions inside them stay zero.
+        offsets = {id(m.offset) for m in self.modules() if isinstance(m, DeformableConv3x3)}
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d) and id(module) not in offsets:
+                msra_fill_(module)
 
     def _freeze(self, freeze_at: int) -> None:
         frozen = [nn.ModuleList([self.conv1, self.bn1])] + [
