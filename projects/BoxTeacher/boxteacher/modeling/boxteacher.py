@@ -234,19 +234,23 @@ class BoxTeacher(nn.Module):
         In mixed supervision (instances with ``has_mask`` (N,) and ``masks`` (N, h, w)), the
         teacher's detections are assigned to the box-only instances alone; a masked instance's
         pseudo mask is its annotation mask, with weight 1."""
-        instances = {k: v.to(self.device) for k, v in sample["instances"].items()}
-        has_mask = instances.get("has_mask", torch.zeros_like(instances["labels"], dtype=torch.bool))
+        given = sample["instances"]  # on the host as the data loader gives them: no sync below
+        instances = {k: v.to(self.device) for k, v in given.items()}
+        has_mask = given.get("has_mask")
+        box_only = None if has_mask is None or not bool(has_mask.any()) else torch.nonzero(~has_mask)[:, 0]
         labels = pseudo_masks_for_boxes(
-            prediction, instances["boxes"][~has_mask], self.iou_threshold, self.score_threshold,
-            self.legacy_assignment, self.pseudo_mask_threshold, self.refinement, sample["image"],
+            prediction, given["boxes"] if box_only is None else given["boxes"][box_only],
+            self.iou_threshold, self.score_threshold, self.legacy_assignment, self.pseudo_mask_threshold,
+            self.refinement, sample["image"],
         )
-        if not bool(has_mask.any()):
+        if box_only is None:
             pseudo = {"pseudo_masks": labels["masks"], "pseudo_weights": labels["weights"]}
             return {**sample, "instances": {**instances, **pseudo}}
+        box_only = box_only.to(self.device)
         masks = instances["masks"].to(labels["masks"].dtype, copy=True)
-        masks[~has_mask] = labels["masks"]
-        weights = has_mask.to(labels["weights"].dtype)
-        weights[~has_mask] = labels["weights"]
+        masks[box_only] = labels["masks"]
+        weights = instances["has_mask"].to(labels["weights"].dtype)
+        weights[box_only] = labels["weights"]
         return {**sample, "instances": {**instances, "pseudo_masks": masks, "pseudo_weights": weights}}
 
     # Weights of a single network (ImageNet backbones, CondInst / BoxInst checkpoints) load into

@@ -100,16 +100,17 @@ def pseudo_masks_for_boxes(
         same frame. The detections are assigned to the boxes by ``assign_detections_to_boxes``.
     refinement, image: when given, the assigned probabilities are refined inside their box by
         the guided filter with ``image`` (C, h, w) uint8 (the view the teacher saw, at the masks'
-        size) as guide, and zeroed outside it.
+        size) as guide, and zeroed outside it. The filter's windows are placed from
+        ``gt_boxes`` as given: host boxes spare a device-to-host copy.
     Returns ``masks`` (N, h, w): the assigned detection's (refined) probabilities binarised at
     ``mask_threshold`` (bool; kept as probabilities when it is None), zero for a box without a
     detection; ``weights`` (N,): its ``mask_scores``, 0 without; ``assigned`` (N,) int64: the
     detection index, -1 without.
     """
     probs = prediction["mask_probs"]
-    gt_boxes = gt_boxes.to(probs.device)
+    boxes = gt_boxes.to(probs.device)
     assigned = assign_detections_to_boxes(
-        prediction["boxes"], prediction["scores"], gt_boxes,
+        prediction["boxes"], prediction["scores"], boxes,
         iou_threshold, score_threshold, legacy_first_detection_bug,
     )
     has_match = assigned >= 0
@@ -118,9 +119,9 @@ def pseudo_masks_for_boxes(
         probs, weights = probs.new_zeros((1, *probs.shape[1:])), probs.new_zeros(1)
     index = assigned.clamp(min=0)
     chosen = probs[index]
-    if refinement is not None and bool(has_match.any()):
-        chosen = chosen.clone()
-        chosen[has_match] = refinement(image, chosen[has_match], gt_boxes[has_match]).to(chosen.dtype)
+    if refinement is not None:
+        # Every box is refined (the unmatched ones are zeroed below): no host synchronisation.
+        chosen = refinement(image, chosen, gt_boxes).to(chosen.dtype)
     if mask_threshold is not None:
         chosen = chosen > mask_threshold
     return {
