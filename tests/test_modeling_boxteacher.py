@@ -20,6 +20,7 @@ from boxteacher.modeling.ema import (
     momentum_for_horizon,
 )
 from boxteacher.modeling.pairwise import neighbour_offsets
+from reference_implementations import forward_teacher_per_image
 from tiny_models import tiny_cfg
 
 OFFSETS = neighbour_offsets(3, 2)
@@ -194,8 +195,8 @@ def test_the_teacher_drops_unassignable_detections_without_changing_the_training
 def test_the_teacher_sees_the_test_size_or_the_student_size(test_size, batch_shape):
     model = boxteacher("MODEL.BOX_TEACHER.TEACHER_TEST_SIZE", test_size)  # test size 64; images 64x64, 48x64
     seen = []
-    detect_boxes = model.teacher.detect_boxes
-    model.teacher.detect_boxes = lambda images, *args: seen.append(tuple(images.shape[-2:])) or detect_boxes(images, *args)
+    run_heads = model.teacher.run_heads
+    model.teacher.run_heads = lambda images: seen.append(tuple(images.shape[-2:])) or run_heads(images)
     model.train()
     with torch.no_grad():
         outputs = model.teacher.forward_teacher(batch())
@@ -235,9 +236,9 @@ def test_pseudo_labels_follow_the_assignment():
 
 
 def test_refined_pseudo_masks_follow_the_colour_edges_of_the_clean_view():
-    assert boxteacher().refinement is None
+    assert boxteacher().labelling.refinement is None
     model = boxteacher("MODEL.BOX_TEACHER.REFINE_RADIUS", "4", "MODEL.BOX_TEACHER.REFINE_EPS", "0.02")
-    assert (model.refinement.radius, model.refinement.eps) == (4, 0.02)
+    assert (model.labelling.refinement.radius, model.labelling.refinement.eps) == (4, 0.02)
     sample = batch()[0]
     sample["image"] = torch.full_like(sample["image"], 20)
     sample["image"][:, 34:56, 34:56] = 230  # the object of the second box (30, 30, 60, 60)
@@ -325,3 +326,26 @@ def test_the_two_views_share_the_geometric_transform(tmp_path):
         replaced = DatasetMapper(True, student_aug="strong", student_aug_separate=False, **options)(
             record, np.random.default_rng(seed))
         assert "aug_image" not in replaced and torch.equal(replaced["image"], two["aug_image"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ("MODEL.BOX_TEACHER.IOU_THR", "0.3"),
+    ("MODEL.BOX_TEACHER.TEACHER_TEST_SIZE", "True", "MODEL.BOX_TEACHER.CLIP_MASKS_TO_BOXES", "True"),
+    ("MODEL.BOX_TEACHER.SCORE_IN_BOX", "True", "MODEL.BOX_TEACHER.IOU_THR", "0.1"),
+])
+def test_the_batched_teacher_pass_equals_the_per_image_reference(overrides):
+    torch.manual_seed(0)
+    model = boxteacher("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", *overrides)
+    with torch.no_grad():  # boxes of about 16 x 16 pixels at stride 8 (a random head gives slivers)
+        model.teacher.proposal_generator.fcos_head.bbox_pred.bias.fill_(1.0)
+    model.train()
+    samples = batch() + [{**batch()[1], "instances": {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}}]
+    with torch.no_grad():
+        ours = model.teacher.forward_teacher(samples)
+        reference = forward_teacher_per_image(model.teacher, samples)
+    assert [len(o["scores"]) for o in ours] == [len(r["scores"]) for r in reference]
+    assert len(ours[0]["scores"]) > 0 and len(ours[2]["scores"]) == 0
+    for o, r in zip(ours, reference):
+        assert o.keys() == r.keys()
+        for key in r:
+            torch.testing.assert_close(o[key], r[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
-from boxteacher.modeling.fcos import FCOS, FCOSHead, HeadOutputs
+from boxteacher.modeling.fcos import FCOS, FCOSHead, HeadOutputs, nms_per_image_and_class
 from boxteacher.modeling.fcos_targets import compute_targets, mask_centers
 from boxteacher.modeling.layers import compute_locations
 from boxteacher.modeling.losses import centerness_targets, ltrb_iou_and_giou
+from reference_implementations import fcos_predict_per_image
 
 STRIDES = [8, 16]
 SIZES = [32]
@@ -127,3 +128,40 @@ def test_predict_decodes_boxes_in_pixels_and_applies_nms():
     assert dets["boxes"].tolist() == [[4.0, 4.0, 20.0, 20.0]]
     assert dets["labels"].tolist() == [1]
     assert dets["scores"].item() == pytest.approx(math.sqrt(torch.sigmoid(torch.tensor(5.0)) * torch.sigmoid(torch.tensor(10.0))), rel=1e-6)
+
+
+@pytest.mark.parametrize("thresh_with_ctr", [False, True])
+def test_batched_predict_equals_predicting_image_by_image(thresh_with_ctr):
+    """Random head outputs of 3 images (the last detects nothing), a pre-NMS top-k that cuts
+    the larger level and a post-NMS top-k that cuts the images: the same detections, in the
+    same order, as the per-image reference."""
+    g = torch.Generator().manual_seed(int(thresh_with_ctr))
+    fcos = FCOS(FCOSHead(8, 3, 2, 1, 1, use_group_norm=False), strides=[8, 16], sizes_of_interest=[64],
+                thresh_with_ctr=thresh_with_ctr, pre_nms_topk=40, post_nms_topk=12, nms_threshold=0.5)
+    shapes = [(8, 10), (4, 5)]
+    logits = [torch.randn(3, 3, h, w, generator=g) for h, w in shapes]
+    logits[0][2], logits[1][2] = -20.0, -20.0
+    outputs = HeadOutputs(
+        logits, [torch.rand(3, 4, h, w, generator=g) * 3 for h, w in shapes],
+        [torch.randn(3, 1, h, w, generator=g) for h, w in shapes], [],
+    )
+    locations = fcos.locations([torch.zeros(1, 1, h, w) for h, w in shapes])
+    top_feats = [torch.randn(3, 7, h, w, generator=g) for h, w in shapes]
+    expected = fcos_predict_per_image(fcos, outputs, locations, top_feats)
+    batched = fcos.predict(outputs, locations, top_feats)
+    assert [d["scores"].numel() for d in batched] == [d["scores"].numel() for d in expected] == [12, 12, 0]
+    for ours, reference in zip(batched, expected):
+        assert ours.keys() == reference.keys()
+        for key in reference:
+            torch.testing.assert_close(ours[key], reference[key], msg=key)
+    flat = fcos.predict_batch(outputs, locations, top_feats, post_nms_topk=0)
+    assert flat["im_inds"].tolist() == sorted(flat["im_inds"].tolist())
+    unlimited = fcos_predict_per_image(fcos, outputs, locations, top_feats, post_nms_topk=0)
+    assert torch.bincount(flat["im_inds"], minlength=3).tolist() == [d["scores"].numel() for d in unlimited]
+
+
+def test_nms_per_image_and_class_never_suppresses_across_groups():
+    boxes = torch.tensor([[-40.0, -40.0, 10.0, 10.0]] * 4)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    keep = nms_per_image_and_class(boxes, scores, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 0]), 0.5)
+    assert keep.tolist() == [0, 1, 2]

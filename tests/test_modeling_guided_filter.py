@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from boxteacher.modeling.guided_filter import MaskRefinement, guided_filter, inverse_regularised_covariance, window_mean
+from boxteacher.modeling.guided_filter import MaskRefinement, guided_filter, inverse_regularised_covariance
 from boxteacher.modeling.layers import boxes_to_masks
-from boxteacher.modeling.pseudo_labels import pseudo_masks_for_boxes
+from boxteacher.modeling.pseudo_labels import PseudoLabelSettings, pseudo_masks_for_boxes
 
 
 def guided_filter_by_windows(guide, src, radius, eps):
@@ -88,18 +88,22 @@ def test_pseudo_masks_are_refined_after_the_assignment_and_before_binarising():
                   "mask_probs": probs}
     boxes = torch.tensor([[12.0, 10.0, 28.0, 22.0], [30.0, 28.0, 46.0, 38.0]])  # the second matches nothing
     refinement = MaskRefinement(radius=4, eps=0.01)
-    plain = pseudo_masks_for_boxes(prediction, boxes, 0.5, mask_threshold=0.5)
-    refined = pseudo_masks_for_boxes(prediction, boxes, 0.5, mask_threshold=0.5, refinement=refinement, image=image)
+    plain = pseudo_masks_for_boxes(prediction, boxes, PseudoLabelSettings(0.5, mask_threshold=0.5))
+    refined = pseudo_masks_for_boxes(prediction, boxes, PseudoLabelSettings(0.5, mask_threshold=0.5, refinement=refinement), image)
     assert torch.equal(plain["masks"][0], probs[0] > 0.5) and not torch.equal(plain["masks"][0], truth)
     assert torch.equal(refined["masks"][0], truth)
     assert refined["masks"].dtype == torch.bool and not refined["masks"][1].any()
     assert torch.equal(refined["weights"], plain["weights"]) and torch.equal(refined["assigned"], plain["assigned"])
-    soft = pseudo_masks_for_boxes(prediction, boxes, 0.5, mask_threshold=None, refinement=refinement, image=image)
+    soft = pseudo_masks_for_boxes(prediction, boxes, PseudoLabelSettings(0.5, mask_threshold=None, refinement=refinement), image)
     inside = torch.zeros(40, 48)
     inside[10:22, 12:28] = 1  # the pixels whose centre is inside box 0
     filtered = guided_filter(image.float() / 255, probs[:1], 4, 0.01).clamp(0, 1)[0]
     torch.testing.assert_close(soft["masks"][0], filtered * inside)  # the box's crop, as the whole image
     assert soft["masks"][1].abs().sum() == 0
+
+
+def window_mean(x, radius):
+    return torch.nn.functional.avg_pool2d(x, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
 
 
 def refine_box_by_box(image, masks, boxes, radius, eps):
@@ -133,7 +137,8 @@ def test_closed_form_inverse_equals_the_matrix_inverse():
     centred = colours - colours.mean(1, keepdim=True)
     covariance = torch.einsum("inw,jnw->ijw", centred, centred) / 20
     expected = torch.linalg.inv(covariance.permute(2, 0, 1) + 0.01 * torch.eye(3, dtype=torch.float64))
-    torch.testing.assert_close(inverse_regularised_covariance(covariance, 0.01), expected.permute(1, 2, 0))
+    got = inverse_regularised_covariance(covariance[..., None], 0.01)[..., 0]
+    torch.testing.assert_close(got, expected.permute(1, 2, 0))
     torch.testing.assert_close(inverse_regularised_covariance(covariance[:1, :1], 0.1), 1 / (covariance[:1, :1] + 0.1))
 
 
@@ -164,3 +169,20 @@ def test_refinement_runs_without_host_synchronisation():
         MaskRefinement(radius=2)(image, masks, boxes)
     names = {event.name for event in profile.events()}
     assert not names & {"aten::_local_scalar_dense", "aten::item", "aten::nonzero"}, names
+
+
+def test_refining_a_batch_of_images_of_different_sizes_equals_refining_each():
+    """Windows of one size for all images: near the border of a smaller image a window reaches
+    into the padding, which must not count."""
+    g = torch.Generator().manual_seed(5)
+    sizes, counts = [(45, 70), (30, 38), (52, 20), (40, 40)], [3, 2, 0, 1]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    masks = [torch.rand(n, h, w, generator=g) for n, (h, w) in zip(counts, sizes)]
+    boxes = [torch.tensor([[30.0, 10.0, 69.0, 44.0], [0.0, 0.0, 20.0, 8.0], [5.0, 20.0, 40.0, 30.0]]),
+             torch.tensor([[20.0, 15.0, 38.0, 30.0], [2.0, 3.0, 9.0, 7.5]]), torch.zeros(0, 4),
+             torch.tensor([[36.0, 36.0, 40.0, 40.0]])]
+    refinement = MaskRefinement(radius=3, eps=0.01)
+    batched = refinement.refine_batch(images, masks, boxes)
+    assert [tuple(b.shape) for b in batched] == [(n, h, w) for n, (h, w) in zip(counts, sizes)]
+    for out, image, m, b in zip(batched, images, masks, boxes):
+        torch.testing.assert_close(out, refine_box_by_box(image, m, b, 3, 0.01).float(), rtol=0, atol=2e-5)

@@ -98,3 +98,19 @@ def test_box_restricted_mean_probability_of_the_paper():
     assert boxes_to_masks(box, (4, 4))[0].sum().item() == 4
     assert mean_foreground_probability(probs, boxes=box).item() == pytest.approx(0.9, rel=1e-5)
     assert mean_foreground_probability(probs).item() == pytest.approx(0.8, rel=1e-5)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_one_pass_over_several_images_equals_image_by_image(legacy):
+    """Boxes of different images overlap (same coordinates range) but never match across."""
+    g = torch.Generator().manual_seed(1)
+    for case in range(40):
+        shapes = [(int(m), int(n)) for m, n in torch.randint(0, 12, (4, 2), generator=g)]
+        images = [random_case(g, m, n) for m, n in shapes]
+        dets, scores, gt = (torch.cat([x[k] for x in images]) for k in range(3))
+        got = assign_detections_to_boxes(dets, scores, gt, 0.5, 0.0, legacy, [m for m, _ in shapes], [n for _, n in shapes])
+        offsets = [sum(m for m, _ in shapes[:i]) for i in range(len(shapes))]
+        expected = [d + offset if d >= 0 else -1
+                    for (d_boxes, d_scores, g_boxes), offset in zip(images, offsets)
+                    for d in greedy_reference(d_boxes, d_scores, g_boxes, 0.5, 0.0, legacy)]
+        assert got.tolist() == expected, (case, shapes)

@@ -24,6 +24,7 @@ from boxteacher.data.coco import load_coco_json
 from boxteacher.engine.checkpoint import Checkpointer
 from boxteacher.evaluation import COCOEvaluator
 from boxteacher.evaluation.pseudo_mask_iou import pseudo_mask_report
+from boxteacher.modeling.pseudo_labels import PseudoLabelSettings
 from boxteacher.pseudo_export import ExportSettings, PseudoMaskExporter, box_labels
 from tiny_models import TINY_MODEL_OVERRIDES
 
@@ -121,7 +122,7 @@ def teacher(files):
 
 def export(files, network, images=None, **settings):
     data = json.loads(files["json"].read_text())
-    return PseudoMaskExporter(network, ExportSettings(iou_threshold=0.2, **settings)).export(
+    return PseudoMaskExporter(network, ExportSettings(PseudoLabelSettings(iou_threshold=0.2), **settings)).export(
         data, str(images or files["images"]))
 
 
@@ -270,7 +271,8 @@ def test_box_labels_are_the_pseudo_labels_of_training(files, refine_radius):
     cfg = load_config(str(files["config"]), [*OVERRIDES, "MODEL.BOX_TEACHER.REFINE_RADIUS", str(refine_radius)])
     model = build_model(cfg)
     settings = tool.export_settings(cfg, argparse.Namespace(score_threshold=0.0, box_fallback=False))
-    assert settings.refinement == model.refinement and (refine_radius == 0) == (settings.refinement is None)
+    refinement = settings.labelling.refinement
+    assert refinement == model.labelling.refinement and (refine_radius == 0) == (refinement is None)
     h, w = 64, 64
     probs = torch.zeros(3, h, w)
     probs[0, 40:50, 40:50] = 0.9

@@ -25,8 +25,8 @@ import torch
 from tabulate import tabulate
 
 from boxteacher.modeling.guided_filter import MaskRefinement
-from boxteacher.modeling.pseudo_labels import pseudo_masks_for_boxes
-from boxteacher.modeling.teacher import TeacherPass, assignable_detections, teacher_outputs
+from boxteacher.modeling.pseudo_labels import PseudoLabelSettings, pseudo_masks_for_batch
+from boxteacher.modeling.teacher import TeacherPass, assignable_detections, teacher_outputs, to_student_frame
 
 
 def synthetic_image(
@@ -81,8 +81,7 @@ def refinement_table(args: argparse.Namespace, outputs: list[dict], gt_boxes: li
     for name, refinement in (("assigned masks as they are", None),
                              (f"guided filter, radius {args.refine_radius}", MaskRefinement(args.refine_radius))):
         def label():
-            return [pseudo_masks_for_boxes(o, g, args.iou, mask_threshold=0.5, refinement=refinement, image=i)
-                    for o, g, i in zip(outputs, gt_boxes, guides)]
+            return pseudo_masks_for_batch(outputs, gt_boxes, PseudoLabelSettings(args.iou, refinement=refinement), guides)
         seconds, labels = timed(label, args.device, args.repeats)
         base = base or seconds
         matched = sum(int((x["assigned"] >= 0).sum()) for x in labels) / len(labels)
@@ -106,15 +105,17 @@ def main() -> None:
 
     generator = torch.Generator().manual_seed(0)
     images = [synthetic_image(args, generator) for _ in range(args.images)]
-    detections, gt_boxes = [d for d, _ in images], [g for _, g in images]
+    gt_boxes = [g for _, g in images]
+    detections = {k: torch.cat([d[k] for d, _ in images]) for k in images[0][0]}
+    detections["im_inds"] = torch.arange(args.images, device=args.device).repeat_interleave(args.detections)
     sizes = dict(input_sizes=[tuple(args.teacher_size)] * args.images, student_sizes=[tuple(args.student_size)] * args.images)
     rows, seconds = [], {}
     for name, select in (("every detection (release)", False), ("assignable detections only", True)):
         def post_process():
             selected = detections
             if select:
-                selected = [assignable_detections(d, tuple(args.teacher_size), tuple(args.student_size), g, args.iou)
-                            for d, g in zip(detections, gt_boxes)]
+                student_boxes = to_student_frame(detections["boxes"], detections["im_inds"], **sizes)
+                selected = assignable_detections(detections, student_boxes, gt_boxes, args.iou)
             return teacher_outputs(selected, mask_stride=4, settings=TeacherPass(), **sizes)
         seconds[name], outputs = timed(post_process, args.device, args.repeats)
         kept = sum(o["scores"].numel() for o in outputs)

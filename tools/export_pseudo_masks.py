@@ -39,6 +39,7 @@ from boxteacher.config import CfgNode, load_config
 from boxteacher.data.coco import load_coco_json
 from boxteacher.engine.checkpoint import Checkpointer, atomic_open
 from boxteacher.evaluation.pseudo_mask_iou import pseudo_mask_report, report_table
+from boxteacher.modeling.pseudo_labels import PseudoLabelSettings
 from boxteacher.pseudo_export import ExportSettings, PseudoMaskExporter
 from boxteacher.utils.logger import setup_logger
 
@@ -48,11 +49,13 @@ logger = logging.getLogger("boxteacher.export_pseudo_masks")
 def export_settings(cfg: CfgNode, args: argparse.Namespace) -> ExportSettings:
     t = cfg.MODEL.BOX_TEACHER
     return ExportSettings(
-        iou_threshold=t.IOU_THR,
-        ranking_score_threshold=t.SCORE_THR,
-        legacy_assignment=t.LEGACY_ASSIGNMENT,
-        mask_threshold=t.TEACHER_MASK_THRESHOLD,
-        refinement=mask_refinement(cfg),
+        labelling=PseudoLabelSettings(
+            iou_threshold=t.IOU_THR,
+            score_threshold=t.SCORE_THR,
+            legacy_first_detection_bug=t.LEGACY_ASSIGNMENT,
+            mask_threshold=t.TEACHER_MASK_THRESHOLD,
+            refinement=mask_refinement(cfg),
+        ),
         min_score=args.score_threshold,
         box_fallback=args.box_fallback,
         image_format=cfg.INPUT.FORMAT,

@@ -176,14 +176,14 @@ def compare_training(fixture: Fixture, legacy: bool) -> list[Row]:
         stack.enter_context(recording(model.teacher, "run_heads", heads["teacher"]))
         stack.enter_context(recording(model.student, "run_heads", heads["student"]))
         stack.enter_context(recording(model.teacher, "forward_teacher", teacher_out))
-        stack.enter_context(recording(model, "with_pseudo_masks", labelled))
+        stack.enter_context(recording(model, "label_batch", labelled))
         stack.enter_context(recording(model.student, "mask_logits", mask_logits))
         losses = model(fixture.training_batch())
     prefix = "c" if legacy else "c/fixed"
     total = compare_losses(c, losses, expected, prefix)
     c.exact("num_pseudo_masks", losses["num_pseudo_masks"], expected[f"{prefix}/num_pseudo_masks"])
     assign = "c/assign_legacy" if legacy else "c/assign_fixed"
-    for i, (_, sample) in enumerate(labelled):
+    for i, sample in enumerate(labelled[0][1]):
         c.close("assignment weights", sample["instances"]["pseudo_weights"], expected[f"{assign}/img{i}/weight"], SCORES)
     if legacy:
         for who in ("teacher", "student"):

@@ -20,6 +20,7 @@ from .modeling.condinst import DynamicMaskHead, MaskBranch
 from .modeling.fcos import FCOS, FCOSHead
 from .modeling.guided_filter import MaskRefinement
 from .modeling.layers import get_norm
+from .modeling.pseudo_labels import PseudoLabelSettings
 from .modeling.teacher import TeacherPass
 from .utils.env import resolve_device
 
@@ -212,13 +213,15 @@ def BoxTeacher(cfg: CfgNode) -> boxteacher.BoxTeacher:  # noqa: N802 (registered
     return boxteacher.BoxTeacher(
         student,
         teacher,
-        iou_threshold=t.IOU_THR,
-        score_threshold=t.SCORE_THR,
-        legacy_assignment=t.LEGACY_ASSIGNMENT,
+        labelling=PseudoLabelSettings(
+            iou_threshold=t.IOU_THR,
+            score_threshold=t.SCORE_THR,
+            legacy_first_detection_bug=t.LEGACY_ASSIGNMENT,
+            mask_threshold=None if t.RETURN_FLOAT_MASK or t.SOFT_PSEUDO_MASKS else t.TEACHER_MASK_THRESHOLD,
+            refinement=mask_refinement(cfg),
+        ),
         teacher_eval_mode=t.TEACHER_EVAL,
         use_teacher_inference=t.USE_TEACHER_INFERENCE,
-        pseudo_mask_threshold=None if t.RETURN_FLOAT_MASK or t.SOFT_PSEUDO_MASKS else t.TEACHER_MASK_THRESHOLD,
-        refinement=mask_refinement(cfg),
     )
 
 

@@ -32,9 +32,8 @@ import pycocotools.mask as mask_util
 import torch
 from torch import nn
 
-from .modeling.guided_filter import MaskRefinement
 from .modeling.layers import boxes_to_masks
-from .modeling.pseudo_labels import pseudo_masks_for_boxes
+from .modeling.pseudo_labels import PseudoLabelSettings, pseudo_masks_for_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -48,21 +47,16 @@ _LISTED_IDS = 5
 class ExportSettings:
     """How boxes get their pseudo masks.
 
-    iou_threshold, ranking_score_threshold, legacy_assignment: the box-based assignment of
-        training (``MODEL.BOX_TEACHER.IOU_THR``, ``SCORE_THR``, ``LEGACY_ASSIGNMENT``).
-    mask_threshold: the teacher's mask probabilities are binarised at this value.
-    refinement: guided-filter refinement of the masks before that (``MODEL.BOX_TEACHER.REFINE_*``).
+    labelling: the pseudo labels of training (``MODEL.BOX_TEACHER.IOU_THR``, ``SCORE_THR``,
+        ``LEGACY_ASSIGNMENT``, ``TEACHER_MASK_THRESHOLD``, ``REFINE_*``); its mask threshold
+        must be set (the export writes binary masks).
     min_score: boxes whose pseudo-mask score is below this count as unmatched.
     box_fallback: an unmatched box gets the mask of its box instead of no mask.
     image_format: channel order the network expects ("BGR" or "RGB").
     log_period_s: a progress line at most this often.
     """
 
-    iou_threshold: float = 0.5
-    ranking_score_threshold: float = 0.0
-    legacy_assignment: bool = False
-    mask_threshold: float = 0.5
-    refinement: MaskRefinement | None = None
+    labelling: PseudoLabelSettings = PseudoLabelSettings()
     min_score: float = 0.0
     box_fallback: bool = False
     image_format: str = "BGR"
@@ -79,14 +73,11 @@ def box_labels(
     (``modeling.pseudo_labels.pseudo_masks_for_boxes``).
 
     prediction: ``forward_teacher`` output of the image; boxes: (N, 4) XYXY, same frame;
-    image: (C, h, w) uint8, the guide of ``settings.refinement`` (needed only with it).
+    image: (C, h, w) uint8, the guide of the refinement (needed only with it).
     Returns ``masks`` bool (N, h, w) (empty where no detection was assigned), ``scores`` (N,)
     the pseudo-mask weights (0 where none) and ``matched`` bool (N,).
     """
-    labels = pseudo_masks_for_boxes(
-        prediction, boxes, settings.iou_threshold, settings.ranking_score_threshold,
-        settings.legacy_assignment, settings.mask_threshold, settings.refinement, image,
-    )
+    labels = pseudo_masks_for_boxes(prediction, boxes, settings.labelling, image)
     masks, scores = labels["masks"], labels["weights"]
     matched = (labels["assigned"] >= 0) & masks.flatten(1).any(dim=1) & (scores >= settings.min_score)
     return {"masks": masks, "scores": scores, "matched": matched}

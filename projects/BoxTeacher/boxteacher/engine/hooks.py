@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from fvcore.common.checkpoint import PeriodicCheckpointer as _FvcorePeriodicCheckpointer
 from fvcore.common.timer import Timer
+from torch.profiler import record_function
 
 from ..evaluation.evaluator import flatten_results_dict
 from ..modeling.ema import copy_student_to_teacher, ema_momentum, ema_update, mean_parameter_distance
@@ -266,7 +267,8 @@ class EMAHook(HookBase):
     def before_step(self) -> None:
         teacher, student = self._networks()
         momentum = ema_momentum(self.trainer.iter, self._max_momentum)
-        ema_update(teacher, student, momentum, self._norm_stats)
+        with record_function("ema"):
+            ema_update(teacher, student, momentum, self._norm_stats)
         storage = self.trainer.storage
         storage.put_scalar("ema_momentum", momentum, smoothing_hint=False)
         if (self.trainer.iter + 1) % self._log_period == 0:

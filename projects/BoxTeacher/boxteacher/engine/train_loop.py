@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from ..utils import comm
 from .events import EventStorage
@@ -206,11 +207,12 @@ class SimpleTrainer(TrainerBase):
 
     def run_step(self) -> None:
         start = time.perf_counter()
-        data = self._next_batch()
+        with record_function("data"):
+            data = self._next_batch()
         data_time = time.perf_counter() - start
 
         autocast = torch.autocast("cuda") if self.grad_scaler is not None else nullcontext()
-        with autocast:
+        with record_function("forward"), autocast:
             loss_dict = self.model(data)
         losses = _total_loss(loss_dict)
         values = _to_floats(loss_dict)
@@ -218,17 +220,21 @@ class SimpleTrainer(TrainerBase):
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_scaler is None:
-            losses.backward()
-            if self.grad_clipper is not None:
-                self.grad_clipper(self._params)
-            self.optimizer.step()
+            with record_function("backward"):
+                losses.backward()
+            with record_function("optimizer"):
+                if self.grad_clipper is not None:
+                    self.grad_clipper(self._params)
+                self.optimizer.step()
         else:
-            self.grad_scaler.scale(losses).backward()
-            if self.grad_clipper is not None:
-                self.grad_scaler.unscale_(self.optimizer)
-                self.grad_clipper(self._params)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
+            with record_function("backward"):
+                self.grad_scaler.scale(losses).backward()
+            with record_function("optimizer"):
+                if self.grad_clipper is not None:
+                    self.grad_scaler.unscale_(self.optimizer)
+                    self.grad_clipper(self._params)
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
 
         self._write_metrics(values, data_time)
 

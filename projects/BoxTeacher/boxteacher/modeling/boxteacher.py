@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from .boxinst_model import BoxInst
-from .guided_filter import MaskRefinement
+from .layers import group_indices
 from .losses import dice_loss
 from .pairwise import overlap, pairwise_loss
-from .pseudo_labels import pseudo_masks_for_boxes
+from .pseudo_labels import PseudoLabelSettings, pseudo_masks_for_batch
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +108,7 @@ class PseudoMaskBoxInst(BoxInst):
         settings = self.pseudo_losses
         masks = torch.cat([self._masks_at_output_stride(g["pseudo_masks"], padded_size) for g in gt])
         masks = masks * targets["box_masks"]
-        counts = [g["boxes"].shape[0] for g in gt]
-        valid = targets["valid"].repeat_interleave(torch.tensor(counts, device=masks.device), dim=0)
+        valid = targets["valid"][group_indices([g["boxes"].shape[0] for g in gt]).to(masks.device)]
         targets["pseudo_pair_weights"] = pseudo_mask_affinity(
             masks, valid, self.pairwise_offsets, settings.affinity_threshold
         )
@@ -178,14 +178,11 @@ class BoxTeacher(nn.Module):
 
     Args:
         student, teacher: the two networks; the teacher's parameters get no gradient.
-        iou_threshold, score_threshold: of the box-based assignment.
-        legacy_assignment: reproduce the released code's off-by-one in the assignment.
+        labelling: how the teacher's detections become pseudo labels (assignment thresholds,
+            binarisation, guided-filter refinement).
         teacher_eval_mode: run the teacher pass in eval mode. The original runs it in train
             mode (mask-branch BN with batch statistics), the default here too.
         use_teacher_inference: evaluate with the teacher.
-        pseudo_mask_threshold: binarises the teacher's masks (None: keep probabilities).
-        refinement: refines the assigned teacher masks with the guided filter, the clean view
-            as guide, before they are binarised (None: the teacher's masks as they are).
     """
 
     def __init__(
@@ -193,26 +190,18 @@ class BoxTeacher(nn.Module):
         student: nn.Module,
         teacher: nn.Module,
         *,
-        iou_threshold: float = 0.5,
-        score_threshold: float = 0.0,
-        legacy_assignment: bool = False,
+        labelling: PseudoLabelSettings = PseudoLabelSettings(),
         teacher_eval_mode: bool = False,
         use_teacher_inference: bool = True,
-        pseudo_mask_threshold: float | None = 0.5,
-        refinement: MaskRefinement | None = None,
     ):
         super().__init__()
         self.teacher = teacher
         self.student = student
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.iou_threshold = iou_threshold
-        self.score_threshold = score_threshold
-        self.legacy_assignment = legacy_assignment
+        self.labelling = labelling
         self.teacher_eval_mode = teacher_eval_mode
         self.use_teacher_inference = use_teacher_inference
-        self.pseudo_mask_threshold = pseudo_mask_threshold
-        self.refinement = refinement
 
     @property
     def device(self) -> torch.device:
@@ -222,27 +211,35 @@ class BoxTeacher(nn.Module):
         if not self.training:
             return (self.teacher if self.use_teacher_inference else self.student)(batched_inputs)
         self.teacher.train(not self.teacher_eval_mode)
-        with torch.no_grad():
+        with torch.no_grad(), record_function("teacher"):
             predictions = self.teacher.forward_teacher(batched_inputs)
-        labelled = [self.with_pseudo_masks(x, p) for x, p in zip(batched_inputs, predictions)]
-        return self.student(labelled)
+        with record_function("pseudo labels"):
+            labelled = self.label_batch(batched_inputs, predictions)
+        with record_function("student"):
+            return self.student(labelled)
 
-    def with_pseudo_masks(self, sample: dict, prediction: dict[str, torch.Tensor]) -> dict:
-        """A copy of ``sample`` whose instances carry ``pseudo_masks`` (N, h, w) at the input
-        resolution (all zero for a box no detection matched) and ``pseudo_weights`` (N,).
+    def label_batch(self, batched_inputs: list[dict], predictions: list[dict[str, torch.Tensor]]) -> list[dict]:
+        """Copies of the samples whose instances carry ``pseudo_masks`` (N, h, w) at the input
+        resolution (all zero for a box no detection matched) and ``pseudo_weights`` (N,), the
+        whole batch labelled at once (see ``pseudo_masks_for_batch``).
 
         In mixed supervision (instances with ``has_mask`` (N,) and ``masks`` (N, h, w)), the
         teacher's detections are assigned to the box-only instances alone; a masked instance's
         pseudo mask is its annotation mask, with weight 1."""
-        given = sample["instances"]  # on the host as the data loader gives them: no sync below
+        # The instances are on the host as the data loader gives them: no device sync below.
+        given = [x["instances"] for x in batched_inputs]
+        box_only = [None if "has_mask" not in g or not bool(g["has_mask"].any()) else torch.nonzero(~g["has_mask"])[:, 0]
+                    for g in given]
+        boxes = [g["boxes"] if keep is None else g["boxes"][keep] for g, keep in zip(given, box_only)]
+        labels = pseudo_masks_for_batch(predictions, boxes, self.labelling, [x["image"] for x in batched_inputs])
+        return [self._with_labels(x, g, keep, label) for x, g, keep, label in zip(batched_inputs, given, box_only, labels)]
+
+    def with_pseudo_masks(self, sample: dict, prediction: dict[str, torch.Tensor]) -> dict:
+        """``label_batch`` of one sample."""
+        return self.label_batch([sample], [prediction])[0]
+
+    def _with_labels(self, sample: dict, given: dict, box_only: torch.Tensor | None, labels: dict) -> dict:
         instances = {k: v.to(self.device) for k, v in given.items()}
-        has_mask = given.get("has_mask")
-        box_only = None if has_mask is None or not bool(has_mask.any()) else torch.nonzero(~has_mask)[:, 0]
-        labels = pseudo_masks_for_boxes(
-            prediction, given["boxes"] if box_only is None else given["boxes"][box_only],
-            self.iou_threshold, self.score_threshold, self.legacy_assignment, self.pseudo_mask_threshold,
-            self.refinement, sample["image"],
-        )
         if box_only is None:
             pseudo = {"pseudo_masks": labels["masks"], "pseudo_weights": labels["weights"]}
             return {**sample, "instances": {**instances, **pseudo}}

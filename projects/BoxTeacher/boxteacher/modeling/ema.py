@@ -48,7 +48,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, norm_sta
     layers too (without it they would stay those of the iteration-0 copy).
     """
     teacher_tensors = list(teacher.parameters())
-    student_tensors = [p.detach() for p in student.parameters()]
+    student_tensors = list(student.parameters())
     if norm_stats:
         teacher_tensors += norm_statistics(teacher)
         student_tensors += norm_statistics(student)

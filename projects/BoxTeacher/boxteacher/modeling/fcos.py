@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms, sigmoid_focal_loss
+from torchvision.ops import nms, sigmoid_focal_loss
 
 from ..utils.comm import reduce_mean
 from .fcos_targets import FCOSTargets, compute_targets
-from .layers import Scale, compute_locations
+from .layers import Scale, compute_locations, select_rows
 from .losses import centerness_targets, iou_loss
 
 
@@ -214,22 +214,37 @@ class FCOS(nn.Module):
 
         Each dict holds ``boxes`` (M, 4) XYXY in the padded input frame, ``scores`` (M,) =
         sqrt(cls prob * centerness prob), ``labels``, ``fpn_levels`` (M,), ``locations`` (M, 2)
-        and, when given, ``top_feat`` (M, G).
+        and, when given, ``top_feat`` (M, G). See ``predict_batch``.
         """
+        detections = self.predict_batch(outputs, locations, top_feats, post_nms_topk)
+        counts = torch.bincount(detections.pop("im_inds"), minlength=outputs.logits[0].shape[0]).tolist()
+        return [dict(zip(detections, values)) for values in zip(*(v.split(counts) for v in detections.values()))]
+
+    @torch.no_grad()
+    def predict_batch(
+        self,
+        outputs: HeadOutputs,
+        locations: list[torch.Tensor],
+        top_feats: list[torch.Tensor] | None = None,
+        post_nms_topk: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The detections of the whole batch, computed for all images at once (two host
+        synchronisations per batch): per level the ``pre_nms_topk`` best (location, class)
+        pairs above the score threshold, class-aware NMS per image, the ``post_nms_topk`` best
+        of each image. Fields as in ``predict`` plus ``im_inds`` (M,); grouped by image, best
+        first within an image."""
         post_nms_topk = self.post_nms_topk if post_nms_topk is None else post_nms_topk
         num_images = outputs.logits[0].shape[0]
-        results = []
-        for i in range(num_images):
-            candidates = [
-                self._level_candidates(outputs, locations, top_feats, level, i)
-                for level in range(len(locations))
-            ]
-            merged = {k: torch.cat([c[k] for c in candidates]) for k in candidates[0]}
-            keep = batched_nms(merged["boxes"], merged["scores"], merged["labels"], self.nms_threshold)
-            if post_nms_topk > 0:
-                keep = keep[:post_nms_topk]
-            results.append({k: v[keep] for k, v in merged.items()})
-        return results
+        levels = [self._level_candidates(outputs, locations, top_feats, level) for level in range(len(locations))]
+        merged = {k: torch.cat([c[k] for c in levels], dim=1).flatten(0, 1) for k in levels[0]}
+        per_image = sum(c["scores"].shape[1] for c in levels)
+        merged["im_inds"] = torch.arange(num_images, device=merged["scores"].device).repeat_interleave(per_image)
+        merged = select_rows(merged, merged.pop("valid"))
+        keep = nms_per_image_and_class(merged["boxes"], merged["scores"], merged["im_inds"], merged["labels"], self.nms_threshold)
+        keep = keep[torch.argsort(merged["im_inds"][keep], stable=True)]  # grouped by image, best first
+        if post_nms_topk > 0:
+            keep = keep[rank_within_groups(merged["im_inds"][keep], num_images) < post_nms_topk]
+        return {k: v[keep] for k, v in merged.items()}
 
     def _level_candidates(
         self,
@@ -237,33 +252,55 @@ class FCOS(nn.Module):
         locations: list[torch.Tensor],
         top_feats: list[torch.Tensor] | None,
         level: int,
-        image: int,
     ) -> dict[str, torch.Tensor]:
-        num_classes = outputs.logits[level].shape[1]
-        probs = outputs.logits[level][image].permute(1, 2, 0).reshape(-1, num_classes).sigmoid()
-        ctr = outputs.ctrness[level][image].reshape(-1).sigmoid()
+        """The ``pre_nms_topk`` best (location, class) pairs of every image at one level, best
+        first: each field (B, k, ...), and ``valid`` (B, k) for those above the threshold."""
+        logits = outputs.logits[level]
+        num_images, num_classes = logits.shape[:2]
+        probs = logits.permute(0, 2, 3, 1).reshape(num_images, -1, num_classes).sigmoid()
+        ctr = outputs.ctrness[level].reshape(num_images, -1, 1).sigmoid()
         if self.thresh_with_ctr:
-            probs = probs * ctr[:, None]
-        candidate = probs > self.score_threshold
+            probs = probs * ctr
+        candidate = (probs > self.score_threshold).flatten(1)
         if not self.thresh_with_ctr:
-            probs = probs * ctr[:, None]
-        scores = probs[candidate]
-        loc_index, labels = candidate.nonzero(as_tuple=True)
-        if scores.numel() > self.pre_nms_topk:
-            scores, top = scores.topk(self.pre_nms_topk)
-            loc_index, labels = loc_index[top], labels[top]
-        reg = outputs.bbox_reg[level][image].permute(1, 2, 0).reshape(-1, 4)[loc_index]
-        reg = reg * self.strides[level]
+            probs = probs * ctr
+        masked = torch.where(candidate, probs.flatten(1), probs.new_full((), -1.0))
+        scores, index = masked.topk(min(self.pre_nms_topk, masked.shape[1]), dim=1)
+        loc_index, labels = index // num_classes, index % num_classes
+        reg = outputs.bbox_reg[level].permute(0, 2, 3, 1).reshape(num_images, -1, 4)
+        reg = reg.gather(1, loc_index[..., None].expand(-1, -1, 4)) * self.strides[level]
         points = locations[level][loc_index]
-        boxes = torch.cat([points - reg[:, :2], points + reg[:, 2:]], dim=1)
         result = {
-            "boxes": boxes,
-            "scores": torch.sqrt(scores),
+            "boxes": torch.cat([points - reg[..., :2], points + reg[..., 2:]], dim=2),
+            "scores": torch.sqrt(scores.clamp(min=0)),
             "labels": labels,
             "fpn_levels": torch.full_like(labels, level),
             "locations": points,
+            "valid": candidate.gather(1, index),
         }
         if top_feats is not None:
-            feats = top_feats[level][image]
-            result["top_feat"] = feats.permute(1, 2, 0).reshape(-1, feats.shape[0])[loc_index]
+            feats = top_feats[level].flatten(2).transpose(1, 2)  # (B, h*w, G)
+            result["top_feat"] = feats.gather(1, loc_index[..., None].expand(-1, -1, feats.shape[2]))
         return result
+
+
+def nms_per_image_and_class(
+    boxes: torch.Tensor, scores: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """Indices kept by NMS run separately for every (image, class), by decreasing score.
+
+    One ``torchvision.ops.nms`` call for all groups: the boxes of different classes are moved
+    apart along x and those of different images along y by more than the extent of all boxes
+    (``batched_nms`` moves classes along both axes: the same float precision for one image)."""
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    span = boxes.max() - boxes.min() + 1
+    shift = torch.stack([labels, images], dim=1).to(boxes) * span
+    return nms(boxes + shift.repeat(1, 2), scores, iou_threshold)
+
+
+def rank_within_groups(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Position of every element within its group, for elements sorted by group: (M,) int64."""
+    counts = torch.bincount(groups, minlength=num_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(groups.numel(), device=groups.device) - starts[groups]

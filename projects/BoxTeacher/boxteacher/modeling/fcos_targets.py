@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .layers import group_indices
+
 INF = 100000000
 
 
@@ -113,13 +115,11 @@ def assign_image(
     max_reg = reg.max(dim=2).values
     cared = (max_reg >= size_ranges[:, 0:1]) & (max_reg <= size_ranges[:, 1:2])
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    candidate_areas = areas[None].expand(num_locations, -1).clone()
-    candidate_areas[~(inside & cared)] = INF
+    candidate_areas = torch.where(inside & cared, areas[None], areas.new_full((), INF))
     min_area, box_index = candidate_areas.min(dim=1)
     background = min_area == INF
-    location_labels = labels[box_index].clone()
-    location_labels[background] = num_classes
-    box_index = torch.where(background, torch.full_like(box_index, -1), box_index)
+    location_labels = torch.where(background, num_classes, labels[box_index])
+    box_index = torch.where(background, -1, box_index)
     reg_targets = reg[torch.arange(num_locations, device=reg.device), box_index.clamp(min=0)]
     return location_labels, reg_targets, box_index
 
@@ -147,9 +147,7 @@ def compute_targets(
     bounds = [-1.0] + [float(s) for s in sizes_of_interest] + [float(INF)]
     counts = [loc.shape[0] for loc in locations_per_level]
     locations = torch.cat(locations_per_level)
-    level_of_location = torch.repeat_interleave(
-        torch.arange(len(counts), device=device), torch.tensor(counts, device=device)
-    )
+    level_of_location = group_indices(counts).to(device)
     location_strides = torch.tensor(strides, dtype=torch.float32, device=device)[level_of_location]
     size_ranges = torch.tensor(
         [[bounds[i], bounds[i + 1]] for i in range(len(counts))], dtype=torch.float32, device=device

@@ -100,6 +100,19 @@ def batch_images(
     return batch, sizes
 
 
+def select_rows(fields: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The rows of every field where the (M,) bool ``keep`` is true (one host synchronisation
+    for all fields, where indexing each by the mask would make one per field)."""
+    index = torch.nonzero(keep)[:, 0]
+    return {k: v[index] for k, v in fields.items()}
+
+
+def group_indices(counts: list[int]) -> torch.Tensor:
+    """(sum(counts),) int64 on the host: the group of every element of consecutive groups of
+    these sizes (e.g. the image of every box of a batch)."""
+    return torch.tensor([group for group, count in enumerate(counts) for _ in range(count)], dtype=torch.int64)
+
+
 def resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
     """(new_height, new_width): the short side becomes ``short_edge``, the long side at most
     ``max_size``, the aspect ratio kept; each side rounded half up."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from .backbone import FPNBackbone
 from .condinst import DynamicMaskHead, MaskBranch, sample_top_per_object
@@ -36,7 +37,7 @@ from .layers import aligned_bilinear, batch_images
 from .losses import dice_loss
 from .postprocess import detections_to_output_frame
 from .pseudo_labels import mask_aware_scores, mean_foreground_probability
-from .teacher import TeacherPass, assignable_detections, resize_to_test_size, teacher_outputs
+from .teacher import TeacherPass, assignable_detections, resize_to_test_size, teacher_outputs, to_student_frame
 
 
 class CondInst(nn.Module):
@@ -154,17 +155,21 @@ class CondInst(nn.Module):
     def forward_train(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
         # The network trains on the student view ``aug_image`` when the data provides one;
         # ``image`` (the clean view) still feeds the priors computed from colours.
-        images, sizes = self.preprocess(batched_inputs, "aug_image" if "aug_image" in batched_inputs[0] else "image")
-        gt = [self._instances_to_device(x) for x in batched_inputs]
-        mask_targets = self.mask_targets(batched_inputs, gt, images.shape[-2:], sizes)
-        mask_feats, outputs, top_feats, locations = self.run_heads(images)
-        targets = self.proposal_generator.targets(
-            locations, [g["boxes"] for g in gt], [g["labels"] for g in gt], mask_targets["centers"]
-        )
-        losses, positives = self.proposal_generator.losses(outputs, targets, top_feats)
+        with record_function("student: targets"):
+            images, sizes = self.preprocess(batched_inputs, "aug_image" if "aug_image" in batched_inputs[0] else "image")
+            gt = [self._instances_to_device(x) for x in batched_inputs]
+            mask_targets = self.mask_targets(batched_inputs, gt, images.shape[-2:], sizes)
+        with record_function("student: network"):
+            mask_feats, outputs, top_feats, locations = self.run_heads(images)
+        with record_function("student: FCOS losses"):
+            targets = self.proposal_generator.targets(
+                locations, [g["boxes"] for g in gt], [g["labels"] for g in gt], mask_targets["centers"]
+            )
+            losses, positives = self.proposal_generator.losses(outputs, targets, top_feats)
         self.mask_head._iter += 1
-        sampled = self.sample_positives(positives)
-        losses.update(self.mask_losses(mask_feats, sampled, mask_targets))
+        with record_function("student: mask losses"):
+            sampled = self.sample_positives(positives)
+            losses.update(self.mask_losses(mask_feats, sampled, mask_targets))
         return losses
 
     def _instances_to_device(self, sample: dict) -> dict[str, torch.Tensor]:
@@ -267,14 +272,19 @@ class CondInst(nn.Module):
         student_sizes = [tuple(im.shape[-2:]) for im in images]
         resized = [resize_to_test_size(im, settings.min_size, settings.max_size) for im in images]
         batch, sizes = batch_images(resized, self.backbone.size_divisibility)
-        mask_feats, detections = self.detect_boxes(batch, settings.post_nms_topk)
-        if settings.candidate_iou is not None and all("instances" in x for x in batched_inputs):
-            detections = [
-                assignable_detections(det, size, student_size, x["instances"]["boxes"].to(self.device), settings.candidate_iou)
-                for det, size, student_size, x in zip(detections, sizes, student_sizes, batched_inputs)
-            ]
-        detections = self.with_mask_probs(mask_feats, detections)
-        return teacher_outputs(detections, sizes, student_sizes, self.mask_out_stride, settings)
+        with record_function("teacher: network"):
+            mask_feats, outputs, top_feats, locations = self.run_heads(batch)
+        with record_function("teacher: detections"):
+            detections = self.proposal_generator.predict_batch(outputs, locations, top_feats, settings.post_nms_topk)
+            if settings.candidate_iou is not None and all("instances" in x for x in batched_inputs):
+                detections = assignable_detections(
+                    detections, to_student_frame(detections["boxes"], detections["im_inds"], sizes, student_sizes),
+                    [x["instances"]["boxes"] for x in batched_inputs], settings.candidate_iou,
+                )
+        with record_function("teacher: mask head"):
+            detections["mask_probs"] = self.mask_logits(mask_feats, detections, "top_feat").sigmoid()
+        with record_function("teacher: post-processing"):
+            return teacher_outputs(detections, sizes, student_sizes, self.mask_out_stride, settings)
 
     def detect(self, images: torch.Tensor, post_nms_topk: int | None = None) -> list[dict[str, torch.Tensor]]:
         """Detections per image of a padded batch with their stride-4 mask probabilities

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from .layers import boxes_to_masks, resized_shape
-from .postprocess import detections_to_output_frame, rescale_boxes
+from .layers import boxes_to_masks, group_indices, resized_shape, select_rows
+from .postprocess import upsample_mask_probs
 from .pseudo_labels import mask_aware_scores, mean_foreground_probability
 
 
@@ -53,25 +53,30 @@ def resize_to_test_size(image: torch.Tensor, min_size: int | None, max_size: int
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
+def to_student_frame(
+    boxes: torch.Tensor, im_inds: torch.Tensor, input_sizes: list[tuple[int, int]], student_sizes: list[tuple[int, int]]
+) -> torch.Tensor:
+    """(M, 4) XYXY boxes of the batch's teacher inputs (image ``im_inds``, unpadded sizes
+    ``input_sizes``) in the frame of each image's student input, clipped to it."""
+    limits = boxes.new_tensor([[w, h, w, h] for h, w in student_sizes])
+    scales = limits / boxes.new_tensor([[w, h, w, h] for h, w in input_sizes])
+    return torch.minimum((boxes * scales[im_inds]).clamp(min=0), limits[im_inds])
+
+
 def assignable_detections(
-    detections: dict[str, torch.Tensor],
-    input_size: tuple[int, int],
-    student_size: tuple[int, int],
-    gt_boxes: torch.Tensor,
-    iou_threshold: float,
+    detections: dict[str, torch.Tensor], student_boxes: torch.Tensor, gt_boxes: list[torch.Tensor], iou_threshold: float
 ) -> dict[str, torch.Tensor]:
-    """The detections of one image (every field indexed by detection) whose box, in the student
-    frame, has IoU >= ``iou_threshold`` with one of ``gt_boxes`` (N, 4); order kept."""
-    boxes = rescale_boxes(detections["boxes"], input_size, student_size)
-    if gt_boxes.shape[0] == 0:
-        keep = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
-    else:
-        keep = (box_iou(boxes, gt_boxes.to(boxes)) >= iou_threshold).any(dim=1)
-    return {k: v[keep] for k, v in detections.items()}
+    """The detections of the batch (every field indexed by detection, images ``im_inds``) whose
+    box in the student frame (``student_boxes`` (M, 4)) has IoU >= ``iou_threshold`` with one of
+    the ground-truth boxes of its image (``gt_boxes``: per image (N_i, 4)); order kept."""
+    gt_images = group_indices([len(b) for b in gt_boxes])
+    iou = box_iou(student_boxes, torch.cat(gt_boxes).to(student_boxes))
+    same_image = detections["im_inds"][:, None] == gt_images.to(student_boxes.device)[None]
+    return select_rows(detections, ((iou >= iou_threshold) & same_image).any(dim=1))
 
 
 def teacher_outputs(
-    detections: list[dict[str, torch.Tensor]],
+    detections: dict[str, torch.Tensor],
     input_sizes: list[tuple[int, int]],
     student_sizes: list[tuple[int, int]],
     mask_stride: int,
@@ -82,27 +87,31 @@ def teacher_outputs(
     ``mask_probs`` (M, h, w) at the student's unpadded input size, and the FCOS ``fpn_levels``
     and ``locations`` (teacher input frame) of the detections when the detector gives them.
 
-    detections: the detector's detections of the resized images (boxes in that frame,
-    ``mask_probs`` at ``mask_stride`` over the padded batch); input_sizes: the resized sizes.
+    detections: the detector's detections of the whole batch of resized images (boxes in that
+    frame, ``im_inds``, ``mask_probs`` (M, 1, H/s, W/s) at ``mask_stride`` over the padded
+    batch), grouped by image; input_sizes: the resized sizes. Detections whose box is empty in
+    the student frame are dropped. Two host synchronisations per batch.
     """
     threshold = -1.0 if settings.float_masks else settings.mask_threshold
+    boxes = to_student_frame(detections["boxes"], detections["im_inds"], input_sizes, student_sizes)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    fields = select_rows({k: v for k, v in detections.items() if k not in ("boxes", "top_feat")} | {"boxes": boxes}, keep)
+    counts = torch.bincount(fields.pop("im_inds"), minlength=len(input_sizes)).tolist()
     outputs = []
-    for det, input_size, student_size in zip(detections, input_sizes, student_sizes):
-        frame = detections_to_output_frame(
-            det, det["mask_probs"], mask_stride, input_size, student_size, threshold
-        )
-        probs = frame["mask_probs"]
+    for i, values in enumerate(zip(*(v.split(counts) for v in fields.values()))):
+        det = dict(zip(fields, values))
+        probs = upsample_mask_probs(det["mask_probs"], mask_stride, input_sizes[i], student_sizes[i])
         if settings.clip_masks_to_boxes:
-            probs = probs * boxes_to_masks(frame["boxes"], probs.shape[-2:]).to(probs.dtype)
-        mean = mean_foreground_probability(probs, threshold, frame["boxes"] if settings.score_in_box else None)
-        ranking, weights = mask_aware_scores(frame["scores"], mean)
+            probs = probs * boxes_to_masks(det["boxes"], probs.shape[-2:]).to(probs.dtype)
+        mean = mean_foreground_probability(probs, threshold, det["boxes"] if settings.score_in_box else None)
+        ranking, weights = mask_aware_scores(det["scores"], mean)
         outputs.append({
-            "boxes": frame["boxes"],
+            "boxes": det["boxes"],
             "scores": ranking,
             "mask_scores": weights,
-            "fcos_scores": frame["scores"],
-            "labels": frame["labels"],
+            "fcos_scores": det["scores"],
+            "labels": det["labels"],
             "mask_probs": probs,
-            **{k: frame[k] for k in ("fpn_levels", "locations") if k in frame},
+            **{k: det[k] for k in ("fpn_levels", "locations") if k in det},
         })
     return outputs
