@@ -27,6 +27,7 @@ from boxteacher.engine import (
     build_optimizer,
     resolve_data_seed,
 )
+from boxteacher.engine.trainer import amp_dtype
 from boxteacher.utils.env import seed_all_rng
 
 
@@ -208,15 +209,30 @@ def test_hook_order():
     ]
 
 
-def test_amp_on_cpu_warns_and_runs_fp32(caplog):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_amp_on_cpu_autocasts_and_scales_the_loss_in_float16_only(tmp_path, dtype):
     model = ToyModel()
-    with caplog.at_level(logging.WARNING, logger="boxteacher.engine.train_loop"):
-        trainer = SimpleTrainer(
-            model, toy_data(0, 0), torch.optim.SGD(model.parameters(), lr=0.1), amp=True
-        )
-    assert "AMP" in caplog.text and trainer.grad_scaler is None
-    assert set(trainer.checkpointables()) == {"optimizer"}
-    trainer.train(0, 2)
+    trainer = SimpleTrainer(model, toy_data(0, 0), torch.optim.SGD(model.parameters(), lr=0.1), amp_dtype=dtype)
+    with trainer.autocast():
+        assert model.net(torch.zeros(1, 4)).dtype == dtype
+    assert set(trainer.checkpointables()) == ({"optimizer", "grad_scaler"} if dtype == torch.float16 else {"optimizer"})
+    trainer.train(0, 3)
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
+    Checkpointer(model, str(tmp_path), **trainer.checkpointables()).save("model_final")
+    saved = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    assert ("grad_scaler" in saved) == (dtype == torch.float16)
+
+
+def test_amp_precision_from_the_config():
+    cfg = get_cfg()
+    assert amp_dtype(cfg, torch.device("cpu")) is None
+    cfg.SOLVER.AMP.ENABLED = True
+    assert amp_dtype(cfg, torch.device("cpu")) == torch.bfloat16  # "auto"
+    cfg.SOLVER.AMP.PRECISION = "float16"
+    assert amp_dtype(cfg, torch.device("cpu")) == torch.float16
+    cfg.SOLVER.AMP.PRECISION = "fp8"
+    with pytest.raises(ValueError, match=r"SOLVER\.AMP\.PRECISION.*'fp8'"):
+        amp_dtype(cfg, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("value", ["n/a", [1.0]])
@@ -259,7 +275,7 @@ def test_printer_and_tensorboard(tmp_path, caplog):
 def test_amp_on_cuda_checkpoints_the_grad_scaler(tmp_path):
     model = ToyModel().cuda()
     data = ((x.cuda(), y.cuda()) for x, y in toy_data(0, 0))
-    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01), amp=True)
+    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01), amp_dtype=torch.float16)
     assert set(trainer.checkpointables()) == {"optimizer", "grad_scaler"}
     trainer.train(0, 3)
     Checkpointer(model, str(tmp_path), **trainer.checkpointables()).save("model_final")

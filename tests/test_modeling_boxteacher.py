@@ -349,3 +349,36 @@ def test_the_batched_teacher_pass_equals_the_per_image_reference(overrides):
         assert o.keys() == r.keys()
         for key in r:
             torch.testing.assert_close(o[key], r[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_mixed_precision_step_runs_the_networks_in_bfloat16_and_keeps_labels_and_losses_in_float32():
+    torch.manual_seed(0)
+    model = boxteacher("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.BOX_TEACHER.REFINE_RADIUS", "2")
+    with torch.no_grad():
+        model.teacher.proposal_generator.fcos_head.bbox_pred.bias.fill_(1.0)
+    model.student.load_state_dict(model.teacher.state_dict())
+    model.train()
+    dtypes = {}
+
+    def record(name):
+        def hook(module, inputs, outputs):
+            dtypes[name] = outputs["p3"].dtype
+        return hook
+
+    model.teacher.backbone.register_forward_hook(record("teacher"))
+    model.student.backbone.register_forward_hook(record("student"))
+    labelled = []
+    label_batch = model.label_batch
+    model.label_batch = lambda *args: labelled.append(label_batch(*args)) or labelled[-1]
+    torch.manual_seed(1)
+    full = model(batch())
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(batch())
+    assert dtypes == {"teacher": torch.bfloat16, "student": torch.bfloat16}
+    assert all(v.dtype == torch.float32 for v in mixed.values())
+    pseudo = [x["instances"] for x in labelled[1]]
+    assert all(p["pseudo_masks"].dtype == torch.bool and p["pseudo_weights"].dtype == torch.float32 for p in pseudo)
+    assert sum(int(p["pseudo_weights"].gt(0).sum()) for p in pseudo) > 0
+    for name, value in full.items():
+        torch.testing.assert_close(mixed[name], value, rtol=0.1, atol=0.02, msg=name)

@@ -75,3 +75,24 @@ def test_benchmark_teacher_postprocess_keeps_the_assignable_detections():
     assert masks["every detection (release)"] == 20
     assert 10 <= masks["assignable detections only"] < 20  # the jittered copies of the boxes, maybe a few more
     assert masks["assigned masks as they are"] == masks["guided filter, radius 4"] == 3
+
+
+def test_benchmark_training_counts_operators_and_syncs_per_part(tmp_path):
+    """Without --weights the tool first trains the first config (a 2-iteration BoxInst)."""
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
+    out = run_tool(
+        "benchmark_training.py", "--config-file", "configs/quickstart/boxinst_shapes.yaml",
+        "configs/quickstart/boxteacher_shapes.yaml", "--pretrain-iters", "2", "--warmup", "1", "--iters", "1",
+        "--profile-iters", "1", "--json", tmp_path / "steps.json", "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64", env=env,
+    )
+    assert "| BoxInst" in out and "| BoxTeacher" in out and "operator calls / step" in out
+    boxinst, boxteacher = json.loads((tmp_path / "steps.json").read_text())["results"]
+    for result in (boxinst, boxteacher):
+        assert result["seconds_per_iter"] > 0 and result["ops_per_step"] > 100 and result["syncs_per_step"] >= 1
+        parts = {p["part"]: p for p in result["parts"]}
+        assert {"forward", "student: network", "student: mask losses", "backward", "optimizer"} <= set(parts)
+        assert sum(p["ops"] for p in result["parts"]) == result["ops_per_step"]
+    teacher_parts = {p["part"] for p in boxteacher["parts"]}
+    assert {"teacher: network", "pseudo labels: assignment", "pseudo labels: refinement", "ema"} <= teacher_parts
+    assert not any(p["part"].startswith("teacher") for p in boxinst["parts"])

@@ -8,7 +8,7 @@ input size and batch, and where a training step spends its time. Prints markdown
 
 Training steps run on a fixed synthetic batch (data loading excluded); ``--with-data`` also
 times steps that read the config's training set through the real data loader (the input size
-is then the config's). ``--amp`` uses mixed precision (CUDA only). The breakdown times the
+is then the config's). ``--amp`` uses mixed precision (``SOLVER.AMP``). The breakdown times the
 forward parts of the network being trained (for BoxTeacher the student): backbone (ResNet +
 FPN), heads (FCOS head, mask branch, controller), mask targets (box masks, LAB colour
 similarity, pseudo-mask targets), mask head and mask losses, and for BoxTeacher the teacher
@@ -36,6 +36,7 @@ from boxteacher.data.build import build_train_loader
 from boxteacher.data.builtin import register_builtin_datasets
 from boxteacher.engine.solver import build_optimizer
 from boxteacher.engine.train_loop import unwrap_model
+from boxteacher.engine.trainer import amp_dtype
 from boxteacher.modeling.ema import ema_update
 
 logger = logging.getLogger("boxteacher.benchmark_speed")
@@ -145,11 +146,13 @@ def model_name(cfg) -> str:
 
 
 def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
-    cfg = load_config(config_file, args.opts)
+    cfg = load_config(config_file, [*args.opts, "SOLVER.AMP.ENABLED", str(args.amp)])
     model = build_model(cfg)
     device = next(model.parameters()).device
-    if args.amp and device.type != "cuda":
-        raise SystemExit("--amp needs a CUDA device (MODEL.DEVICE cuda)")
+    dtype = amp_dtype(cfg, device)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     optimizer = build_optimizer(cfg, model)
     height, width = args.short_side, args.short_side * 4 // 3
     generator = torch.Generator().manual_seed(0)
@@ -159,7 +162,7 @@ def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
     instrument(model, timer)
 
     def train_step(data: list[dict]) -> None:
-        with torch.autocast("cuda", enabled=args.amp) if device.type == "cuda" else contextlib.nullcontext():
+        with autocast():
             losses = model(data)
         with timer.part("backward + optimizer"):
             optimizer.zero_grad(set_to_none=True)
@@ -187,7 +190,7 @@ def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
 
     model.eval()
     images = [{k: v for k, v in x.items() if k not in ("instances", "aug_image")} for x in batch]
-    with torch.no_grad(), torch.autocast("cuda", enabled=args.amp) if device.type == "cuda" else contextlib.nullcontext():
+    with torch.no_grad(), autocast():
         timed(lambda: model(images), 1, device)
         infer_times = timed(lambda: model(images), args.iters, device)
 
@@ -206,7 +209,7 @@ def main() -> None:
     parser.add_argument("--short-side", type=int, default=512)
     parser.add_argument("--iters", type=int, default=10, help="timed iterations (after 2 warm-up)")
     parser.add_argument("--with-data", action="store_true", help="also time steps with the real data loader")
-    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (SOLVER.AMP, PRECISION from the config)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every config")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

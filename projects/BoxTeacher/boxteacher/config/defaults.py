@@ -305,8 +305,12 @@ _C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
 _C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
 
 _C.SOLVER.AMP = CN()
-# Mixed precision training (CUDA only).
+# Mixed precision training: the forward pass (student and teacher) under torch.autocast; the
+# losses, the training targets and the pseudo labels stay in float32.
 _C.SOLVER.AMP.ENABLED = False
+# "bfloat16", "float16" (with loss scaling) or "auto": bfloat16 where the device supports it
+# (CPUs, CUDA GPUs from Ampere on), float16 otherwise.
+_C.SOLVER.AMP.PRECISION = "auto"
 
 # ---------------------------------------------------------------------------------------
 # Test

@@ -11,11 +11,11 @@ Everything else (LR schedule, checkpoints, evaluation, EMA, writers) is a hook.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 import weakref
-from contextlib import nullcontext
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -154,8 +154,9 @@ class SimpleTrainer(TrainerBase):
         optimizer: the optimizer.
         grad_clipper: called with the trainable parameters after backward (see
             ``solver.build_grad_clipper``).
-        amp: mixed precision (``torch.autocast`` + ``GradScaler``) when the model is on CUDA;
-            on other devices a warning is logged and training runs in fp32.
+        amp_dtype: mixed precision: the forward pass runs under ``torch.autocast`` with this
+            dtype on the model's device (the model keeps what needs float32 in float32);
+            ``torch.float16`` also scales the loss (``GradScaler``). None: float32.
     """
 
     def __init__(
@@ -165,7 +166,7 @@ class SimpleTrainer(TrainerBase):
         optimizer: torch.optim.Optimizer,
         *,
         grad_clipper: GradClipper | None = None,
-        amp: bool = False,
+        amp_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         model.train()
@@ -174,13 +175,15 @@ class SimpleTrainer(TrainerBase):
         self.grad_clipper = grad_clipper
         self.data_loader = data_loader
         self._params = [p for p in model.parameters() if p.requires_grad]
-        self.grad_scaler: torch.amp.GradScaler | None = None
-        if amp:
-            device = self._params[0].device if self._params else torch.device("cpu")
-            if device.type == "cuda":
-                self.grad_scaler = torch.amp.GradScaler("cuda")
-            else:
-                logger.warning("AMP needs CUDA but the model is on %s: training in fp32.", device)
+        self.device = self._params[0].device if self._params else torch.device("cpu")
+        self.amp_dtype = amp_dtype
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if amp_dtype == torch.float16 else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision context of the forward pass (nothing without AMP)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     @property
     def data_loader(self) -> Iterable[Any] | None:
@@ -211,8 +214,7 @@ class SimpleTrainer(TrainerBase):
             data = self._next_batch()
         data_time = time.perf_counter() - start
 
-        autocast = torch.autocast("cuda") if self.grad_scaler is not None else nullcontext()
-        with record_function("forward"), autocast:
+        with record_function("forward"), self.autocast():
             loss_dict = self.model(data)
         losses = _total_loss(loss_dict)
         values = _to_floats(loss_dict)
@@ -265,8 +267,10 @@ def _total_loss(loss_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _to_floats(loss_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """All values as python floats, with a single device-to-host copy."""
-    stacked = torch.stack([v.detach().float().reshape(()) for v in loss_dict.values()])
+    """All values as python floats, with a single device-to-host copy (values that are on
+    another device, e.g. metrics made on the host, join the first value's device)."""
+    device = next(iter(loss_dict.values())).device
+    stacked = torch.stack([v.detach().float().reshape(()).to(device) for v in loss_dict.values()])
     return dict(zip(loss_dict.keys(), stacked.cpu().tolist()))
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..build import build_model
@@ -64,6 +65,23 @@ def check_num_classes(cfg: CfgNode) -> None:
         )
 
 
+AMP_PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def amp_dtype(cfg: CfgNode, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``SOLVER.AMP`` on ``device`` (None: AMP off)."""
+    precision = cfg.SOLVER.AMP.PRECISION
+    if precision != "auto" and precision not in AMP_PRECISIONS:
+        raise ValueError(f"SOLVER.AMP.PRECISION must be 'auto', 'bfloat16' or 'float16', got {precision!r}")
+    if not cfg.SOLVER.AMP.ENABLED:
+        return None
+    if precision == "auto":
+        bfloat16 = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+        precision = "bfloat16" if bfloat16 else "float16"
+    logger.info("Mixed precision: %s autocast on %s.", precision, device)
+    return AMP_PRECISIONS[precision]
+
+
 def ema_max_momentum(cfg: CfgNode) -> float:
     """MODEL.BOX_TEACHER.MOMENTUM, lowered to the momentum of an EMA over EMA_HORIZON of the
     schedule when that is set."""
@@ -91,7 +109,7 @@ class Trainer(SimpleTrainer):
             None,
             optimizer,
             grad_clipper=build_grad_clipper(cfg),
-            amp=cfg.SOLVER.AMP.ENABLED,
+            amp_dtype=amp_dtype(cfg, next(model.parameters()).device),
         )
         self.cfg = cfg
         self.scheduler = build_lr_scheduler(cfg, optimizer)

@@ -182,9 +182,8 @@ class TrainingVisualizer(HookBase):
         model = unwrap_model(self.trainer.model)
         batch = self.trainer.last_batch
         # In mixed precision as the step was, so that the pseudo masks are those it used.
-        amp = getattr(self.trainer, "grad_scaler", None) is not None
-        autocast = torch.autocast("cuda") if amp else contextlib.nullcontext()
-        with torch.no_grad(), _preserved_rng(), preserved_model_state(model), autocast:
+        autocast = getattr(self.trainer, "autocast", contextlib.nullcontext)
+        with torch.no_grad(), _preserved_rng(), preserved_model_state(model), autocast():
             outputs = network_outputs(model, batch, self._score_threshold)
         if not comm.is_main_process():
             return

@@ -18,7 +18,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from .boxinst_model import BoxInst
-from .layers import group_indices
+from .layers import full_precision, group_indices
 from .losses import dice_loss
 from .pairwise import overlap, pairwise_loss
 from .pseudo_labels import PseudoLabelSettings, pseudo_masks_for_batch
@@ -213,7 +213,7 @@ class BoxTeacher(nn.Module):
         self.teacher.train(not self.teacher_eval_mode)
         with torch.no_grad(), record_function("teacher"):
             predictions = self.teacher.forward_teacher(batched_inputs)
-        with record_function("pseudo labels"):
+        with record_function("pseudo labels"), full_precision(self.device):
             labelled = self.label_batch(batched_inputs, predictions)
         with record_function("student"):
             return self.student(labelled)

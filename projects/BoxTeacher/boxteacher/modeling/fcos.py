@@ -166,9 +166,9 @@ class FCOS(nn.Module):
         ``im_inds``, ``fpn_levels`` (P,), ``locations``, ``reg_targets``, ``logits`` (P, C),
         ``ctrness`` (P,) logits and, when given, ``top_feats`` (P, G).
         """
-        logits = flatten_levels(outputs.logits)
-        reg_pred = flatten_levels(outputs.bbox_reg)
-        ctr_pred = flatten_levels(outputs.ctrness).reshape(-1)
+        logits = flatten_levels(outputs.logits).float()  # float32 losses also under autocast
+        reg_pred = flatten_levels(outputs.bbox_reg).float()
+        ctr_pred = flatten_levels(outputs.ctrness).reshape(-1).float()
         pos_inds = torch.nonzero(targets.labels != self.num_classes).squeeze(1)
         num_pos = max(reduce_mean(logits.new_tensor(float(pos_inds.numel()))).item(), 1.0)
 
@@ -255,10 +255,10 @@ class FCOS(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The ``pre_nms_topk`` best (location, class) pairs of every image at one level, best
         first: each field (B, k, ...), and ``valid`` (B, k) for those above the threshold."""
-        logits = outputs.logits[level]
+        logits = outputs.logits[level].float()  # boxes and scores in float32 also under autocast
         num_images, num_classes = logits.shape[:2]
         probs = logits.permute(0, 2, 3, 1).reshape(num_images, -1, num_classes).sigmoid()
-        ctr = outputs.ctrness[level].reshape(num_images, -1, 1).sigmoid()
+        ctr = outputs.ctrness[level].float().reshape(num_images, -1, 1).sigmoid()
         if self.thresh_with_ctr:
             probs = probs * ctr
         candidate = (probs > self.score_threshold).flatten(1)
@@ -267,7 +267,7 @@ class FCOS(nn.Module):
         masked = torch.where(candidate, probs.flatten(1), probs.new_full((), -1.0))
         scores, index = masked.topk(min(self.pre_nms_topk, masked.shape[1]), dim=1)
         loc_index, labels = index // num_classes, index % num_classes
-        reg = outputs.bbox_reg[level].permute(0, 2, 3, 1).reshape(num_images, -1, 4)
+        reg = outputs.bbox_reg[level].float().permute(0, 2, 3, 1).reshape(num_images, -1, 4)
         reg = reg.gather(1, loc_index[..., None].expand(-1, -1, 4)) * self.strides[level]
         points = locations[level][loc_index]
         result = {

@@ -2,6 +2,7 @@
 aligned bilinear upsampling, location grids and image batching."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -98,6 +99,12 @@ def batch_images(
     for i, im in enumerate(images):
         batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
     return batch, sizes
+
+
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device``: the parts of a mixed-precision step that must stay float32
+    (training targets, pseudo labels, post-processing)."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def select_rows(fields: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:

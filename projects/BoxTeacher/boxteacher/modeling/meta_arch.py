@@ -33,7 +33,7 @@ from .backbone import FPNBackbone
 from .condinst import DynamicMaskHead, MaskBranch, sample_top_per_object
 from .fcos import FCOS, HeadOutputs
 from .fcos_targets import mask_centers
-from .layers import aligned_bilinear, batch_images
+from .layers import aligned_bilinear, batch_images, full_precision
 from .losses import dice_loss
 from .postprocess import detections_to_output_frame
 from .pseudo_labels import mask_aware_scores, mean_foreground_probability
@@ -142,12 +142,13 @@ class CondInst(nn.Module):
 
     def mask_logits(self, mask_feats: torch.Tensor, instances: dict[str, torch.Tensor], params_key: str) -> torch.Tensor:
         """Dynamic-head logits (K, 1, H/4, W/4) at the mask output stride for K instances
-        with ``im_inds``, ``locations``, ``fpn_levels`` and parameters ``instances[params_key]``."""
+        with ``im_inds``, ``locations``, ``fpn_levels`` and parameters ``instances[params_key]``;
+        float32 also under autocast (the losses and the pseudo masks need it)."""
         logits = self.mask_head(
             mask_feats, self.mask_feat_stride, instances[params_key],
             instances["im_inds"], instances["locations"], instances["fpn_levels"],
         )
-        return aligned_bilinear(logits, self.mask_feat_stride // self.mask_out_stride)
+        return aligned_bilinear(logits.float(), self.mask_feat_stride // self.mask_out_stride)
 
     # ------------------------------------------------------------------------------------
     # Training
@@ -155,7 +156,7 @@ class CondInst(nn.Module):
     def forward_train(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
         # The network trains on the student view ``aug_image`` when the data provides one;
         # ``image`` (the clean view) still feeds the priors computed from colours.
-        with record_function("student: targets"):
+        with record_function("student: targets"), full_precision(self.device):
             images, sizes = self.preprocess(batched_inputs, "aug_image" if "aug_image" in batched_inputs[0] else "image")
             gt = [self._instances_to_device(x) for x in batched_inputs]
             mask_targets = self.mask_targets(batched_inputs, gt, images.shape[-2:], sizes)
@@ -283,7 +284,7 @@ class CondInst(nn.Module):
                 )
         with record_function("teacher: mask head"):
             detections["mask_probs"] = self.mask_logits(mask_feats, detections, "top_feat").sigmoid()
-        with record_function("teacher: post-processing"):
+        with record_function("teacher: post-processing"), full_precision(self.device):
             return teacher_outputs(detections, sizes, student_sizes, self.mask_out_stride, settings)
 
     def detect(self, images: torch.Tensor, post_nms_topk: int | None = None) -> list[dict[str, torch.Tensor]]:
