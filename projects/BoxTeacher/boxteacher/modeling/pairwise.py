@@ -1,9 +1,10 @@
 """BoxInst's pairwise term: for every pixel and each of its dilated neighbours, the negative
 log-probability that the two take the same label, weighted and summed per instance.
 
-``pairwise_loss`` computes it with shifted slices and a hand-written backward, so that neither
-per-instance copies of the neighbour weights nor unfolded (K, 8, h, w) tensors are kept for
-autograd: it stores the logits and recomputes the rest in the backward pass.
+``pairwise_loss`` computes each unordered pair of neighbours once (half the offsets) with shifted
+slices and a hand-written backward, so that neither per-instance copies of the neighbour weights
+nor unfolded (K, 8, h, w) tensors are kept for autograd: it stores the logits and recomputes the
+rest in the backward pass.
 ``pairwise_loss_reference`` is the direct ``unfold`` formulation of the original code, used to
 check the fast one and by ``tools/benchmark_pairwise.py``.
 """
@@ -32,39 +33,25 @@ def overlap(h: int, w: int, dy: int, dx: int) -> tuple[slice, slice, slice, slic
     return rows, cols, rows_n, cols_n
 
 
-def _log_probs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p and log(1 - p) of every pixel, computed once and sliced per neighbour."""
-    return F.logsigmoid(logits), F.logsigmoid(-logits)
-
-
-def _neighbour_weights(
-    pair_weights: torch.Tensor,
-    pair_index: torch.Tensor,
-    centre_weights: torch.Tensor,
-    n: int,
-    rows: slice,
-    cols: slice,
-) -> torch.Tensor:
-    """(K, h', w') weights of neighbour ``n`` on the overlap region."""
-    return pair_weights[pair_index, n, rows, cols].to(centre_weights.dtype) * centre_weights[:, rows, cols]
-
-
 class _PairwiseLoss(torch.autograd.Function):
+    """The pairwise term over each unordered pair of neighbours once: offsets come in opposite
+    pairs (o, -o) (offset n and offset len - 1 - n in ``neighbour_offsets`` order), and the
+    pair (p, p + o) of offset o is the pair (p + o, p) of offset -o, with the same likelihood.
+    So the likelihood is computed for the second half of the offsets only, on the pixels whose
+    neighbour is inside the grid, weighted by the sum of both directions' weights. Only the
+    logits are kept for the backward pass, which recomputes the rest."""
+
     @staticmethod
     def forward(ctx, logits, pair_weights, pair_index, centre_weights, offsets):
         k, h, w = logits.shape
-        log_fg, log_bg = _log_probs(logits)
+        log_fg, log_bg = F.logsigmoid(logits), F.logsigmoid(-logits)
         loss_sums = logits.new_zeros(k)
-        weight_sums = logits.new_zeros(k)
-        everywhere = slice(None)
-        for n, (dy, dx) in enumerate(offsets):
-            rows, cols, rows_n, cols_n = overlap(h, w, dy, dx)
-            weights = _neighbour_weights(pair_weights, pair_index, centre_weights, n, everywhere, everywhere)
-            weight_sums += weights.sum(dim=(1, 2))
-            nll = -torch.logaddexp(
-                log_fg[:, rows, cols] + log_fg[:, rows_n, cols_n], log_bg[:, rows, cols] + log_bg[:, rows_n, cols_n]
-            )
-            loss_sums += (nll * weights[:, rows, cols]).sum(dim=(1, 2))
+        for n, rows, cols, rows_n, cols_n in _pairs(offsets, h, w):
+            weights = _both_ways(pair_weights, pair_index, centre_weights, n, len(offsets), rows, cols, rows_n, cols_n)
+            same = torch.logaddexp(log_fg[:, rows, cols] + log_fg[:, rows_n, cols_n], log_bg[:, rows, cols] + log_bg[:, rows_n, cols_n])
+            loss_sums -= (same * weights).sum(dim=(1, 2))
+        per_pixel = pair_weights.sum(dim=1)[pair_index].to(centre_weights.dtype)
+        weight_sums = (per_pixel * centre_weights).sum(dim=(1, 2))
         ctx.save_for_backward(logits, pair_weights, pair_index, centre_weights)
         ctx.offsets = offsets
         ctx.mark_non_differentiable(weight_sums)
@@ -76,20 +63,33 @@ class _PairwiseLoss(torch.autograd.Function):
         # (1 - 2 p_b) exp(log p_a + log(1 - p_a) + nll).
         logits, pair_weights, pair_index, centre_weights = ctx.saved_tensors
         k, h, w = logits.shape
-        log_fg, log_bg = _log_probs(logits)
+        log_fg, log_bg = F.logsigmoid(logits), F.logsigmoid(-logits)
         log_variance = log_fg + log_bg
         one_minus_2p = 1.0 - 2.0 * torch.sigmoid(logits)
         grad = torch.zeros_like(logits)
         scale = grad_loss_sums.view(k, 1, 1)
-        for n, (dy, dx) in enumerate(ctx.offsets):
-            rows, cols, rows_n, cols_n = overlap(h, w, dy, dx)
-            weights = _neighbour_weights(pair_weights, pair_index, centre_weights, n, rows, cols) * scale
-            nll = -torch.logaddexp(
-                log_fg[:, rows, cols] + log_fg[:, rows_n, cols_n], log_bg[:, rows, cols] + log_bg[:, rows_n, cols_n]
-            )
-            grad[:, rows, cols] += weights * one_minus_2p[:, rows_n, cols_n] * torch.exp(log_variance[:, rows, cols] + nll)
-            grad[:, rows_n, cols_n] += weights * one_minus_2p[:, rows, cols] * torch.exp(log_variance[:, rows_n, cols_n] + nll)
+        for n, rows, cols, rows_n, cols_n in _pairs(ctx.offsets, h, w):
+            weights = _both_ways(pair_weights, pair_index, centre_weights, n, len(ctx.offsets), rows, cols, rows_n, cols_n)
+            weights = weights * scale
+            log_same = torch.logaddexp(log_fg[:, rows, cols] + log_fg[:, rows_n, cols_n], log_bg[:, rows, cols] + log_bg[:, rows_n, cols_n])
+            grad[:, rows, cols] += weights * one_minus_2p[:, rows_n, cols_n] * torch.exp(log_variance[:, rows, cols] - log_same)
+            grad[:, rows_n, cols_n] += weights * one_minus_2p[:, rows, cols] * torch.exp(log_variance[:, rows_n, cols_n] - log_same)
         return grad, None, None, None, None
+
+
+def _pairs(offsets: list[tuple[int, int]], h: int, w: int):
+    """For each offset n of the second half: n and the slices of the pixels whose neighbour at
+    it is inside the h x w grid and of those neighbours (see ``overlap``)."""
+    for n in range(len(offsets) // 2, len(offsets)):
+        yield (n, *overlap(h, w, *offsets[n]))
+
+
+def _both_ways(pair_weights, pair_index, centre_weights, n, num, rows, cols, rows_n, cols_n) -> torch.Tensor:
+    """(K, h', w') weight of the pairs (p, p + o_n) on the overlap: p's weight towards its
+    neighbour n plus the neighbour's weight towards p (offset num - 1 - n)."""
+    dtype = centre_weights.dtype
+    forward = pair_weights[pair_index, n, rows, cols].to(dtype) * centre_weights[:, rows, cols]
+    return forward + pair_weights[pair_index, num - 1 - n, rows_n, cols_n].to(dtype) * centre_weights[:, rows_n, cols_n]
 
 
 def pairwise_loss(
