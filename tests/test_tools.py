@@ -96,3 +96,20 @@ def test_benchmark_training_counts_operators_and_syncs_per_part(tmp_path):
     teacher_parts = {p["part"] for p in boxteacher["parts"]}
     assert {"teacher: network", "pseudo labels: assignment", "pseudo labels: refinement", "ema"} <= teacher_parts
     assert not any(p["part"].startswith("teacher") for p in boxinst["parts"])
+
+
+def test_gpu_check_runs_every_part_and_prints_one_table(tmp_path):
+    """A smoke run on the CPU (``--quick``): the targets are GPU targets, so rows may fail."""
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "gpu_check.py"), "--quick", "--device", "cpu", "--skip", "pytest",
+         "--output", str(tmp_path / "check.json"), "DATALOADER.NUM_WORKERS", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert proc.returncode in (0, 1), proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "check.json").read_text())
+    checks = [r["check"] for r in rows]
+    assert checks[:2] == ["BoxTeacher / BoxInst step (float32, real data)", "BoxTeacher / BoxInst step (AMP, real data)"]
+    assert checks[2] == "AMP speed-up (synthetic batch)" and checks[3].startswith("pairwise term, 16 instances")
+    assert all(r["measured"] != "-" for r in rows), rows
+    assert "| check" in proc.stdout

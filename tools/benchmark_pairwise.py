@@ -13,6 +13,7 @@ above what the inputs occupy.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import statistics
 import time
@@ -20,6 +21,7 @@ import time
 import torch
 from tabulate import tabulate
 
+from boxteacher.engine.checkpoint import atomic_open
 from boxteacher.modeling.pairwise import neighbour_offsets, pairwise_loss, pairwise_loss_reference
 
 VARIANTS = ("fast", "unfold")
@@ -107,6 +109,7 @@ def main() -> None:
                         help="stride-4 map size (default 200 336, i.e. an 800 x 1344 input)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     sizes = args.size or [[200, 336]]
 
@@ -124,6 +127,9 @@ def main() -> None:
     headers = ["device", "instances", "map (stride 4)", "version", "fwd+bwd (ms)", "peak memory (MB)",
                "speed-up vs unfold", "memory saving vs unfold"]
     print(tabulate(rows, headers=headers, tablefmt="github"))
+    if args.json:
+        with atomic_open(args.json, "w") as f:
+            json.dump([dict(zip(headers, row)) for row in rows], f, indent=2)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import resource
 import statistics
@@ -34,6 +35,7 @@ from boxteacher.build import build_model
 from boxteacher.config import load_config
 from boxteacher.data.build import build_train_loader
 from boxteacher.data.builtin import register_builtin_datasets
+from boxteacher.engine.checkpoint import atomic_open
 from boxteacher.engine.solver import build_optimizer
 from boxteacher.engine.train_loop import unwrap_model
 from boxteacher.engine.trainer import amp_dtype
@@ -210,6 +212,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10, help="timed iterations (after 2 warm-up)")
     parser.add_argument("--with-data", action="store_true", help="also time steps with the real data loader")
     parser.add_argument("--amp", action="store_true", help="mixed precision (SOLVER.AMP, PRECISION from the config)")
+    parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every config")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -228,6 +231,9 @@ def main() -> None:
     print(tabulate(rows, headers=headers, tablefmt="github"))
     print()
     print(tabulate(share_rows, headers=["model", "part of the training step", "share (%)"], tablefmt="github"))
+    if args.json:
+        with atomic_open(args.json, "w") as f:
+            json.dump([dict(zip(headers, row)) for row in rows], f, indent=2)
 
 
 if __name__ == "__main__":
