@@ -382,3 +382,39 @@ def test_a_mixed_precision_step_runs_the_networks_in_bfloat16_and_keeps_labels_a
     assert sum(int(p["pseudo_weights"].gt(0).sum()) for p in pseudo) > 0
     for name, value in full.items():
         torch.testing.assert_close(mixed[name], value, rtol=0.1, atol=0.02, msg=name)
+
+
+def test_the_cost_of_a_step_does_not_grow_with_the_boxes():
+    """Operator calls and host synchronisations of a training step (forward and backward) with
+    1 and with 16 boxes per image: no loop over boxes or detections (the assignment may take
+    a round more, one sync each)."""
+    def crowded_batch(num_boxes):
+        g = torch.Generator().manual_seed(0)
+        samples = []
+        for h, w in ((64, 64), (48, 64), (64, 48)):
+            image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8, generator=g)
+            xy = torch.rand(num_boxes, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+            boxes = torch.cat([xy, xy + 8 + torch.rand(num_boxes, 2, generator=g) * 16], 1)
+            samples.append({"image": image, "aug_image": 255 - image, "height": h, "width": w, "instances": {
+                "boxes": boxes, "labels": torch.zeros(num_boxes, dtype=torch.long)}})
+        return samples
+
+    torch.manual_seed(0)
+    model = boxteacher("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.BOX_TEACHER.REFINE_RADIUS", "2")
+    with torch.no_grad():
+        model.teacher.proposal_generator.fcos_head.bbox_pred.bias.fill_(1.0)
+    model.train()
+    costs = {}
+    for num_boxes in (1, 16):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            losses = model(crowded_batch(num_boxes))
+            sum(v for k, v in losses.items() if k.startswith("loss")).backward()
+        assert losses["num_pseudo_masks"] >= (3 if num_boxes == 1 else 30)
+        events = list(profile.events())
+        ops = sum(1 for e in events if e.name.startswith("aten::")
+                  and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+        syncs = sum(1 for e in events if e.name in ("aten::_local_scalar_dense", "aten::nonzero"))
+        costs[num_boxes] = ops, syncs
+    (ops_few, syncs_few), (ops_many, syncs_many) = costs[1], costs[16]
+    assert abs(ops_many - ops_few) <= 0.05 * ops_few, costs
+    assert abs(syncs_many - syncs_few) <= 2 and syncs_many <= 12, costs

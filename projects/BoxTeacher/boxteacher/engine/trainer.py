@@ -79,6 +79,12 @@ def amp_dtype(cfg: CfgNode, device: torch.device) -> torch.dtype | None:
         bfloat16 = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
         precision = "bfloat16" if bfloat16 else "float16"
     logger.info("Mixed precision: %s autocast on %s.", precision, device)
+    if device.type == "cpu":
+        logger.warning(
+            "Mixed precision on a CPU is rarely faster than float32, and its bfloat16 backward "
+            "kernels can give huge gradients (seen with oneDNN on CPUs without native bfloat16): "
+            "SOLVER.AMP is meant for CUDA."
+        )
     return AMP_PRECISIONS[precision]
 
 
