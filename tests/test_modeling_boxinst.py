@@ -1,6 +1,7 @@
 """BoxInst: hand-computed box masks, validity, colour similarity, projection and pairwise terms;
 the fast pairwise term against the unfold oracle; robustness to tiny, outside and missing boxes."""
 import math
+import os
 
 import pytest
 import torch
@@ -208,3 +209,51 @@ def test_box_supervision_never_reads_masks():
 
     sample["instances"] = NoMasks(sample["instances"])
     model([sample])
+
+
+FUSED_CHECK = """
+import torch
+from boxteacher.modeling.pairwise import neighbour_offsets, pairwise_loss, pairwise_loss_reference
+g = torch.Generator().manual_seed(0)
+for k, h, w, images, size, dilation, soft in [(3, 7, 9, 2, 3, 2, False), (4, 12, 10, 3, 3, 1, True), (2, 9, 11, 1, 5, 1, False)]:
+    logits = torch.randn(k, 1, h, w, generator=g) * 4
+    pair_weights = torch.rand(images, size * size - 1, h, w, generator=g)
+    pair_weights = pair_weights if soft else pair_weights > 0.3
+    pair_index = torch.randint(0, images, (k,), generator=g)
+    centre = (torch.rand(k, 1, h, w, generator=g) > 0.4).float()
+    upstream = torch.rand(k, generator=g)
+    results = []
+    for kernel in ("fused", "reference"):
+        x = logits.clone().requires_grad_()
+        if kernel == "fused":
+            sums, weights = pairwise_loss(x, pair_weights, pair_index, centre, neighbour_offsets(size, dilation), "fused")
+        else:
+            sums, weights = pairwise_loss_reference(x, pair_weights, pair_index, centre, size, dilation)
+        (sums * upstream).sum().backward()
+        results.append((sums, weights, x.grad))
+    for fused, reference in zip(*results):
+        torch.testing.assert_close(fused.detach(), reference.detach(), rtol=1e-5, atol=1e-4)
+print("fused kernels agree")
+"""
+
+
+def test_fused_pairwise_kernels_equal_the_unfold_oracle_in_tritons_interpreter():
+    """The CUDA kernels run on the CPU in Triton's interpreter (set before Triton is imported,
+    hence a fresh process): values and gradients equal the oracle's, for 3x3 and 5x5
+    neighbourhoods, hard and soft pair weights."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", FUSED_CHECK], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0 and "fused kernels agree" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_the_pairwise_kernel_is_chosen_by_device():
+    with pytest.raises(ValueError, match="kernel"):
+        pairwise_loss(torch.zeros(1, 3, 3), torch.ones(1, 8, 3, 3, dtype=torch.bool), torch.tensor([0]),
+                      torch.ones(1, 3, 3), OFFSETS, "triton")
+    sums, _ = pairwise_loss(torch.zeros(1, 3, 3, requires_grad=True), torch.ones(1, 8, 3, 3, dtype=torch.bool),
+                            torch.tensor([0]), torch.ones(1, 3, 3), OFFSETS)
+    assert "PairwiseLoss" in type(sums.grad_fn).__name__ and "Triton" not in type(sums.grad_fn).__name__

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Time and peak memory of BoxInst's pairwise term: the fast version (shifted slices, per-image
-neighbour weights, hand-written backward) against the original ``unfold`` formulation with
-per-instance copies. Forward + backward, on CPU and on CUDA when available. Prints a table.
+"""Time and peak memory of BoxInst's pairwise term: the fused Triton kernels (CUDA only) and the
+sliced PyTorch version (each pair of neighbours once, hand-written backward) against the
+original ``unfold`` formulation with per-instance copies. Forward + backward, on CPU and on CUDA
+when available. Prints a table.
 
     python tools/benchmark_pairwise.py                      # 64 instances, 200 x 336 (stride 4)
     python tools/benchmark_pairwise.py --instances 16 64 --size 100 168 --size 200 336
@@ -24,7 +25,7 @@ from tabulate import tabulate
 from boxteacher.engine.checkpoint import atomic_open
 from boxteacher.modeling.pairwise import neighbour_offsets, pairwise_loss, pairwise_loss_reference
 
-VARIANTS = ("fast", "unfold")
+VARIANTS = {"cpu": ("sliced", "unfold"), "cuda": ("fused", "sliced", "unfold")}
 IMAGES = 2
 
 
@@ -39,8 +40,8 @@ def make_inputs(instances: int, h: int, w: int, device: str) -> tuple:
 
 def run_once(variant: str, inputs: tuple) -> None:
     logits, pair_weights, pair_index, centre = inputs
-    if variant == "fast":
-        sums, weights = pairwise_loss(logits, pair_weights, pair_index, centre, neighbour_offsets(3, 2))
+    if variant != "unfold":
+        sums, weights = pairwise_loss(logits, pair_weights, pair_index, centre, neighbour_offsets(3, 2), variant)
     else:
         sums, weights = pairwise_loss_reference(logits, pair_weights, pair_index, centre, 3, 2)
     (sums.sum() / weights.sum().clamp(min=1)).backward()
@@ -118,8 +119,8 @@ def main() -> None:
         for instances in args.instances:
             for h, w in sizes:
                 results = {v: (measure_time(v, instances, h, w, device, args.repeats),
-                               measure_peak_mb(v, instances, h, w, device)) for v in VARIANTS}
-                for variant in VARIANTS:
+                               measure_peak_mb(v, instances, h, w, device)) for v in VARIANTS[device]}
+                for variant in VARIANTS[device]:
                     seconds, peak = results[variant]
                     rows.append([device, instances, f"{h} x {w}", variant, f"{seconds * 1000:.1f}",
                                  f"{peak:.0f}", f"{results['unfold'][0] / seconds:.2f}x",

@@ -10,6 +10,8 @@ check the fast one and by ``tools/benchmark_pairwise.py``.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -98,6 +100,7 @@ def pairwise_loss(
     pair_index: torch.Tensor,
     centre_weights: torch.Tensor,
     offsets: list[tuple[int, int]],
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-instance weighted sums of the same-label negative log-likelihood over pixel pairs.
 
@@ -113,11 +116,19 @@ def pairwise_loss(
         pair_index: (K,) int64 row of ``pair_weights`` of each instance.
         centre_weights: (K, h, w) or (K, 1, h, w) weight of each centre pixel.
         offsets: the (dy, dx) of the neighbours (``neighbour_offsets``).
+        kernel: "fused" (the Triton kernels of ``pairwise_triton``), "sliced" (PyTorch
+            operators, any device) or "auto": fused on CUDA when Triton is installed.
     Returns:
         (K,) weighted loss sums (differentiable w.r.t. ``logits``) and (K,) weight sums.
     """
+    if kernel not in ("auto", "fused", "sliced"):
+        raise ValueError(f"kernel must be 'auto', 'fused' or 'sliced', got {kernel!r}")
     logits = logits.reshape(logits.shape[0], *logits.shape[-2:])
     centre_weights = centre_weights.reshape(logits.shape).to(logits.dtype)
+    if kernel == "fused" or (kernel == "auto" and logits.is_cuda and importlib.util.find_spec("triton")):
+        from .pairwise_triton import PairwiseLossTriton
+
+        return PairwiseLossTriton.apply(logits, pair_weights, pair_index, centre_weights, tuple(offsets))
     return _PairwiseLoss.apply(logits, pair_weights, pair_index, centre_weights, tuple(offsets))
 
 
