@@ -7,6 +7,7 @@ import torch
 from boxteacher.build import build_model
 from boxteacher.modeling.pairwise import neighbour_offsets, pairwise_loss
 from tiny_models import tiny_cfg
+from tiny_models import two_view_batch as batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -24,16 +25,6 @@ def boxteacher_that_detects():
         model.teacher.proposal_generator.fcos_head.bbox_pred.bias.fill_(1.0)
     model.student.load_state_dict(model.teacher.state_dict())
     return model.train()
-
-
-def batch():
-    g = torch.Generator().manual_seed(0)
-    samples = []
-    for h, w, boxes in ((64, 64, [(8, 8, 40, 40), (30, 30, 60, 60)]), (48, 64, [(4, 4, 30, 40)])):
-        image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8, generator=g)
-        samples.append({"image": image, "aug_image": 255 - image, "height": h, "width": w, "instances": {
-            "boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.zeros(len(boxes), dtype=torch.long)}})
-    return samples
 
 
 def losses_and_gradient_norm(model):

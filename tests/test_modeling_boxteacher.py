@@ -22,6 +22,7 @@ from boxteacher.modeling.ema import (
 from boxteacher.modeling.pairwise import neighbour_offsets
 from reference_implementations import forward_teacher_per_image
 from tiny_models import tiny_cfg
+from tiny_models import two_view_batch as batch
 
 OFFSETS = neighbour_offsets(3, 2)
 
@@ -134,16 +135,6 @@ def boxteacher(*overrides):
         "INPUT.MIN_SIZE_TEST", "64", "MODEL.BOX_TEACHER.WARMUP_ITERS", "1",
         "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", "1", *overrides,
     ))
-
-
-def batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    for h, w, boxes in ((64, 64, [(8, 8, 40, 40), (30, 30, 60, 60)]), (48, 64, [(4, 4, 30, 40)])):
-        image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8, generator=g)
-        samples.append({"image": image, "aug_image": 255 - image, "height": h, "width": w, "instances": {
-            "boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.zeros(len(boxes), dtype=torch.long)}})
-    return samples
 
 
 def test_one_training_step_has_finite_losses_and_no_teacher_gradient():

@@ -100,3 +100,15 @@ def leaf_keys(node, prefix=""):
             yield from leaf_keys(value, name + ".")
         else:
             yield name
+
+
+def two_view_batch(seed: int = 0) -> list[dict]:
+    """Two random images (64x64 with two boxes, 48x64 with one) with their student views
+    (``aug_image``, the colours inverted), as BoxTeacher trains on them."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for h, w, boxes in ((64, 64, [(8, 8, 40, 40), (30, 30, 60, 60)]), (48, 64, [(4, 4, 30, 40)])):
+        image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8, generator=g)
+        samples.append({"image": image, "aug_image": 255 - image, "height": h, "width": w, "instances": {
+            "boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.zeros(len(boxes), dtype=torch.long)}})
+    return samples

@@ -30,15 +30,21 @@ def _log_add_exp(a, b):
 
 
 @triton.jit
-def _pairwise_forward(logits, weights, index, centre, dys, dxs, loss_sums, weight_sums,
-                      num_pixels, height, width, NUM_OFFSETS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _pixel_block(logits, centre, num_pixels, width, BLOCK_SIZE: tl.constexpr):
+    """The pixels of this program (instance, block): index, validity, row, column, logit, centre weight."""
     k = tl.program_id(0)
     pixel = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     valid = pixel < num_pixels
-    y, x = pixel // width, pixel % width
-    row = tl.load(index + k)
     value = tl.load(logits + k * num_pixels + pixel, mask=valid, other=0.0)
     c = tl.load(centre + k * num_pixels + pixel, mask=valid, other=0.0)
+    return k, pixel, valid, pixel // width, pixel % width, value, c
+
+
+@triton.jit
+def _pairwise_forward(logits, weights, index, centre, dys, dxs, loss_sums, weight_sums,
+                      num_pixels, height, width, NUM_OFFSETS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    k, pixel, valid, y, x, value, c = _pixel_block(logits, centre, num_pixels, width, BLOCK_SIZE)
+    row = tl.load(index + k)
     log_fg, log_bg = _log_sigmoid(value), _log_sigmoid(-value)
     loss = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     total = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
@@ -58,14 +64,9 @@ def _pairwise_forward(logits, weights, index, centre, dys, dxs, loss_sums, weigh
 def _pairwise_backward(logits, weights, index, centre, dys, dxs, grad_sums, grad,
                        num_pixels, height, width, NUM_OFFSETS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     # d nll(a, b) / d a = (1 - 2 p_b) exp(log p_a + log(1 - p_a) + nll(a, b)).
-    k = tl.program_id(0)
-    pixel = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    valid = pixel < num_pixels
-    y, x = pixel // width, pixel % width
+    k, pixel, valid, y, x, value, c = _pixel_block(logits, centre, num_pixels, width, BLOCK_SIZE)
     row = tl.load(index + k)
     base = logits + k * num_pixels
-    value = tl.load(base + pixel, mask=valid, other=0.0)
-    c = tl.load(centre + k * num_pixels + pixel, mask=valid, other=0.0)
     log_fg, log_bg = _log_sigmoid(value), _log_sigmoid(-value)
     one_minus_2p = 1.0 - 2.0 / (1.0 + tl.exp(-value))
     acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
