@@ -16,7 +16,7 @@ from boxteacher.modeling.boxinst import (
     rgb_to_lab,
     valid_pixels_at_stride,
 )
-from boxteacher.modeling.pairwise import neighbour_offsets, pairwise_loss, pairwise_loss_reference
+from boxteacher.modeling.pairwise import PairWeights, neighbour_offsets, pairwise_loss, pairwise_loss_reference, pairwise_losses
 from tiny_models import tiny_cfg
 
 OFFSETS = neighbour_offsets(3, 2)
@@ -132,6 +132,32 @@ def test_fast_pairwise_is_stable_for_saturated_logits():
     assert torch.isfinite(sums).all() and torch.isfinite(logits.grad).all()
     # Both directions of the pairs (0, 2) and (2, 4) cost 60 - log 2 each; those of (1, 3) log 2.
     assert sums.item() == pytest.approx(4 * (60 - math.log(2)) + 2 * math.log(2), rel=1e-6)
+
+
+def test_several_weightings_at_once_equal_one_call_each_in_value_and_gradient():
+    """BoxTeacher's student weighs the same likelihoods by colour (per image) and by pseudo-mask
+    affinity (per instance, bool): one pass for both gives what two passes give."""
+    g = torch.Generator().manual_seed(0)
+    k, h, w = 6, 20, 24
+    logits = torch.randn(k, 1, h, w, generator=g, dtype=torch.float64) * 3
+    colour = PairWeights(torch.rand(2, 8, h, w, generator=g, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 0, 1]),
+                         (torch.rand(k, h, w, generator=g) > 0.3).double())
+    affinity = PairWeights(torch.rand(k, 8, h, w, generator=g) > 0.5, torch.arange(k),
+                           (torch.rand(k, h, w, generator=g) > 0.3).double())
+    scale_a, scale_b = torch.rand(k, generator=g, dtype=torch.float64), torch.rand(k, generator=g, dtype=torch.float64)
+
+    def run(together):
+        x = logits.clone().requires_grad_()
+        if together:
+            (loss_a, count_a), (loss_b, count_b) = pairwise_losses(x, [colour, affinity], OFFSETS, kernel="sliced")
+        else:
+            loss_a, count_a = pairwise_loss(x, *colour, OFFSETS, kernel="sliced")
+            loss_b, count_b = pairwise_loss(x, *affinity, OFFSETS, kernel="sliced")
+        ((loss_a * scale_a).sum() + (loss_b * scale_b).sum()).backward()
+        return [t.detach() for t in (loss_a, count_a, loss_b, count_b, x.grad)]
+
+    for together, apart in zip(run(True), run(False)):
+        torch.testing.assert_close(together, apart, rtol=1e-12, atol=1e-12)
 
 
 def boxinst(*overrides):

@@ -172,7 +172,7 @@ def test_refinement_runs_without_host_synchronisation():
 
 
 def test_refining_a_batch_of_images_of_different_sizes_equals_refining_each():
-    """Windows of one size for all images: near the border of a smaller image a window reaches
+    """Tiles of one size for all images: near the border of a smaller image a tile reaches
     into the padding, which must not count."""
     g = torch.Generator().manual_seed(5)
     sizes, counts = [(45, 70), (30, 38), (52, 20), (40, 40)], [3, 2, 0, 1]

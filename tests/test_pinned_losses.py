@@ -1,7 +1,10 @@
-"""The losses of the three quick starts (and of mixed supervision) at iterations 1 and 20 of a
+"""The losses of the three quick starts (and of mixed supervision) at iterations 1 and 10 of a
 small run, pinned: a refactor of the models or the engine must not change them. One CPU thread,
 no loader workers and fixed seeds make a run repeat exactly; the tolerances leave room for other
-PyTorch builds only. When a change is meant to change a number, re-pin it and say why."""
+PyTorch builds only. A change of float rounding alone (e.g. an order of summation) keeps the
+values to about 7 digits for 10 iterations, then lets them drift (small terms by up to a fifth at
+iteration 20), hence iteration 10. Re-pin after a change meant to change a number, and say why
+in the commit."""
 from pathlib import Path
 
 import pytest
@@ -14,53 +17,53 @@ from tiny_models import builtin_datasets_under
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = [
-    "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "20",
+    "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "10",
     "SOLVER.WARMUP_ITERS", "5", "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", "5", "MODEL.BOX_TEACHER.WARMUP_ITERS", "5",
     "SEED", "0", "DATASETS.TEST", "()",
 ]
 MIXED = ["MODEL.BOXINST.GT_MASKS", "fraction", "MODEL.BOXINST.GT_MASK_FRACTION", "0.5"]
 
-# name -> (config, extra options, {loss: (value at iteration 1, value at iteration 20)})
+# name -> (config, extra options, {loss: (value at iteration 1, value at iteration 10)})
 PINNED = {
     "condinst": ("condinst_shapes.yaml", [], {
-        "loss_fcos_cls": (1.147965, 1.660431),
-        "loss_fcos_ctr": (0.6754206, 0.6634799),
-        "loss_fcos_loc": (0.9364485, 0.5076235),
-        "loss_mask": (0.7990026, 0.4706679),
+        "loss_fcos_cls": (1.147965, 2.275508),
+        "loss_fcos_ctr": (0.6754206, 0.6681781),
+        "loss_fcos_loc": (0.9364485, 0.5112455),
+        "loss_mask": (0.7990026, 0.8347252),
     }),
     "boxinst": ("boxinst_shapes.yaml", [], {
-        "loss_fcos_cls": (1.147965, 0.8713632),
-        "loss_fcos_ctr": (0.6754206, 0.7038541),
-        "loss_fcos_loc": (0.9364485, 0.5927415),
-        "loss_pairwise": (0.1322474, 4.225845e-10),
-        "loss_prj": (0.9897379, 1.22165),
+        "loss_fcos_cls": (1.147965, 3.258219),
+        "loss_fcos_ctr": (0.6754206, 0.6724889),
+        "loss_fcos_loc": (0.9364485, 0.8404988),
+        "loss_pairwise": (0.1322474, 6.918682e-11),
+        "loss_prj": (0.9897379, 1.259774),
     }),
     "boxteacher": ("boxteacher_shapes.yaml", [], {
-        "loss_fcos_cls": (1.065603, 1.453956),
-        "loss_fcos_ctr": (0.6865533, 0.6915025),
-        "loss_fcos_loc": (0.9376559, 0.5924981),
-        "loss_mask": (0.0, 0.299206),
-        "loss_mask_affinity": (0.0, 0.0002832475),
-        "loss_pairwise": (0.1334829, 0.08369951),
-        "loss_prj": (0.974856, 1.166493),
+        "loss_fcos_cls": (1.065603, 0.8348983),
+        "loss_fcos_ctr": (0.6865533, 0.6793922),
+        "loss_fcos_loc": (0.9376559, 0.5676532),
+        "loss_mask": (0.0, 0.3532263),
+        "loss_mask_affinity": (0.0, 2.492208e-05),
+        "loss_pairwise": (0.1334829, 0.0002844743),
+        "loss_prj": (0.974856, 1.259665),
     }),
     "boxinst_mixed": ("boxinst_shapes.yaml", MIXED, {
-        "loss_fcos_cls": (1.147965, 0.7246217),
-        "loss_fcos_ctr": (0.6754206, 0.6758283),
-        "loss_fcos_loc": (0.9364485, 0.549776),
-        "loss_gt_mask": (0.7990026, 0.0),
-        "loss_pairwise": (0.0, 0.2880019),
-        "loss_prj": (0.0, 0.5859644),
+        "loss_fcos_cls": (1.147965, 1.384745),
+        "loss_fcos_ctr": (0.6754206, 0.6633528),
+        "loss_fcos_loc": (0.9364485, 0.5787643),
+        "loss_gt_mask": (0.7990026, 0.8381359),
+        "loss_pairwise": (0.0, 0.0),
+        "loss_prj": (0.0, 0.0),
     }),
     "boxteacher_mixed": ("boxteacher_shapes.yaml", MIXED, {
-        "loss_fcos_cls": (1.065603, 2.728894),
-        "loss_fcos_ctr": (0.6865533, 0.6928053),
-        "loss_fcos_loc": (0.9376559, 0.554774),
-        "loss_gt_mask": (0.8240594, 0.0),
-        "loss_mask": (0.08240594, 0.0),
-        "loss_mask_affinity": (0.01334226, 0.0),
-        "loss_pairwise": (0.0, 0.3492303),
-        "loss_prj": (0.0, 0.9780096),
+        "loss_fcos_cls": (1.065603, 0.8968168),
+        "loss_fcos_ctr": (0.6865533, 0.6740295),
+        "loss_fcos_loc": (0.9376559, 0.6547741),
+        "loss_gt_mask": (0.8240594, 0.7903766),
+        "loss_mask": (0.08240594, 0.3951883),
+        "loss_mask_affinity": (0.01334226, 0.01504869),
+        "loss_pairwise": (0.0, 0.0),
+        "loss_prj": (0.0, 0.0),
     }),
 }
 
@@ -79,7 +82,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def losses_at_iterations_1_and_20(config: str, extra: list[str], output_dir: Path) -> dict[str, tuple[float, float]]:
+def losses_at_iterations_1_and_10(config: str, extra: list[str], output_dir: Path) -> dict[str, tuple[float, float]]:
     seed_all_rng(0)
     trainer = Trainer(load_config(str(REPO / "configs/quickstart" / config), RUN + extra + ["OUTPUT_DIR", str(output_dir)]))
     trainer.resume_or_load(resume=False)
@@ -88,15 +91,15 @@ def losses_at_iterations_1_and_20(config: str, extra: list[str], output_dir: Pat
     values = {}
     for name in names:
         history = dict((iteration, value) for value, iteration in trainer.storage.history(name).values())
-        values[name] = (history[0], history[19])
+        values[name] = (history[0], history[9])
     return values
 
 
 @pytest.mark.parametrize("name", list(PINNED))
-def test_losses_at_iterations_1_and_20_are_pinned(name, tmp_path, one_thread):
+def test_losses_at_iterations_1_and_10_are_pinned(name, tmp_path, one_thread):
     config, extra, pinned = PINNED[name]
-    measured = losses_at_iterations_1_and_20(config, extra, tmp_path)
+    measured = losses_at_iterations_1_and_10(config, extra, tmp_path)
     assert set(measured) == set(pinned), f"{name}: {sorted(measured)}"
     for loss, (first, last) in pinned.items():
         assert measured[loss][0] == pytest.approx(first, rel=1e-5, abs=1e-7), (name, loss, measured[loss])
-        assert measured[loss][1] == pytest.approx(last, rel=1e-3, abs=1e-6), (name, loss, measured[loss])
+        assert measured[loss][1] == pytest.approx(last, rel=1e-4, abs=1e-7), (name, loss, measured[loss])

@@ -16,7 +16,7 @@ from .boxinst import (
 from .layers import batch_images
 from .losses import masked_dice_loss
 from .meta_arch import CondInst
-from .pairwise import neighbour_offsets, pairwise_loss
+from .pairwise import PairWeights, neighbour_offsets, pairwise_loss
 
 
 class BoxInst(CondInst):
@@ -168,14 +168,25 @@ class BoxInst(CondInst):
         losses["loss_gt_mask"] = masked_dice_loss(logits.sigmoid(), gt_masks, masked) * masked_share
         return losses
 
+    def colour_pair_weights(self, sampled: dict[str, torch.Tensor], targets: dict) -> PairWeights:
+        """The colour-pairwise term's weighting of the sampled instances: each image's colour
+        similarities, inside each instance's box."""
+        return PairWeights(targets["pair_weights"], sampled["im_inds"], targets["box_masks"][sampled["gt_inds"]])
+
     def box_losses(
-        self, logits: torch.Tensor, sampled: dict[str, torch.Tensor], targets: dict
+        self,
+        logits: torch.Tensor,
+        sampled: dict[str, torch.Tensor],
+        targets: dict,
+        pairwise_sums: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Projection and colour-pairwise terms of K instances' mask logits (K, 1, H/s, W/s)."""
+        """Projection and colour-pairwise terms of K instances' mask logits (K, 1, H/s, W/s);
+        ``pairwise_sums``: the (K,) loss and weight sums of the colour weighting when already
+        computed (see ``pairwise_losses``)."""
         box_masks = targets["box_masks"][sampled["gt_inds"]].unsqueeze(1)
-        loss_sums, weight_sums = pairwise_loss(
-            logits, targets["pair_weights"], sampled["im_inds"], box_masks, self.pairwise_offsets
-        )
+        if pairwise_sums is None:
+            pairwise_sums = pairwise_loss(logits, *self.colour_pair_weights(sampled, targets), self.pairwise_offsets)
+        loss_sums, weight_sums = pairwise_sums
         warmup = (self.mask_head._iter / self.pairwise_warmup_iters).clamp(max=1.0)
         return {
             "loss_prj": projection_loss(logits.sigmoid(), box_masks),

@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from .boxinst_model import BoxInst
 from .layers import full_precision, group_indices
 from .losses import dice_loss
-from .pairwise import overlap, pairwise_loss
+from .pairwise import PairWeights, overlap, pairwise_loss, pairwise_losses
 from .pseudo_labels import PseudoLabelSettings, pseudo_masks_for_batch
 
 logger = logging.getLogger(__name__)
@@ -127,9 +127,23 @@ class PseudoMaskBoxInst(BoxInst):
             losses = {name: zero.clone() for name in names} | {"num_pseudo_masks": zero.detach()}
         else:
             logits = self.mask_logits(mask_feats, sampled, "top_feats")
-            losses = self.box_and_mask_losses(logits, sampled, targets)
-            losses.update(self.pseudo_mask_losses(logits, sampled, targets))
+            affinity = self.affinity_pair_weights(sampled, targets)
+            if self.mixed_supervision:  # the box terms may cover a subset of the instances
+                losses = self.box_and_mask_losses(logits, sampled, targets)
+                affinity_sums = pairwise_loss(logits, *affinity, self.pairwise_offsets)
+            else:  # both pairwise terms in one pass
+                colour_sums, affinity_sums = pairwise_losses(
+                    logits, [self.colour_pair_weights(sampled, targets), affinity], self.pairwise_offsets
+                )
+                losses = self.box_losses(logits, sampled, targets, colour_sums)
+            losses.update(self.pseudo_mask_losses(logits, sampled, targets, affinity_sums))
         return losses | self.supervision_counts(targets)
+
+    def affinity_pair_weights(self, sampled: dict[str, torch.Tensor], targets: dict) -> PairWeights:
+        """The affinity term's weighting of the sampled instances: the pairs their pseudo mask
+        puts on the same side, inside their box."""
+        gt_inds = sampled["gt_inds"]
+        return PairWeights(targets["pseudo_pair_weights"], gt_inds, targets["box_masks"][gt_inds])
 
     def supervision_counts(self, targets: dict) -> dict[str, torch.Tensor]:
         """BoxInst's counts, the instances without an annotation mask split into those with a
@@ -141,7 +155,9 @@ class PseudoMaskBoxInst(BoxInst):
             counts["num_box_only"] = counts["num_box_only"] - counts["num_teacher_masks"]
         return counts
 
-    def pseudo_mask_losses(self, logits, sampled, targets) -> dict[str, torch.Tensor]:
+    def pseudo_mask_losses(self, logits, sampled, targets, affinity_sums) -> dict[str, torch.Tensor]:
+        """The pseudo-mask terms of K instances' mask logits (K, 1, H/s, W/s), with the (K,)
+        loss and weight sums of the affinity weighting (``affinity_pair_weights``)."""
         settings = self.pseudo_losses
         gt_inds = sampled["gt_inds"]
         weights = targets["pseudo_weights"][gt_inds]
@@ -154,10 +170,7 @@ class PseudoMaskBoxInst(BoxInst):
             warmup = (self.mask_head._iter / settings.warmup_iters).clamp(max=1.0).squeeze()
         probs = logits.sigmoid()
         pseudo = targets["pseudo_masks"][gt_inds].unsqueeze(1)
-        box_masks = targets["box_masks"][gt_inds]
-        sums, pair_counts = pairwise_loss(
-            logits, targets["pseudo_pair_weights"], gt_inds, box_masks, self.pairwise_offsets
-        )
+        sums, pair_counts = affinity_sums
         affinity = (weights * sums / pair_counts.clamp(min=1.0)).sum() / num_masks
         losses = {
             "loss_mask": (weights * dice_loss(probs, pseudo)).sum() / num_masks * settings.mask_weight * warmup,

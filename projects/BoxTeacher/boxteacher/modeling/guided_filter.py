@@ -8,12 +8,13 @@ refined mask changes where the colour changes and nowhere else.
 ``MaskRefinement`` filters all the masks of a batch at once, without host synchronisation: the
 guides' statistics (window means, inverse regularised colour covariances) are computed once for
 the zero-padded batch, every window mean counting only the pixels of its own image, and every
-mask is filtered on a window of one common size around its box.
+mask is filtered on fixed-size tiles of its box, all tiles of the batch together.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,13 +22,15 @@ from .layers import batch_images, group_indices
 
 
 def window_sum(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Sum over the (2r+1) x (2r+1) window of every pixel, zero outside the map: sums along
-    rows, then along columns (depthwise convolutions; ten times faster on a CPU than
-    ``avg_pool2d``). x: (N, C, H, W) -> (N, C, H, W)."""
-    channels = x.shape[1]
-    ones = x.new_ones((channels, 1, 1, 2 * radius + 1))
-    rows = F.conv2d(x, ones, padding=(0, radius), groups=channels)
-    return F.conv2d(rows, ones.transpose(2, 3), padding=(radius, 0), groups=channels)
+    """Sum over the (2r+1) x (2r+1) window of every pixel, zero outside the map: running sums
+    along rows, then along columns, differenced 2r+1 apart (the cost does not grow with the
+    radius; on a CPU about twice as fast as depthwise convolutions on the tiles of
+    ``MaskRefinement``). x: (N, C, H, W) -> (N, C, H, W)."""
+    size = 2 * radius + 1
+    running = F.pad(x, (radius + 1, radius)).cumsum(dim=-1)
+    rows = running[..., size:] - running[..., :-size]
+    running = F.pad(rows, (0, 0, radius + 1, radius)).cumsum(dim=-2)
+    return running[..., size:, :] - running[..., :-size, :]
 
 
 def inverse_regularised_covariance(covariance: torch.Tensor, eps: float) -> torch.Tensor:
@@ -112,23 +115,25 @@ def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: floa
     )
 
 
-def crop_windows(
-    boxes: torch.Tensor, margin: int, height: int, width: int
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Windows of one common size, inside an (height, width) frame, each covering its box's
-    pixel rows int(y0) .. int(y1) and columns int(x0) .. int(x1) grown by ``margin``.
+def box_tiles(boxes: torch.Tensor, tile: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Square tiles of side ``tile`` that cover each box's pixel rows int(y0) .. int(y1) and
+    columns int(x0) .. int(x1) (clipped to the (height, width) frame) in a grid from its
+    top-left pixel; the last row and column of tiles may reach past the box and the frame.
 
-    boxes: (N, 4) XYXY on the host. Returns the top rows and left columns (N,) int64 and the
-    window height and width."""
-    boxes = boxes.detach().to("cpu", torch.float64)
-    start = boxes[:, :2].long() - margin
-    stop = boxes[:, 2:].long() + 1 + margin
-    limit = torch.tensor([width, height])
-    size = (torch.minimum(stop, limit) - start.clamp(min=0)).amax(dim=0).clamp(min=1)
-    size = torch.minimum(size, limit)
-    corner = torch.minimum(start.clamp(min=0), limit - size)
-    crop_w, crop_h = size.tolist()
-    return corner[:, 1], corner[:, 0], crop_h, crop_w
+    boxes: (N, 4) XYXY on the host (computed with NumPy: host arithmetic, nothing to wait
+    for). Returns, per tile, its box (T,) and its top row and left column (T,), int64."""
+    boxes = boxes.detach().to("cpu", torch.float64).numpy()
+    limit = np.array([width, height])
+    start = np.minimum(np.clip(boxes[:, :2].astype(np.int64), 0, None), limit - 1)
+    stop = np.minimum(boxes[:, 2:].astype(np.int64) + 1, limit)
+    counts = -(-np.maximum(stop - start, 1) // tile)  # (N, 2) tiles across and down, rounded up
+    per_box = counts.prod(axis=1)
+    box_of_tile = np.repeat(np.arange(len(boxes)), per_box)
+    index = np.arange(len(box_of_tile)) - np.repeat(np.cumsum(per_box) - per_box, per_box)
+    across = counts[box_of_tile, 0]
+    tops = start[box_of_tile, 1] + index // across * tile
+    lefts = start[box_of_tile, 0] + index % across * tile
+    return torch.from_numpy(box_of_tile), torch.from_numpy(tops), torch.from_numpy(lefts)
 
 
 @dataclass(frozen=True)
@@ -151,14 +156,22 @@ class MaskRefinement:
         """
         return self.refine_batch([image], [masks], [boxes])[0]
 
+    @property
+    def tile(self) -> int:
+        """Side of the tiles the boxes are cut into: 8 radii, so that a tile with its margin
+        of two radii on each side holds 2.25 times its pixels."""
+        return 8 * self.radius
+
     def refine_batch(
         self, images: list[torch.Tensor], masks: list[torch.Tensor], boxes: list[torch.Tensor]
     ) -> list[torch.Tensor]:
         """Refine the masks of several images, each inside its box, all at once.
 
-        Every mask is filtered on a window of one common size around its box grown by twice the
-        radius (all a pixel's output depends on), every window mean counting the pixels of its
-        own image only: inside the box the result equals filtering the whole image. The windows
+        The guides' statistics (window means, inverse covariances) are computed once per image,
+        every window counting the pixels of its own image only. Every box is cut into tiles of
+        one size (``tile``) and every tile filtered with a margin of twice the radius (all a
+        pixel's output depends on), all tiles of the batch together: inside the box the result
+        equals filtering the whole image, and the work grows with the boxes' area. The tiles
         are placed from the boxes' values on the host: host boxes spare a device-to-host copy.
 
         images: per image (C, h_i, w_i) uint8; masks: per image (N_i, h_i, w_i) bool or
@@ -169,42 +182,53 @@ class MaskRefinement:
         counts = [m.shape[0] for m in masks]
         sizes = [tuple(m.shape[-2:]) for m in masks]
         height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
-        out = torch.zeros((sum(counts), height, width), dtype=torch.float32, device=device)
+        # Room for the tiles that reach past the frame; cropped at the end.
+        out = torch.zeros((sum(counts), height + self.tile, width + self.tile), dtype=torch.float32, device=device)
         if out.shape[0] > 0:
-            self._refine_into(out, images, masks, boxes, counts, sizes)
+            self._refine_into(out, images, masks, boxes, counts, sizes, height, width)
         return [o[:, :h, :w] for o, (h, w) in zip(out.split(counts), sizes)]
 
-    def _refine_into(self, out, images, masks, boxes, counts, sizes) -> None:
-        device = out.device
-        image_of_box = group_indices(counts)
+    def _refine_into(self, out, images, masks, boxes, counts, sizes, height, width) -> None:
+        device, tile, margin = out.device, self.tile, 2 * self.radius
         all_boxes = torch.cat([b.detach().to("cpu", torch.float64) for b in boxes])
-        tops, lefts, crop_h, crop_w = crop_windows(all_boxes, 2 * self.radius, *out.shape[-2:])
-        # The guides' statistics, once, on the rectangle of the padded frame that holds every
-        # window (exact where a box needs them: within twice the radius, inside its window).
-        top, left = tops.min().tolist(), lefts.min().tolist()  # host tensors
-        bottom, right = tops.max().tolist() + crop_h, lefts.max().tolist() + crop_w
+        box_of_tile, tops, lefts = box_tiles(all_boxes, tile, height, width)
+        image_of_tile = group_indices(counts)[box_of_tile]
+        tiles_per_image = np.bincount(image_of_tile.numpy(), minlength=len(counts)).tolist()
+        first_box_of_image = torch.from_numpy(np.cumsum([0] + counts[:-1]))
+        box_in_image = (box_of_tile - first_box_of_image[image_of_tile]).to(device)
+        image_of_tile, box_of_tile = image_of_tile.to(device), box_of_tile.to(device)
+
         guides, _ = batch_images([im.to(device) for im in images], 1)
-        guides = guides[:, :, top:bottom, left:right].float() / 255.0
+        guides = guides[:, :, :height, :width].float() / 255.0
         frame_sizes = torch.tensor(sizes, device=device)
-        rows_in = torch.arange(top, bottom, device=device) < frame_sizes[:, :1]
-        cols_in = torch.arange(left, right, device=device) < frame_sizes[:, 1:]
+        rows_in = torch.arange(height, device=device) < frame_sizes[:, :1]
+        cols_in = torch.arange(width, device=device) < frame_sizes[:, 1:]
         valid = (rows_in[:, :, None] & cols_in[:, None, :]).to(guides.dtype)[:, None]
         mean, inverse = guide_statistics(guides, valid, self.radius, self.eps)
-        statistics = torch.cat([valid, guides, mean, inverse.flatten(1, 2)], dim=1)  # (B, S, h, w)
+        # Zero (invalid) around the frame: a tile's margin may reach past it.
+        padding = (margin, margin + tile, margin, margin + tile)
+        statistics = F.pad(torch.cat([valid, guides, mean, inverse.flatten(1, 2)], dim=1), padding)
 
-        rows = (tops[:, None] + torch.arange(crop_h))[:, :, None].to(device)  # in the padded frame
-        cols = (lefts[:, None] + torch.arange(crop_w))[:, None, :].to(device)
-        crops = statistics[image_of_box.to(device)[:, None, None], :, rows - top, cols - left].permute(0, 3, 1, 2)
+        # Rows and columns of every tile with its margin, in the padded frames.
+        span = torch.arange(tile + 2 * margin)
+        rows = (tops[:, None] + span)[:, :, None].to(device)
+        cols = (lefts[:, None] + span)[:, None, :].to(device)
+        crops = statistics[image_of_tile[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
         channels = guides.shape[1]
         crop_valid, crop_guide, crop_mean = crops[:, :1], crops[:, 1 : 1 + channels], crops[:, 1 + channels : 1 + 2 * channels]
         crop_inverse = crops[:, 1 + 2 * channels :].unflatten(1, (channels, channels))
+        # Pixels past an image are read at its border and then count as invalid.
         sources = torch.cat([
-            m[torch.arange(n, device=device)[:, None, None], r.clamp(max=h - 1), c.clamp(max=w - 1)].float()
-            for m, n, (h, w), r, c in zip(masks, counts, sizes, rows.split(counts), cols.split(counts))
-        ])  # rows and columns past an image are read at its border and then count as invalid
+            mask[box[:, None, None], (r - margin).clamp(0, h - 1), (c - margin).clamp(0, w - 1)].float()
+            for mask, (h, w), box, r, c in zip(
+                masks, sizes, box_in_image.split(tiles_per_image), rows.split(tiles_per_image), cols.split(tiles_per_image)
+            )
+        ])
         refined = filter_with_statistics(crop_guide, crop_valid, crop_mean, crop_inverse, sources, self.radius)
-        box = all_boxes.to(device, torch.float32)[:, :, None, None]
+        centre = slice(margin, margin + tile)
+        rows, cols = rows[:, centre] - margin, cols[:, :, centre] - margin  # in the frame
+        box = all_boxes.to(device, torch.float32)[box_of_tile][:, :, None, None]
         centre_y, centre_x = rows + 0.5, cols + 0.5
         inside = (centre_y >= box[:, 1]) & (centre_y <= box[:, 3]) & (centre_x >= box[:, 0]) & (centre_x <= box[:, 2])
-        instance = torch.arange(out.shape[0], device=device)[:, None, None]
-        out[instance, rows, cols] = refined.clamp_(0.0, 1.0) * inside * crop_valid[:, 0]
+        kept = refined[:, centre, centre].clamp_(0.0, 1.0) * inside * crop_valid[:, 0, centre, centre]
+        out[box_of_tile[:, None, None], rows, cols] = kept
