@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from boxteacher.modeling.guided_filter import MaskRefinement, guided_filter, inverse_regularised_covariance
+from boxteacher.modeling.guided_filter import MaskRefinement, guided_filter, inverse_regularised_covariance, unpack_symmetric
 from boxteacher.modeling.layers import boxes_to_masks
 from boxteacher.modeling.pseudo_labels import PseudoLabelSettings, pseudo_masks_for_boxes
 
@@ -137,9 +137,17 @@ def test_closed_form_inverse_equals_the_matrix_inverse():
     centred = colours - colours.mean(1, keepdim=True)
     covariance = torch.einsum("inw,jnw->ijw", centred, centred) / 20
     expected = torch.linalg.inv(covariance.permute(2, 0, 1) + 0.01 * torch.eye(3, dtype=torch.float64))
-    got = inverse_regularised_covariance(covariance[..., None], 0.01)[..., 0]
-    torch.testing.assert_close(got, expected.permute(1, 2, 0))
-    torch.testing.assert_close(inverse_regularised_covariance(covariance[:1, :1], 0.1), 1 / (covariance[:1, :1] + 0.1))
+    rows, cols = torch.triu_indices(3, 3)
+    got = inverse_regularised_covariance(covariance[rows, cols][:, :, None], 0.01)  # packed (6, 50, 1)
+    torch.testing.assert_close(unpack_symmetric(got[None], 3)[0, ..., 0], expected.permute(1, 2, 0))
+    variance = covariance[:1, 0, :, None]  # one channel: (1, 50, 1)
+    torch.testing.assert_close(inverse_regularised_covariance(variance, 0.1), 1 / (variance + 0.1))
+
+
+def test_unpack_symmetric_places_each_entry_on_both_sides_of_the_diagonal():
+    packed = torch.arange(6.0).reshape(1, 6, 1, 1)
+    expected = torch.tensor([[0.0, 1, 2], [1, 3, 4], [2, 4, 5]])
+    torch.testing.assert_close(unpack_symmetric(packed, 3)[0, :, :, 0, 0], expected)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -33,40 +33,50 @@ def window_sum(x: torch.Tensor, radius: int) -> torch.Tensor:
     return running[..., size:, :] - running[..., :-size, :]
 
 
+def unpack_symmetric(packed: torch.Tensor, channels: int) -> torch.Tensor:
+    """(N, P, H, W) symmetric C x C matrices packed as their P = C (C + 1) / 2 upper-triangle
+    entries in the order of ``torch.triu_indices`` -> (N, C, C, H, W)."""
+    index = torch.zeros(channels, channels, dtype=torch.long)
+    rows, cols = torch.triu_indices(channels, channels)
+    index[rows, cols] = index[cols, rows] = torch.arange(len(rows))
+    return packed[:, index.flatten().to(packed.device)].unflatten(1, (channels, channels))
+
+
+def upper_triangle_products(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The products x_i y_j, i <= j, of the channels of x and y (B, C, H, W), packed as in
+    ``unpack_symmetric``: (B, C (C + 1) / 2, H, W)."""
+    return torch.cat([x[:, i:] * y[:, i : i + 1] for i in range(x.shape[1])], dim=1)
+
+
 def inverse_regularised_covariance(covariance: torch.Tensor, eps: float) -> torch.Tensor:
     """(Sigma + eps I)^-1 of symmetric C x C matrices in closed form (C = 1 or 3; the adjugate
-    over the determinant for 3 x 3), elementwise over the leading and trailing dimensions.
-    covariance: (..., C, C, H, W) -> (..., C, C, H, W)."""
-    channels = covariance.shape[-3]
-    if channels == 1:
+    over the determinant for 3 x 3), elementwise over the leading and trailing dimensions,
+    both packed as upper triangles (see ``unpack_symmetric``).
+    covariance: (..., P, H, W) -> (..., P, H, W), P = 1 or 6."""
+    entries = covariance.shape[-3]
+    if entries == 1:
         return 1.0 / (covariance + eps)
-    if channels != 3:
-        raise ValueError(f"The guided filter takes a guide of 1 or 3 channels, got {channels}")
-
-    def entry(i: int, j: int) -> torch.Tensor:
-        return covariance[..., i, j, :, :] + (eps if i == j else 0.0)
-
-    a, b, c, d, e, f = entry(0, 0), entry(0, 1), entry(0, 2), entry(1, 1), entry(1, 2), entry(2, 2)
+    if entries != 6:
+        raise ValueError(f"The guided filter takes a guide of 1 or 3 channels, got {entries} covariance entries")
+    a, b, c, d, e, f = (covariance[..., k, :, :] + (eps if k in (0, 3, 5) else 0.0) for k in range(6))
     cof_a, cof_b, cof_c = d * f - e * e, c * e - b * f, b * e - c * d
     cof_d, cof_e, cof_f = a * f - c * c, b * c - a * e, a * d - b * b
     det = a * cof_a + b * cof_b + c * cof_c
-    rows = ((cof_a, cof_b, cof_c), (cof_b, cof_d, cof_e), (cof_c, cof_e, cof_f))
-    return torch.stack([torch.stack(row, dim=-3) for row in rows], dim=-4) / det[..., None, None, :, :]
+    return torch.stack([cof_a, cof_b, cof_c, cof_d, cof_e, cof_f], dim=-3) / det[..., None, :, :]
 
 
 def guide_statistics(
     guide: torch.Tensor, valid: torch.Tensor, radius: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Window means (B, C, H, W) of guides (B, C, H, W) over their valid pixels (B, 1, H, W)
-    and the inverse regularised colour covariance of every window (B, C, C, H, W)."""
+    and the inverse regularised colour covariance of every window, packed (B, P, H, W) (see
+    ``unpack_symmetric``)."""
     channels = guide.shape[1]
     guide = guide * valid
-    products = (guide[:, :, None] * guide[:, None]).flatten(1, 2)
-    sums = window_sum(torch.cat([valid, guide, products], dim=1), radius)
+    sums = window_sum(torch.cat([valid, guide, upper_triangle_products(guide, guide)], dim=1), radius)
     means = sums[:, 1:] / sums[:, :1].clamp(min=1.0)
-    mean, second = means[:, :channels], means[:, channels:].unflatten(1, (channels, channels))
-    covariance = second - mean[:, :, None] * mean[:, None]
-    return mean, inverse_regularised_covariance(covariance, eps)
+    mean, second = means[:, :channels], means[:, channels:]
+    return mean, inverse_regularised_covariance(second - upper_triangle_products(mean, mean), eps)
 
 
 def filter_with_statistics(
@@ -74,7 +84,7 @@ def filter_with_statistics(
 ) -> torch.Tensor:
     """The guided filter of N maps, each with its own guide, valid pixels and guide statistics.
 
-    guide, mean: (N, C, H, W); valid: (N, 1, H, W); inverse: (N, C, C, H, W) (see
+    guide, mean: (N, C, H, W); valid: (N, 1, H, W); inverse: (N, P, H, W) packed (see
     ``guide_statistics``); src: (N, H, W). Returns (N, H, W), meaningful on valid pixels.
     """
     channels = guide.shape[1]
@@ -83,7 +93,7 @@ def filter_with_statistics(
     count = sums[:, :1].clamp(min=1.0)
     mean_p = sums[:, 1:2] / count
     cross = sums[:, 2:] / count - mean * mean_p  # (N, C, H, W)
-    a = (inverse * cross[:, None]).sum(dim=2)  # (N, C, H, W)
+    a = (unpack_symmetric(inverse, channels) * cross[:, None]).sum(dim=2)  # (N, C, H, W)
     b = mean_p - (a * mean).sum(dim=1, keepdim=True)
     fits = window_sum(torch.cat([a, b], dim=1) * valid, radius) / count
     return (fits[:, :channels] * guide).sum(dim=1) + fits[:, channels]
@@ -111,7 +121,7 @@ def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: floa
     n = src.shape[0]
     return filter_with_statistics(
         guide.expand(n, -1, -1, -1), valid.expand(n, -1, -1, -1), mean.expand(n, -1, -1, -1),
-        inverse.expand(n, -1, -1, -1, -1), src, radius,
+        inverse.expand(n, -1, -1, -1), src, radius,
     )
 
 
@@ -205,28 +215,28 @@ class MaskRefinement:
         cols_in = torch.arange(width, device=device) < frame_sizes[:, 1:]
         valid = (rows_in[:, :, None] & cols_in[:, None, :]).to(guides.dtype)[:, None]
         mean, inverse = guide_statistics(guides, valid, self.radius, self.eps)
-        # Zero (invalid) around the frame: a tile's margin may reach past it.
-        padding = (margin, margin + tile, margin, margin + tile)
-        statistics = F.pad(torch.cat([valid, guides, mean, inverse.flatten(1, 2)], dim=1), padding)
 
-        # Rows and columns of every tile with its margin, in the padded frames.
-        span = torch.arange(tile + 2 * margin)
+        # Rows and columns of every tile with its margin, in the frame; a margin may reach past
+        # it: those pixels are read at the border and count as invalid.
+        span = torch.arange(-margin, tile + margin)
         rows = (tops[:, None] + span)[:, :, None].to(device)
         cols = (lefts[:, None] + span)[:, None, :].to(device)
-        crops = statistics[image_of_tile[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
-        channels = guides.shape[1]
-        crop_valid, crop_guide, crop_mean = crops[:, :1], crops[:, 1 : 1 + channels], crops[:, 1 + channels : 1 + 2 * channels]
-        crop_inverse = crops[:, 1 + 2 * channels :].unflatten(1, (channels, channels))
-        # Pixels past an image are read at its border and then count as invalid.
+        in_frame = ((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width))[:, None]
+        rows_read, cols_read = rows.clamp(0, height - 1), cols.clamp(0, width - 1)
+
+        def crops(statistic: torch.Tensor) -> torch.Tensor:  # (B, K, H, W) -> (T, K, tile + 2 margin, same)
+            return statistic[image_of_tile[:, None, None], :, rows_read, cols_read].permute(0, 3, 1, 2)
+
+        crop_valid = crops(valid) * in_frame
         sources = torch.cat([
-            mask[box[:, None, None], (r - margin).clamp(0, h - 1), (c - margin).clamp(0, w - 1)].float()
+            mask[box[:, None, None], r.clamp(0, h - 1), c.clamp(0, w - 1)].float()
             for mask, (h, w), box, r, c in zip(
                 masks, sizes, box_in_image.split(tiles_per_image), rows.split(tiles_per_image), cols.split(tiles_per_image)
             )
         ])
-        refined = filter_with_statistics(crop_guide, crop_valid, crop_mean, crop_inverse, sources, self.radius)
+        refined = filter_with_statistics(crops(guides), crop_valid, crops(mean), crops(inverse), sources, self.radius)
         centre = slice(margin, margin + tile)
-        rows, cols = rows[:, centre] - margin, cols[:, :, centre] - margin  # in the frame
+        rows, cols = rows[:, centre], cols[:, :, centre]
         box = all_boxes.to(device, torch.float32)[box_of_tile][:, :, None, None]
         centre_y, centre_x = rows + 0.5, cols + 0.5
         inside = (centre_y >= box[:, 1]) & (centre_y <= box[:, 3]) & (centre_x >= box[:, 0]) & (centre_x <= box[:, 2])
