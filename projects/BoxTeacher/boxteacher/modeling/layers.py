@@ -134,10 +134,23 @@ def resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tu
     return int(new_h + 0.5), int(new_w + 0.5)
 
 
-def boxes_to_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(M, 4) XYXY boxes -> (M, h, w) bool masks of the pixels whose centre is inside the box."""
+def _inside_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, h) rows and (M, w) columns whose pixel centres lie inside each (M, 4) XYXY box."""
     ys = torch.arange(size[0], device=boxes.device, dtype=boxes.dtype) + 0.5
     xs = torch.arange(size[1], device=boxes.device, dtype=boxes.dtype) + 0.5
     inside_y = (ys[None] >= boxes[:, 1:2]) & (ys[None] <= boxes[:, 3:4])
     inside_x = (xs[None] >= boxes[:, 0:1]) & (xs[None] <= boxes[:, 2:3])
+    return inside_y, inside_x
+
+
+def boxes_to_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(M, 4) XYXY boxes -> (M, h, w) bool masks of the pixels whose centre is inside the box."""
+    inside_y, inside_x = _inside_boxes(boxes, size)
     return inside_y[:, :, None] & inside_x[:, None, :]
+
+
+def zero_outside_boxes(maps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(M, h, w) float maps with the pixels outside each (M, 4) XYXY box (by their centres, as
+    ``boxes_to_masks``) set to zero, by a row and a column factor (no (M, h, w) mask)."""
+    inside_y, inside_x = _inside_boxes(boxes.to(maps.dtype), maps.shape[-2:])
+    return (maps * inside_y[:, :, None].to(maps.dtype)).mul_(inside_x[:, None, :].to(maps.dtype))

@@ -18,10 +18,11 @@ def mean_foreground_probability(
     """Mean probability over the pixels predicted as foreground: sum(P * [P > t]) / (sum([P > t])
     + 1e-6). With ``boxes`` (M, 4) XYXY, only pixels inside each box count (the paper's
     variant). mask_probs: (M, h, w). Returns (M,)."""
-    foreground = (mask_probs > threshold).to(mask_probs.dtype)
+    foreground = mask_probs > threshold
     if boxes is not None:
-        foreground = foreground * boxes_to_masks(boxes, mask_probs.shape[-2:]).to(mask_probs.dtype)
-    return (mask_probs * foreground).sum(dim=(1, 2)) / (foreground.sum(dim=(1, 2)) + 1e-6)
+        foreground &= boxes_to_masks(boxes, mask_probs.shape[-2:])
+    count = foreground.sum(dim=(1, 2)).to(mask_probs.dtype)
+    return torch.where(foreground, mask_probs, 0.0).sum(dim=(1, 2)) / (count + 1e-6)
 
 
 def mask_aware_scores(

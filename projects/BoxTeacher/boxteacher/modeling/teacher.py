@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from .layers import boxes_to_masks, group_indices, resized_shape, select_rows
+from .layers import group_indices, resized_shape, select_rows, zero_outside_boxes
 from .postprocess import upsample_mask_probs
 from .pseudo_labels import mask_aware_scores, mean_foreground_probability
 
@@ -102,7 +102,7 @@ def teacher_outputs(
         det = dict(zip(fields, values))
         probs = upsample_mask_probs(det["mask_probs"], mask_stride, input_sizes[i], student_sizes[i])
         if settings.clip_masks_to_boxes:
-            probs = probs * boxes_to_masks(det["boxes"], probs.shape[-2:]).to(probs.dtype)
+            probs = zero_outside_boxes(probs, det["boxes"])
         mean = mean_foreground_probability(probs, threshold, det["boxes"] if settings.score_in_box else None)
         ranking, weights = mask_aware_scores(det["scores"], mean)
         outputs.append({
