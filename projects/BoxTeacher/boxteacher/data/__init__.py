@@ -2,6 +2,7 @@
 
 Importing this package registers the built-in datasets (``builtin.py``); that reads no file.
 """
+from ..geometry import resized_shape
 from .build import build_test_loader, build_train_loader, get_train_metadata, get_train_records
 from .builtin import datasets_root, register_builtin_datasets, register_datasets_from_config
 from .catalog import (
@@ -15,7 +16,6 @@ from .coco import load_coco_json, register_coco_instances, segmentation_to_mask
 from .mapper import DatasetMapper, build_flip_class_map
 from .samplers import InferenceSampler, TrainingBatchSampler
 from .shapes import ensure_shapes_dataset, generate_shapes_dataset
-from ..modeling.layers import resized_shape
 from .transforms import ResizeFlip
 
 register_builtin_datasets()

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from ..config.supervision import gt_mask_mode, is_box_supervised
+from ..geometry import resized_shape
 from .catalog import get_metadata
 from .coco import segmentation_to_mask
 from .color_augment import AUG_TYPES, perturb_colors
-from ..modeling.layers import resized_shape
 from .transforms import ResizeFlip, clip_boxes, sample_short_edge
 
 logger = logging.getLogger(__name__)

@@ -120,20 +120,6 @@ def group_indices(counts: list[int]) -> torch.Tensor:
     return torch.tensor([group for group, count in enumerate(counts) for _ in range(count)], dtype=torch.int64)
 
 
-def resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
-    """(new_height, new_width): the short side becomes ``short_edge``, the long side at most
-    ``max_size``, the aspect ratio kept; each side rounded half up."""
-    scale = short_edge / min(height, width)
-    if height < width:
-        new_h, new_w = short_edge, scale * width
-    else:
-        new_h, new_w = scale * height, short_edge
-    if max(new_h, new_w) > max_size:
-        shrink = max_size / max(new_h, new_w)
-        new_h, new_w = new_h * shrink, new_w * shrink
-    return int(new_h + 0.5), int(new_w + 0.5)
-
-
 def _inside_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, h) rows and (M, w) columns whose pixel centres lie inside each (M, 4) XYXY box."""
     ys = torch.arange(size[0], device=boxes.device, dtype=boxes.dtype) + 0.5

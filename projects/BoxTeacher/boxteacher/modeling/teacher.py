@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-from .layers import group_indices, resized_shape, select_rows, zero_outside_boxes
+from ..geometry import resized_shape
+from .layers import group_indices, select_rows, zero_outside_boxes
 from .postprocess import upsample_mask_probs
 from .pseudo_labels import mask_aware_scores, mean_foreground_probability
 
