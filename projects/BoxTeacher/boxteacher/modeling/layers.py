@@ -138,5 +138,5 @@ def boxes_to_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def zero_outside_boxes(maps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """(M, h, w) float maps with the pixels outside each (M, 4) XYXY box (by their centres, as
     ``boxes_to_masks``) set to zero, by a row and a column factor (no (M, h, w) mask)."""
-    inside_y, inside_x = _inside_boxes(boxes.to(maps.dtype), maps.shape[-2:])
+    inside_y, inside_x = _inside_boxes(boxes, maps.shape[-2:])
     return (maps * inside_y[:, :, None].to(maps.dtype)).mul_(inside_x[:, None, :].to(maps.dtype))
