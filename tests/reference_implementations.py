@@ -50,17 +50,17 @@ def _level_candidates(fcos, outputs, locations, top_feats, level, image):
     return result
 
 
-def forward_teacher_per_image(model, batched_inputs: list[dict]) -> list[dict]:
-    """``CondInst.forward_teacher`` image by image: per-image FCOS inference, per-image choice
+def forward_teacher_per_image(view, batched_inputs: list[dict]) -> list[dict]:
+    """``TeacherView.forward_teacher`` image by image: per-image FCOS inference, per-image choice
     of the assignable detections, per-image post-processing."""
     from torchvision.ops import box_iou
 
     from boxteacher.modeling.layers import batch_images, boxes_to_masks
     from boxteacher.modeling.postprocess import detections_to_output_frame, rescale_boxes
-    from boxteacher.modeling.pseudo_labels import mask_aware_scores, mean_foreground_probability
+    from boxteacher.modeling.mask_scores import mask_aware_scores, mean_foreground_probability
     from boxteacher.modeling.teacher import resize_to_test_size
 
-    settings = model.teacher_pass
+    model, settings = view.detector, view.settings
     images = [(x["image"].to(model.device).float() - model.pixel_mean) / model.pixel_std for x in batched_inputs]
     student_sizes = [tuple(im.shape[-2:]) for im in images]
     resized = [resize_to_test_size(im, settings.min_size, settings.max_size) for im in images]

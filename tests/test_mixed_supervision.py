@@ -19,7 +19,7 @@ from boxteacher.data.mask_subset import keep_masks_of, restrict_masks_to_fractio
 from boxteacher.engine.trainer import Trainer
 from boxteacher.modeling.losses import dice_loss
 from boxteacher.utils.env import seed_all_rng
-from tiny_models import builtin_datasets_under, sample, tiny_cfg
+from tiny_models import builtin_datasets_under, label_one, sample, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 BOXINST_CONFIG = str(REPO / "configs/quickstart/boxinst_shapes.yaml")
@@ -252,7 +252,7 @@ def test_masked_instances_keep_their_mask_and_get_no_teacher_detection():
     # One detection, on the masked box (IoU 1); its IoU with the box-only one is 0.78.
     prediction = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "scores": torch.tensor([0.9]),
                   "mask_scores": torch.tensor([0.7]), "mask_probs": probs}
-    labelled = model.with_pseudo_masks(x, prediction)["instances"]
+    labelled = label_one(model, x, prediction)
     assert labelled["pseudo_weights"].tolist() == pytest.approx([1.0, 0.7])
     assert torch.equal(labelled["pseudo_masks"][0], x["instances"]["masks"][0])  # its ground truth
     assert torch.equal(labelled["pseudo_masks"][1], probs[0] > 0.5)  # the detection went to the other box
@@ -260,7 +260,7 @@ def test_masked_instances_keep_their_mask_and_get_no_teacher_detection():
 
     # Without masks the same detection labels the box it overlaps best.
     boxes_only = {**x, "instances": {k: x["instances"][k] for k in ("boxes", "labels")}}
-    plain = model.with_pseudo_masks(boxes_only, prediction)["instances"]
+    plain = label_one(model, boxes_only, prediction)
     assert plain["pseudo_weights"].tolist() == pytest.approx([0.7, 0.0])
 
 

@@ -21,7 +21,7 @@ from boxteacher.modeling.ema import (
 )
 from boxteacher.modeling.pairwise import neighbour_offsets
 from reference_implementations import forward_teacher_per_image
-from tiny_models import tiny_cfg
+from tiny_models import label_one, tiny_cfg
 from tiny_models import two_view_batch as batch
 
 OFFSETS = neighbour_offsets(3, 2)
@@ -155,15 +155,15 @@ def test_the_teacher_drops_unassignable_detections_without_changing_the_training
     torch.manual_seed(0)
     pruned = boxteacher("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.BOX_TEACHER.IOU_THR", "0.3")
     full = boxteacher("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.BOX_TEACHER.IOU_THR", "0.3")
-    full.teacher.teacher_pass = dataclasses.replace(full.teacher.teacher_pass, candidate_iou=None)
-    assert pruned.teacher.teacher_pass.candidate_iou == 0.3
+    full.teacher_view.settings = dataclasses.replace(full.teacher_view.settings, candidate_iou=None)
+    assert pruned.teacher_view.settings.candidate_iou == 0.3
     with torch.no_grad():  # boxes of about 16 x 16 pixels at stride 8 (a random head gives slivers)
         pruned.teacher.proposal_generator.fcos_head.bbox_pred.bias.fill_(1.0)
     full.load_state_dict(pruned.state_dict())
     pruned.train()
     full.train()
     with torch.no_grad():
-        kept, every = pruned.teacher.forward_teacher(batch()), full.teacher.forward_teacher(batch())
+        kept, every = pruned.teacher_view.forward_teacher(batch()), full.teacher_view.forward_teacher(batch())
     for image, (k, e) in enumerate(zip(kept, every)):
         gt = batch()[image]["instances"]["boxes"]
         assignable = (box_iou(e["boxes"], gt) >= 0.3).any(dim=1)
@@ -190,13 +190,13 @@ def test_the_teacher_sees_the_test_size_or_the_student_size(test_size, batch_sha
     model.teacher.run_heads = lambda images: seen.append(tuple(images.shape[-2:])) or run_heads(images)
     model.train()
     with torch.no_grad():
-        outputs = model.teacher.forward_teacher(batch())
+        outputs = model.teacher_view.forward_teacher(batch())
     assert seen == [batch_shape]  # 48x64 -> 64x85 at the test size, padded to multiples of 32
     assert [tuple(o["mask_probs"].shape[-2:]) for o in outputs] == [(64, 64), (48, 64)]
 
 
 def test_the_legacy_assignment_gets_every_teacher_detection():
-    assert boxteacher("MODEL.BOX_TEACHER.LEGACY_ASSIGNMENT", "True").teacher.teacher_pass.candidate_iou is None
+    assert boxteacher("MODEL.BOX_TEACHER.LEGACY_ASSIGNMENT", "True").teacher_view.settings.candidate_iou is None
 
 
 def test_pseudo_losses_are_zero_and_connected_when_no_box_is_matched():
@@ -219,7 +219,7 @@ def test_pseudo_labels_follow_the_assignment():
     prediction = {"boxes": torch.tensor([[31.0, 31.0, 59.0, 59.0], [100.0, 100.0, 110.0, 110.0]]),
                   "scores": torch.tensor([0.9, 0.8]), "mask_scores": torch.tensor([0.7, 0.6]),
                   "mask_probs": probs}
-    labelled = model.with_pseudo_masks(sample, prediction)["instances"]
+    labelled = label_one(model, sample, prediction)
     assert labelled["pseudo_weights"].tolist() == pytest.approx([0.0, 0.7])
     assert labelled["pseudo_masks"][0].sum() == 0  # unmatched box
     assert torch.equal(labelled["pseudo_masks"][1], probs[0] > 0.5)
@@ -227,9 +227,9 @@ def test_pseudo_labels_follow_the_assignment():
 
 
 def test_refined_pseudo_masks_follow_the_colour_edges_of_the_clean_view():
-    assert boxteacher().labelling.refinement is None
+    assert boxteacher().labeler.refinement is None
     model = boxteacher("MODEL.BOX_TEACHER.REFINE_RADIUS", "4", "MODEL.BOX_TEACHER.REFINE_EPS", "0.02")
-    assert (model.labelling.refinement.radius, model.labelling.refinement.eps) == (4, 0.02)
+    assert (model.labeler.refinement.radius, model.labeler.refinement.eps) == (4, 0.02)
     sample = batch()[0]
     sample["image"] = torch.full_like(sample["image"], 20)
     sample["image"][:, 34:56, 34:56] = 230  # the object of the second box (30, 30, 60, 60)
@@ -237,7 +237,7 @@ def test_refined_pseudo_masks_follow_the_colour_edges_of_the_clean_view():
     probs[0, 33:58, 33:58] = 0.9  # a teacher mask a little too large
     prediction = {"boxes": torch.tensor([[33.0, 33.0, 58.0, 58.0]]), "scores": torch.tensor([0.9]),
                   "mask_scores": torch.tensor([0.7]), "mask_probs": probs}
-    masks = model.with_pseudo_masks(sample, prediction)["instances"]["pseudo_masks"]
+    masks = label_one(model, sample, prediction)["pseudo_masks"]
     assert masks.dtype == torch.bool and not masks[0].any()
     assert torch.equal(masks[1], sample["image"][0] > 100)
     with pytest.raises(ValueError, match="MODEL.BOX_TEACHER.REFINE_RADIUS"):
@@ -253,11 +253,11 @@ def test_soft_pseudo_masks_keep_the_teacher_probabilities_as_dice_targets():
     probs[0, 8:40, 8:40] = torch.linspace(0.2, 1.0, 32)[None, :]
     prediction = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "scores": torch.tensor([0.9]),
                   "mask_scores": torch.tensor([0.8]), "mask_probs": probs}
-    assert torch.equal(soft.with_pseudo_masks(sample, prediction)["instances"]["pseudo_masks"][0], probs[0])
-    assert torch.equal(binary.with_pseudo_masks(sample, prediction)["instances"]["pseudo_masks"][0], probs[0] > 0.5)
+    assert torch.equal(label_one(soft, sample, prediction)["pseudo_masks"][0], probs[0])
+    assert torch.equal(label_one(binary, sample, prediction)["pseudo_masks"][0], probs[0] > 0.5)
 
     def targets(model):
-        labelled = [model.with_pseudo_masks(sample, prediction)]
+        labelled = [{**sample, "instances": label_one(model, sample, prediction)}]
         gt = [{k: v for k, v in labelled[0]["instances"].items()}]
         return model.student.mask_targets(labelled, gt, (64, 64), [(h, w)])["pseudo_masks"]
 
@@ -332,8 +332,8 @@ def test_the_batched_teacher_pass_equals_the_per_image_reference(overrides):
     model.train()
     samples = batch() + [{**batch()[1], "instances": {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}}]
     with torch.no_grad():
-        ours = model.teacher.forward_teacher(samples)
-        reference = forward_teacher_per_image(model.teacher, samples)
+        ours = model.teacher_view.forward_teacher(samples)
+        reference = forward_teacher_per_image(model.teacher_view, samples)
     assert [len(o["scores"]) for o in ours] == [len(r["scores"]) for r in reference]
     assert len(ours[0]["scores"]) > 0 and len(ours[2]["scores"]) == 0
     for o, r in zip(ours, reference):
@@ -359,8 +359,8 @@ def test_a_mixed_precision_step_runs_the_networks_in_bfloat16_and_keeps_labels_a
     model.teacher.backbone.register_forward_hook(record("teacher"))
     model.student.backbone.register_forward_hook(record("student"))
     labelled = []
-    label_batch = model.label_batch
-    model.label_batch = lambda *args: labelled.append(label_batch(*args)) or labelled[-1]
+    assign = model.assign
+    model.assign = lambda *args: labelled.append(assign(*args)) or labelled[-1]
     torch.manual_seed(1)
     full = model(batch())
     torch.manual_seed(1)
@@ -368,9 +368,8 @@ def test_a_mixed_precision_step_runs_the_networks_in_bfloat16_and_keeps_labels_a
         mixed = model(batch())
     assert dtypes == {"teacher": torch.bfloat16, "student": torch.bfloat16}
     assert all(v.dtype == torch.float32 for v in mixed.values())
-    pseudo = [x["instances"] for x in labelled[1]]
-    assert all(p["pseudo_masks"].dtype == torch.bool and p["pseudo_weights"].dtype == torch.float32 for p in pseudo)
-    assert sum(int(p["pseudo_weights"].gt(0).sum()) for p in pseudo) > 0
+    assert all(p["masks"].dtype == torch.bool and p["weights"].dtype == torch.float32 for p in labelled[1])
+    assert sum(int(p["weights"].gt(0).sum()) for p in labelled[1]) > 0
     for name, value in full.items():
         torch.testing.assert_close(mixed[name], value, rtol=0.1, atol=0.02, msg=name)
 

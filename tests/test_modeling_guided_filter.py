@@ -4,7 +4,7 @@ import torch
 
 from boxteacher.modeling.guided_filter import MaskRefinement, guided_filter, inverse_regularised_covariance, unpack_symmetric
 from boxteacher.modeling.layers import boxes_to_masks
-from boxteacher.modeling.pseudo_labels import PseudoLabelSettings, pseudo_masks_for_boxes
+from boxteacher.modeling.pseudo_labels import PseudoLabeler
 
 
 def guided_filter_by_windows(guide, src, radius, eps):
@@ -88,13 +88,13 @@ def test_pseudo_masks_are_refined_after_the_assignment_and_before_binarising():
                   "mask_probs": probs}
     boxes = torch.tensor([[12.0, 10.0, 28.0, 22.0], [30.0, 28.0, 46.0, 38.0]])  # the second matches nothing
     refinement = MaskRefinement(radius=4, eps=0.01)
-    plain = pseudo_masks_for_boxes(prediction, boxes, PseudoLabelSettings(0.5, mask_threshold=0.5))
-    refined = pseudo_masks_for_boxes(prediction, boxes, PseudoLabelSettings(0.5, mask_threshold=0.5, refinement=refinement), image)
+    plain = PseudoLabeler(0.5, mask_threshold=0.5).label([prediction], [boxes])[0]
+    refined = PseudoLabeler(0.5, mask_threshold=0.5, refinement=refinement).label([prediction], [boxes], [image])[0]
     assert torch.equal(plain["masks"][0], probs[0] > 0.5) and not torch.equal(plain["masks"][0], truth)
     assert torch.equal(refined["masks"][0], truth)
     assert refined["masks"].dtype == torch.bool and not refined["masks"][1].any()
     assert torch.equal(refined["weights"], plain["weights"]) and torch.equal(refined["assigned"], plain["assigned"])
-    soft = pseudo_masks_for_boxes(prediction, boxes, PseudoLabelSettings(0.5, mask_threshold=None, refinement=refinement), image)
+    soft = PseudoLabeler(0.5, mask_threshold=None, refinement=refinement).label([prediction], [boxes], [image])[0]
     inside = torch.zeros(40, 48)
     inside[10:22, 12:28] = 1  # the pixels whose centre is inside box 0
     filtered = guided_filter(image.float() / 255, probs[:1], 4, 0.01).clamp(0, 1)[0]

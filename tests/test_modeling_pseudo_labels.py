@@ -5,12 +5,9 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from boxteacher.modeling.pseudo_labels import (
-    assign_detections_to_boxes,
-    boxes_to_masks,
-    mask_aware_scores,
-    mean_foreground_probability,
-)
+from boxteacher.modeling.layers import boxes_to_masks
+from boxteacher.modeling.mask_scores import mask_aware_scores, mean_foreground_probability
+from boxteacher.modeling.pseudo_labels import assign_detections_to_boxes
 
 
 def greedy_reference(det_boxes, det_scores, gt_boxes, iou_thr, score_thr, legacy):

@@ -17,16 +17,15 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from boxteacher.build import build_model
+from boxteacher.build import build_model, build_pseudo_labelling_model
 from boxteacher.config import load_config
 from boxteacher.data import catalog
 from boxteacher.data.coco import load_coco_json
 from boxteacher.engine.checkpoint import Checkpointer
 from boxteacher.evaluation import COCOEvaluator
 from boxteacher.evaluation.pseudo_mask_iou import pseudo_mask_report
-from boxteacher.modeling.pseudo_labels import PseudoLabelSettings
 from boxteacher.pseudo_export import ExportSettings, PseudoMaskExporter, box_labels
-from tiny_models import TINY_MODEL_OVERRIDES
+from tiny_models import TINY_MODEL_OVERRIDES, label_one
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("tools_export_pseudo_masks", REPO / "tools" / "export_pseudo_masks.py")
@@ -110,9 +109,9 @@ def load_teacher(files, yaml=None, root=None):
         config = root / "other.yaml"
         config.write_text(yaml)
     cfg = load_config(str(config), [*OVERRIDES, "MODEL.WEIGHTS", str(files["weights"])])
-    model = build_model(cfg)
+    model = build_pseudo_labelling_model(cfg)
     Checkpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
-    return getattr(model, "teacher", model).eval(), cfg
+    return model, cfg
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +119,9 @@ def teacher(files):
     return load_teacher(files)[0]
 
 
-def export(files, network, images=None, **settings):
+def export(files, model, images=None, **settings):
     data = json.loads(files["json"].read_text())
-    return PseudoMaskExporter(network, ExportSettings(PseudoLabelSettings(iou_threshold=0.2), **settings)).export(
+    return PseudoMaskExporter(model, ExportSettings(**settings)).export(
         data, str(images or files["images"]))
 
 
@@ -255,12 +254,13 @@ def test_an_unreadable_image_is_named_and_its_boxes_stay_unmatched(files, teache
 
 
 def test_a_boxinst_config_exports_what_the_boxteacher_teacher_exports(files, teacher, tmp_path):
-    """A one-network config loads the teacher of the checkpoint and gets the teacher pass of the
-    config (test size, assignment IoU), so it labels the boxes the same way."""
-    network, cfg = load_teacher(files, BOXINST_YAML, tmp_path)
-    assert not hasattr(network, "student")
-    assert network.teacher_pass.min_size == 64 and network.teacher_pass.candidate_iou == pytest.approx(0.2)
-    assert export(files, network).data == export(files, teacher).data
+    """A one-network config loads the teacher of the checkpoint (into both networks of the
+    labelling model) and gets the teacher pass of the config (test size, assignment IoU), so it
+    labels the boxes the same way."""
+    model, cfg = load_teacher(files, BOXINST_YAML, tmp_path)
+    assert model.teacher_view.settings.min_size == 64 and model.teacher_view.settings.candidate_iou == pytest.approx(0.2)
+    assert model.labeler.iou_threshold == pytest.approx(0.2) and model.teacher_eval_mode
+    assert export(files, model).data == export(files, teacher).data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,8 +271,9 @@ def test_box_labels_are_the_pseudo_labels_of_training(files, refine_radius):
     cfg = load_config(str(files["config"]), [*OVERRIDES, "MODEL.BOX_TEACHER.REFINE_RADIUS", str(refine_radius)])
     model = build_model(cfg)
     settings = tool.export_settings(cfg, argparse.Namespace(score_threshold=0.0, box_fallback=False))
-    refinement = settings.labelling.refinement
-    assert refinement == model.labelling.refinement and (refine_radius == 0) == (refinement is None)
+    exporting = build_pseudo_labelling_model(cfg)
+    refinement = exporting.labeler.refinement
+    assert refinement == model.labeler.refinement and (refine_radius == 0) == (refinement is None)
     h, w = 64, 64
     probs = torch.zeros(3, h, w)
     probs[0, 40:50, 40:50] = 0.9
@@ -286,15 +287,15 @@ def test_box_labels_are_the_pseudo_labels_of_training(files, refine_radius):
     image[:, 41:49, 40:51] = 200  # the object of the mask of detection 0 (rows and columns 40:50)
     sample = {"image": image, "height": h, "width": w,
               "instances": {"boxes": boxes, "labels": torch.zeros(4, dtype=torch.int64)}}
-    training = model.with_pseudo_masks(sample, prediction)["instances"]
-    out = box_labels(prediction, boxes, settings, image)
+    training = label_one(model, sample, prediction)
+    out = box_labels(exporting.assign([sample], [prediction])[0], settings)
     assert torch.equal(out["masks"], training["pseudo_masks"])
     assert torch.equal(out["masks"][1], probs[0] > 0.5 if refine_radius == 0 else image[0] > 0)
     assert torch.equal(out["scores"], training["pseudo_weights"])
     assert out["matched"].tolist() == [False, True, False, False]  # no detection, match, empty mask, none
-    assert box_labels(prediction, boxes, ExportSettings(min_score=0.75))["matched"].tolist() == [False] * 4
+    assert box_labels(exporting.assign([sample], [prediction])[0], ExportSettings(min_score=0.75))["matched"].tolist() == [False] * 4
     nothing = {k: v[:0] for k, v in prediction.items()}
-    empty = box_labels(nothing, boxes, ExportSettings())
+    empty = box_labels(exporting.assign([sample], [nothing])[0], ExportSettings())
     assert empty["masks"].shape == (4, h, w) and not empty["matched"].any() and not empty["scores"].any()
 
 

@@ -112,3 +112,11 @@ def two_view_batch(seed: int = 0) -> list[dict]:
         samples.append({"image": image, "aug_image": 255 - image, "height": h, "width": w, "instances": {
             "boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.zeros(len(boxes), dtype=torch.long)}})
     return samples
+
+
+def label_one(model, sample: dict, prediction: dict) -> dict:
+    """The instances of ``sample`` labelled by a BoxTeacher ``model`` from a given teacher
+    ``prediction``, as a training step labels them."""
+    from boxteacher.modeling.boxteacher import with_pseudo_labels
+
+    return with_pseudo_labels([sample], model.assign([sample], [prediction]))[0]["instances"]

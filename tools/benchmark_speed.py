@@ -128,7 +128,7 @@ def instrument(model: nn.Module, timer: PartTimer) -> None:
     timer.wrap(network, "mask_targets", "mask targets")
     timer.wrap(network, "mask_losses", "mask head + mask losses")
     if hasattr(model, "teacher"):
-        timer.wrap(model.teacher, "forward_teacher", "teacher pass")
+        timer.wrap(model.teacher_view, "forward_teacher", "teacher pass")
 
 
 def breakdown(seconds: dict[str, float], step_seconds: float) -> dict[str, float]:

@@ -25,7 +25,7 @@ import torch
 from tabulate import tabulate
 
 from boxteacher.modeling.guided_filter import MaskRefinement
-from boxteacher.modeling.pseudo_labels import PseudoLabelSettings, pseudo_masks_for_batch
+from boxteacher.modeling.pseudo_labels import PseudoLabeler
 from boxteacher.modeling.teacher import TeacherPass, assignable_detections, teacher_outputs, to_student_frame
 
 
@@ -81,7 +81,7 @@ def refinement_table(args: argparse.Namespace, outputs: list[dict], gt_boxes: li
     for name, refinement in (("assigned masks as they are", None),
                              (f"guided filter, radius {args.refine_radius}", MaskRefinement(args.refine_radius))):
         def label():
-            return pseudo_masks_for_batch(outputs, gt_boxes, PseudoLabelSettings(args.iou, refinement=refinement), guides)
+            return PseudoLabeler(args.iou, refinement=refinement).label(outputs, gt_boxes, guides)
         seconds, labels = timed(label, args.device, args.repeats)
         base = base or seconds
         matched = sum(int((x["assigned"] >= 0).sum()) for x in labels) / len(labels)

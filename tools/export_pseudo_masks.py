@@ -4,9 +4,9 @@
     python tools/export_pseudo_masks.py --config-file C --json boxes.json --images DIR --output out.json \
         [--score-threshold 0.0] [--box-fallback] [--batch-size 1] [KEY VALUE ...]
 
-The model of the config (with ``MODEL.WEIGHTS``) labels every non-crowd box: a BoxTeacher model
-with its teacher, a CondInst / BoxInst model with the network itself, through
-``forward_teacher``. Each image is read with OpenCV at its original resolution, the network
+The model of the config (with ``MODEL.WEIGHTS``) labels every non-crowd box through
+``BoxTeacher.pseudo_label``, the path of training: a BoxTeacher model with its teacher, a CondInst /
+BoxInst model with the network itself (its checkpoint loads into both networks of a BoxTeacher). Each image is read with OpenCV at its original resolution, the network
 resizes it to ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, and every box gets the mask of the
 detection that training's box-based assignment gives it (``MODEL.BOX_TEACHER.IOU_THR``,
 ``SCORE_THR``, detections ranked by the mask-aware score), refined with the guided filter when
@@ -34,12 +34,11 @@ import logging
 import os
 import sys
 
-from boxteacher.build import build_model, mask_refinement
+from boxteacher.build import build_pseudo_labelling_model
 from boxteacher.config import CfgNode, load_config
 from boxteacher.data.coco import load_coco_json
 from boxteacher.engine.checkpoint import Checkpointer, atomic_open
 from boxteacher.evaluation.pseudo_mask_iou import pseudo_mask_report, report_table
-from boxteacher.modeling.pseudo_labels import PseudoLabelSettings
 from boxteacher.pseudo_export import ExportSettings, PseudoMaskExporter
 from boxteacher.utils.logger import setup_logger
 
@@ -47,15 +46,8 @@ logger = logging.getLogger("boxteacher.export_pseudo_masks")
 
 
 def export_settings(cfg: CfgNode, args: argparse.Namespace) -> ExportSettings:
-    t = cfg.MODEL.BOX_TEACHER
     return ExportSettings(
-        labelling=PseudoLabelSettings(
-            iou_threshold=t.IOU_THR,
-            score_threshold=t.SCORE_THR,
-            legacy_first_detection_bug=t.LEGACY_ASSIGNMENT,
-            mask_threshold=t.TEACHER_MASK_THRESHOLD,
-            refinement=mask_refinement(cfg),
-        ),
+        mask_threshold=cfg.MODEL.BOX_TEACHER.TEACHER_MASK_THRESHOLD,
         min_score=args.score_threshold,
         box_fallback=args.box_fallback,
         image_format=cfg.INPUT.FORMAT,
@@ -98,10 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.json, "rb") as f:
         data = json.load(f)
 
-    model = build_model(cfg)
+    model = build_pseudo_labelling_model(cfg)
     Checkpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
-    network = getattr(model, "teacher", model).eval()  # a BoxTeacher labels with its teacher
-    result = PseudoMaskExporter(network, export_settings(cfg, args)).export(data, args.images, args.batch_size)
+    result = PseudoMaskExporter(model, export_settings(cfg, args)).export(data, args.images, args.batch_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with atomic_open(args.output, "w") as f:
         json.dump(result.data, f)

@@ -26,7 +26,7 @@ from torch import nn
 
 from boxteacher.engine.weight_files import detectron2_to_project_name
 from boxteacher.modeling.postprocess import detections_to_output_frame
-from boxteacher.modeling.pseudo_labels import mask_aware_scores, mean_foreground_probability
+from boxteacher.modeling.mask_scores import mask_aware_scores, mean_foreground_probability
 from parity_fixtures import (
     BBOX_REG, BOXES, FEATURES, GRAD_PARAM, GRAD_TOTAL, LEVELS, LOSSES, MASK_LOGITS, MASK_PROBS, SCORES,
     Comparison, Fixture, Row, fixture_folders, fixtures_root, recording,
@@ -175,16 +175,16 @@ def compare_training(fixture: Fixture, legacy: bool) -> list[Row]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(recording(model.teacher, "run_heads", heads["teacher"]))
         stack.enter_context(recording(model.student, "run_heads", heads["student"]))
-        stack.enter_context(recording(model.teacher, "forward_teacher", teacher_out))
-        stack.enter_context(recording(model, "label_batch", labelled))
+        stack.enter_context(recording(model.teacher_view, "forward_teacher", teacher_out))
+        stack.enter_context(recording(model, "assign", labelled))
         stack.enter_context(recording(model.student, "mask_logits", mask_logits))
         losses = model(fixture.training_batch())
     prefix = "c" if legacy else "c/fixed"
     total = compare_losses(c, losses, expected, prefix)
     c.exact("num_pseudo_masks", losses["num_pseudo_masks"], expected[f"{prefix}/num_pseudo_masks"])
     assign = "c/assign_legacy" if legacy else "c/assign_fixed"
-    for i, sample in enumerate(labelled[0][1]):
-        c.close("assignment weights", sample["instances"]["pseudo_weights"], expected[f"{assign}/img{i}/weight"], SCORES)
+    for i, label in enumerate(labelled[0][1]):
+        c.close("assignment weights", label["weights"], expected[f"{assign}/img{i}/weight"], SCORES)
     if legacy:
         for who in ("teacher", "student"):
             mask_feats, outputs, top_feats, _ = heads[who][0][1]
@@ -201,7 +201,7 @@ def compare_training(fixture: Fixture, legacy: bool) -> list[Row]:
                 c.close("teacher fcos_scores", det["fcos_scores"][index], expected[f"{p}/fcos_scores"], SCORES)
                 c.close("teacher ranking scores", det["scores"][index], expected[f"{p}/scores"], SCORES)
                 c.close("teacher mask_score", det["mask_scores"][index], expected[f"{p}/mask_score"], SCORES)
-                c.masks("teacher binary masks", det["mask_probs"][index] > model.teacher.teacher_pass.mask_threshold, expected[f"{p}/masks_packed"], det["mask_probs"].shape[-1])
+                c.masks("teacher binary masks", det["mask_probs"][index] > model.teacher_view.settings.mask_threshold, expected[f"{p}/masks_packed"], det["mask_probs"].shape[-1])
                 check_order(c, "teacher detection order", index, expected[f"{p}/fcos_scores"])
         compare_mask_logits(c, *mask_logits[0], expected)
         for network in ("teacher", "student"):

@@ -20,8 +20,8 @@ from .modeling.condinst import DynamicMaskHead, MaskBranch
 from .modeling.fcos import FCOS, FCOSHead
 from .modeling.guided_filter import MaskRefinement
 from .modeling.layers import get_norm
-from .modeling.pseudo_labels import PseudoLabelSettings
-from .modeling.teacher import TeacherPass
+from .modeling.pseudo_labels import PseudoLabeler
+from .modeling.teacher import TeacherPass, TeacherView
 from .utils.env import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,6 @@ def _condinst_kwargs(cfg: CfgNode) -> dict:
         max_proposals=c.MAX_PROPOSALS,
         topk_proposals_per_im=c.TOPK_PROPOSALS_PER_IM,
         mask_threshold=c.MASK_THRESHOLD,
-        teacher_pass=teacher_pass(cfg),
     )
 
 
@@ -166,8 +165,7 @@ def CondInst(cfg: CfgNode) -> meta_arch.CondInst:  # noqa: N802 (registered unde
 
 
 def teacher_pass(cfg: CfgNode) -> TeacherPass:
-    """How a network of ``cfg`` runs as a teacher (``forward_teacher``): BoxTeacher's teacher
-    pass, also used when a CondInst / BoxInst network labels boxes."""
+    """How a network of ``cfg`` runs as a teacher (``TeacherView.forward_teacher``)."""
     t = cfg.MODEL.BOX_TEACHER
     return TeacherPass(
         min_size=cfg.INPUT.MIN_SIZE_TEST if t.TEACHER_TEST_SIZE else None,
@@ -207,22 +205,44 @@ def _boxteacher_network(cfg: CfgNode) -> PseudoMaskBoxInst:
 @META_ARCH_REGISTRY.register()
 def BoxTeacher(cfg: CfgNode) -> boxteacher.BoxTeacher:  # noqa: N802 (registered under its config name)
     """BoxTeacher: a teacher and a student network built alike (teacher first, as the release)."""
+    return _boxteacher(cfg)
+
+
+def _boxteacher(cfg: CfgNode, teacher_eval_mode: bool | None = None) -> boxteacher.BoxTeacher:
     t = cfg.MODEL.BOX_TEACHER
     teacher = _boxteacher_network(cfg)
     student = _boxteacher_network(cfg)
     return boxteacher.BoxTeacher(
         student,
         teacher,
-        labelling=PseudoLabelSettings(
-            iou_threshold=t.IOU_THR,
-            score_threshold=t.SCORE_THR,
-            legacy_first_detection_bug=t.LEGACY_ASSIGNMENT,
-            mask_threshold=None if t.RETURN_FLOAT_MASK or t.SOFT_PSEUDO_MASKS else t.TEACHER_MASK_THRESHOLD,
-            refinement=mask_refinement(cfg),
-        ),
-        teacher_eval_mode=t.TEACHER_EVAL,
+        teacher_view=TeacherView(teacher, teacher_pass(cfg)),
+        labeler=pseudo_labeler(cfg),
+        teacher_eval_mode=t.TEACHER_EVAL if teacher_eval_mode is None else teacher_eval_mode,
         use_teacher_inference=t.USE_TEACHER_INFERENCE,
     )
+
+
+def pseudo_labeler(cfg: CfgNode) -> PseudoLabeler:
+    """How BoxTeacher's teacher detections become pseudo labels (``MODEL.BOX_TEACHER.*``)."""
+    t = cfg.MODEL.BOX_TEACHER
+    return PseudoLabeler(
+        iou_threshold=t.IOU_THR,
+        score_threshold=t.SCORE_THR,
+        legacy_first_detection_bug=t.LEGACY_ASSIGNMENT,
+        mask_threshold=None if t.RETURN_FLOAT_MASK or t.SOFT_PSEUDO_MASKS else t.TEACHER_MASK_THRESHOLD,
+        refinement=mask_refinement(cfg),
+    )
+
+
+def build_pseudo_labelling_model(cfg: CfgNode) -> boxteacher.BoxTeacher:
+    """The BoxTeacher of ``cfg``'s networks, whether ``cfg`` is a BoxTeacher config or one of a
+    single network (CondInst / BoxInst, whose checkpoint then loads into the student and the
+    teacher alike): the pseudo-mask export labels through ``BoxTeacher.pseudo_label`` as
+    training does, with the teacher in eval mode (the labels of an image do not depend on the
+    other images of its batch). On ``MODEL.DEVICE``."""
+    model = _boxteacher(cfg, teacher_eval_mode=True)
+    model.to(resolve_device(cfg.MODEL.DEVICE))
+    return model
 
 
 def mask_refinement(cfg: CfgNode) -> MaskRefinement | None:

@@ -1,12 +1,12 @@
 """Pseudo masks for the boxes of a COCO file: a trained teacher labels every box with the mask of
-the detection assigned to it, exactly as in a BoxTeacher training step, at the image's own
-resolution.
+the detection assigned to it through ``BoxTeacher.pseudo_label``, the path of a training step, at
+the image's own resolution.
 
 The output is the input COCO dict with, in every non-crowd annotation:
 
 * ``pseudo_mask_score``: the pseudo-mask weight of training, sqrt(sqrt(c) * m) for the assigned
-  detection of FCOS score c and mean foreground probability m (``mask_scores`` of
-  ``forward_teacher``); 0 when no detection was assigned;
+  detection of FCOS score c and mean foreground probability m (``mask_scores`` of the teacher
+  protocol); 0 when no detection was assigned;
 * ``pseudo_mask_matched``: whether the box got a mask: a detection was assigned, its binarised
   mask is not empty and its score is at least ``ExportSettings.min_score``;
 * ``segmentation``: the assigned mask as an RLE (``counts`` a str) when matched; otherwise the
@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from .modeling.layers import boxes_to_masks
-from .modeling.pseudo_labels import PseudoLabelSettings, pseudo_masks_for_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -45,40 +44,31 @@ _LISTED_IDS = 5
 
 @dataclass(frozen=True)
 class ExportSettings:
-    """How boxes get their pseudo masks.
+    """What the export keeps of the pseudo labels of training.
 
-    labelling: the pseudo labels of training (``MODEL.BOX_TEACHER.IOU_THR``, ``SCORE_THR``,
-        ``LEGACY_ASSIGNMENT``, ``TEACHER_MASK_THRESHOLD``, ``REFINE_*``); its mask threshold
-        must be set (the export writes binary masks).
+    mask_threshold: binarises pseudo masks given as probabilities (soft pseudo masks of
+        training; ``MODEL.BOX_TEACHER.TEACHER_MASK_THRESHOLD``); binary ones are kept as they are.
     min_score: boxes whose pseudo-mask score is below this count as unmatched.
     box_fallback: an unmatched box gets the mask of its box instead of no mask.
     image_format: channel order the network expects ("BGR" or "RGB").
     log_period_s: a progress line at most this often.
     """
 
-    labelling: PseudoLabelSettings = PseudoLabelSettings()
+    mask_threshold: float = 0.5
     min_score: float = 0.0
     box_fallback: bool = False
     image_format: str = "BGR"
     log_period_s: float = 30.0
 
 
-def box_labels(
-    prediction: dict[str, torch.Tensor],
-    boxes: torch.Tensor,
-    settings: ExportSettings,
-    image: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """The pseudo mask of every box of one image, as a BoxTeacher training step builds it
-    (``modeling.pseudo_labels.pseudo_masks_for_boxes``).
-
-    prediction: ``forward_teacher`` output of the image; boxes: (N, 4) XYXY, same frame;
-    image: (C, h, w) uint8, the guide of the refinement (needed only with it).
-    Returns ``masks`` bool (N, h, w) (empty where no detection was assigned), ``scores`` (N,)
-    the pseudo-mask weights (0 where none) and ``matched`` bool (N,).
-    """
-    labels = pseudo_masks_for_boxes(prediction, boxes, settings.labelling, image)
+def box_labels(labels: dict[str, torch.Tensor], settings: ExportSettings) -> dict[str, torch.Tensor]:
+    """What the export writes of one image's pseudo labels (``BoxTeacher.pseudo_label``: ``masks``
+    (N, h, w), ``weights`` (N,), ``assigned`` (N,)): ``masks`` bool (N, h, w) (empty where no
+    detection was assigned), ``scores`` (N,) the pseudo-mask weights (0 where none) and
+    ``matched`` bool (N,)."""
     masks, scores = labels["masks"], labels["weights"]
+    if masks.dtype != torch.bool:
+        masks = masks > settings.mask_threshold
     matched = (labels["assigned"] >= 0) & masks.flatten(1).any(dim=1) & (scores >= settings.min_score)
     return {"masks": masks, "scores": scores, "matched": matched}
 
@@ -144,18 +134,18 @@ class ExportResult:
 
 
 class PseudoMaskExporter:
-    """Runs ``network.forward_teacher`` (the teacher protocol) on the images of a COCO dict, each
-    at its original resolution with its non-crowd boxes as ``instances``, and writes the assigned
-    masks into the annotations (see the module docstring).
+    """Runs ``model.pseudo_label`` on the images of a COCO dict, each at its original resolution
+    with its non-crowd boxes as ``instances``, and writes the assigned masks into the annotations
+    (see the module docstring).
 
     Args:
-        network: a detector with ``forward_teacher`` (a BoxTeacher's teacher, or a CondInst /
-            BoxInst network), in the mode it should run in.
-        settings: the assignment and output settings.
+        model: a BoxTeacher (``build.build_pseudo_labelling_model``: its teacher labels, with the
+            pseudo-label settings of training).
+        settings: what the export keeps.
     """
 
-    def __init__(self, network: nn.Module, settings: ExportSettings = ExportSettings()):
-        self.network = network
+    def __init__(self, model: nn.Module, settings: ExportSettings = ExportSettings()):
+        self.model = model
         self.settings = settings
 
     def export(self, data: dict[str, Any], image_root: str, batch_size: int = 1) -> ExportResult:
@@ -198,9 +188,9 @@ class PseudoMaskExporter:
 
     def _label(self, batch: list[tuple[dict, list[int]]]) -> Iterator[tuple[int, BoxLabel]]:
         """(annotation position, label) of every box of a batch of (sample, box positions)."""
-        predictions = self.network.forward_teacher([sample for sample, _ in batch])
-        for (sample, positions), prediction in zip(batch, predictions):
-            out = box_labels(prediction, sample["instances"]["boxes"], self.settings, sample["image"])
+        labels = self.model.pseudo_label([sample for sample, _ in batch])
+        for (_, positions), label in zip(batch, labels):
+            out = box_labels(label, self.settings)
             rles = iter(encode_masks(out["masks"][out["matched"]].cpu().numpy()))
             for position, score, matched in zip(positions, out["scores"].tolist(), out["matched"].tolist()):
                 yield position, BoxLabel(next(rles) if matched else None, float(score), bool(matched))

@@ -67,12 +67,9 @@ def pseudo_labels(model: BoxTeacher, batch: list[dict]) -> dict[str, np.ndarray]
     """The pseudo masks ``masks`` bool (N, H, W) and ``weights`` (N,) of the first sample's
     ground-truth boxes, as the training step computes them: the teacher sees the whole batch in
     its training mode (its BatchNorm may use batch statistics). Soft masks are cut at 0.5."""
-    model.teacher.train(not model.teacher_eval_mode)
-    predictions = model.teacher.forward_teacher(batch)
-    instances = model.with_pseudo_masks(batch[0], predictions[0])["instances"]
-    masks = instances["pseudo_masks"]
-    masks = masks if masks.dtype == torch.bool else masks > 0.5
-    return {"masks": masks.cpu().numpy(), "weights": instances["pseudo_weights"].cpu().numpy()}
+    labels = model.pseudo_label(batch)[0]
+    masks = labels["masks"] if labels["masks"].dtype == torch.bool else labels["masks"] > 0.5
+    return {"masks": masks.cpu().numpy(), "weights": labels["weights"].cpu().numpy()}
 
 
 def network_outputs(model: nn.Module, batch: list[dict], score_threshold: float) -> dict[str, dict[str, np.ndarray]]:

@@ -2,10 +2,9 @@
 best one per ground-truth box becomes its pseudo mask, weighted by a mask-aware score, and the
 student learns from the boxes (BoxInst) and from these pseudo masks.
 
-The teacher protocol: any detector that provides ``forward_teacher(batch)`` (see
-``CondInst.forward_teacher``: ``boxes``, ``scores``, ``mask_scores`` and ``mask_probs`` at
-the student's input size, per image) can teach, and any detector whose training ``forward``
-accepts ``pseudo_masks`` (N, H, W) and ``pseudo_weights`` (N,) in its instances can learn.
+Any detector with a teacher view (``forward_teacher(batch)``, the teacher protocol of
+``teacher.py``) can teach, and any detector whose training ``forward`` accepts ``pseudo_masks``
+(N, H, W) and ``pseudo_weights`` (N,) in its instances can learn.
 """
 from __future__ import annotations
 
@@ -21,7 +20,8 @@ from .boxinst_model import BoxInst
 from .layers import full_precision, group_indices
 from .losses import dice_loss
 from .pairwise import PairWeights, overlap, pairwise_loss, pairwise_losses
-from .pseudo_labels import PseudoLabelSettings, pseudo_masks_for_batch
+from .pseudo_labels import PseudoLabeler
+from .teacher import TeacherProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -185,13 +185,16 @@ class PseudoMaskBoxInst(BoxInst):
 
 class BoxTeacher(nn.Module):
     """A teacher and a student of the same architecture. Training: the teacher (no gradient)
-    labels every ground-truth box of the clean view with its best-matching mask, and the
-    student learns from the boxes and these pseudo masks. Evaluation: the teacher (default)
-    or the student. The teacher's weights are the EMA of the student's (``EMAHook``).
+    labels every ground-truth box of the clean view with its best-matching mask
+    (``pseudo_label``), and the student learns from the boxes and these pseudo masks.
+    Evaluation: the teacher (default) or the student. The teacher's weights are the EMA of the
+    student's (``EMAHook``).
 
     Args:
         student, teacher: the two networks; the teacher's parameters get no gradient.
-        labelling: how the teacher's detections become pseudo labels (assignment thresholds,
+        teacher_view: the teacher seen through the teacher protocol (``forward_teacher``, see
+            ``teacher.py``), e.g. ``TeacherView(teacher, settings)``.
+        labeler: how the teacher's detections become pseudo labels (assignment thresholds,
             binarisation, guided-filter refinement).
         teacher_eval_mode: run the teacher pass in eval mode. The original runs it in train
             mode (mask-branch BN with batch statistics), the default here too.
@@ -203,7 +206,8 @@ class BoxTeacher(nn.Module):
         student: nn.Module,
         teacher: nn.Module,
         *,
-        labelling: PseudoLabelSettings = PseudoLabelSettings(),
+        teacher_view: TeacherProtocol,
+        labeler: PseudoLabeler = PseudoLabeler(),
         teacher_eval_mode: bool = False,
         use_teacher_inference: bool = True,
     ):
@@ -212,7 +216,8 @@ class BoxTeacher(nn.Module):
         self.student = student
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.labelling = labelling
+        self.teacher_view = teacher_view
+        self.labeler = labeler
         self.teacher_eval_mode = teacher_eval_mode
         self.use_teacher_inference = use_teacher_inference
 
@@ -223,45 +228,51 @@ class BoxTeacher(nn.Module):
     def forward(self, batched_inputs: list[dict]):
         if not self.training:
             return (self.teacher if self.use_teacher_inference else self.student)(batched_inputs)
-        self.teacher.train(not self.teacher_eval_mode)
-        with torch.no_grad(), record_function("teacher"):
-            predictions = self.teacher.forward_teacher(batched_inputs)
-        with record_function("pseudo labels"), full_precision(self.device):
-            labelled = self.label_batch(batched_inputs, predictions)
+        labels = self.pseudo_label(batched_inputs)
         with record_function("student"):
-            return self.student(labelled)
+            return self.student(with_pseudo_labels(batched_inputs, labels))
 
-    def label_batch(self, batched_inputs: list[dict], predictions: list[dict[str, torch.Tensor]]) -> list[dict]:
-        """Copies of the samples whose instances carry ``pseudo_masks`` (N, h, w) at the input
-        resolution (all zero for a box no detection matched) and ``pseudo_weights`` (N,), the
-        whole batch labelled at once (see ``pseudo_masks_for_batch``).
+    @torch.no_grad()
+    def pseudo_label(self, batched_inputs: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """The pseudo label of every instance of every sample, as training uses them: the teacher
+        (in train mode unless ``teacher_eval_mode``) sees the clean view of the whole batch,
+        then ``assign``. The one path of training, the training pictures and the export."""
+        self.teacher.train(not self.teacher_eval_mode)
+        with record_function("teacher"):
+            predictions = self.teacher_view.forward_teacher(batched_inputs)
+        return self.assign(batched_inputs, predictions)
+
+    def assign(self, batched_inputs: list[dict], predictions: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Per sample, from the teacher's ``predictions`` (see the teacher protocol): ``masks``
+        (N, h, w) at the input resolution (bool, or probabilities without a mask threshold; all
+        zero for a box no detection matched), ``weights`` (N,) and ``assigned`` (N,) int64 (the
+        detection of each instance, -1 without), the whole batch labelled at once
+        (``PseudoLabeler.label``).
 
         In mixed supervision (instances with ``has_mask`` (N,) and ``masks`` (N, h, w)), the
         teacher's detections are assigned to the box-only instances alone; a masked instance's
         pseudo mask is its annotation mask, with weight 1."""
-        # The instances are on the host as the data loader gives them: no device sync below.
-        given = [x["instances"] for x in batched_inputs]
-        box_only = [None if "has_mask" not in g or not bool(g["has_mask"].any()) else torch.nonzero(~g["has_mask"])[:, 0]
-                    for g in given]
-        boxes = [g["boxes"] if keep is None else g["boxes"][keep] for g, keep in zip(given, box_only)]
-        labels = pseudo_masks_for_batch(predictions, boxes, self.labelling, [x["image"] for x in batched_inputs])
-        return [self._with_labels(x, g, keep, label) for x, g, keep, label in zip(batched_inputs, given, box_only, labels)]
+        with record_function("pseudo labels"), full_precision(self.device):
+            # The instances are on the host as the data loader gives them: no device sync here.
+            given = [x["instances"] for x in batched_inputs]
+            box_only = [None if "has_mask" not in g or not bool(g["has_mask"].any()) else torch.nonzero(~g["has_mask"])[:, 0]
+                        for g in given]
+            boxes = [g["boxes"] if keep is None else g["boxes"][keep] for g, keep in zip(given, box_only)]
+            labels = self.labeler.label(predictions, boxes, [x["image"] for x in batched_inputs])
+            return [label if keep is None else self._with_annotation_masks(g, keep, label)
+                    for g, keep, label in zip(given, box_only, labels)]
 
-    def with_pseudo_masks(self, sample: dict, prediction: dict[str, torch.Tensor]) -> dict:
-        """``label_batch`` of one sample."""
-        return self.label_batch([sample], [prediction])[0]
-
-    def _with_labels(self, sample: dict, given: dict, box_only: torch.Tensor | None, labels: dict) -> dict:
-        instances = {k: v.to(self.device) for k, v in given.items()}
-        if box_only is None:
-            pseudo = {"pseudo_masks": labels["masks"], "pseudo_weights": labels["weights"]}
-            return {**sample, "instances": {**instances, **pseudo}}
+    def _with_annotation_masks(self, given: dict, box_only: torch.Tensor, labels: dict) -> dict[str, torch.Tensor]:
+        """The labels of an image's box-only instances ``box_only`` (K,) spread over all its N
+        instances, the masked ones labelled by their annotation mask with weight 1."""
         box_only = box_only.to(self.device)
-        masks = instances["masks"].to(labels["masks"].dtype, copy=True)
+        masks = given["masks"].to(self.device).to(labels["masks"].dtype, copy=True)
         masks[box_only] = labels["masks"]
-        weights = instances["has_mask"].to(labels["weights"].dtype)
+        weights = given["has_mask"].to(self.device).to(labels["weights"].dtype)
         weights[box_only] = labels["weights"]
-        return {**sample, "instances": {**instances, "pseudo_masks": masks, "pseudo_weights": weights}}
+        assigned = torch.full_like(weights, -1, dtype=torch.long)
+        assigned[box_only] = labels["assigned"]
+        return {"masks": masks, "weights": weights, "assigned": assigned}
 
     # Weights of a single network (ImageNet backbones, CondInst / BoxInst checkpoints) load into
     # the student; see ``engine.checkpoint.load_model_weights``.
@@ -273,3 +284,14 @@ class BoxTeacher(nn.Module):
         if loaded_keys and not any(k.startswith("teacher.") for k in loaded_keys):
             logger.warning("No teacher weights were loaded: the teacher starts as a copy of the student.")
             self.teacher.load_state_dict(self.student.state_dict())
+
+
+def with_pseudo_labels(batched_inputs: list[dict], labels: list[dict[str, torch.Tensor]]) -> list[dict]:
+    """Copies of the samples whose instances (moved to the labels' device) carry the
+    ``pseudo_masks`` (N, h, w) and ``pseudo_weights`` (N,) of ``labels`` (``BoxTeacher.assign``)."""
+    out = []
+    for sample, label in zip(batched_inputs, labels):
+        device = label["weights"].device
+        instances = {k: v.to(device) for k, v in sample["instances"].items()}
+        out.append({**sample, "instances": {**instances, "pseudo_masks": label["masks"], "pseudo_weights": label["weights"]}})
+    return out

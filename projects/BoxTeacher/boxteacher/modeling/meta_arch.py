@@ -36,8 +36,7 @@ from .fcos_targets import mask_centers
 from .layers import aligned_bilinear, batch_images, full_precision
 from .losses import dice_loss
 from .postprocess import detections_to_output_frame
-from .pseudo_labels import mask_aware_scores, mean_foreground_probability
-from .teacher import TeacherPass, assignable_detections, resize_to_test_size, teacher_outputs, to_student_frame
+from .mask_scores import mask_aware_scores, mean_foreground_probability
 
 
 class CondInst(nn.Module):
@@ -58,7 +57,6 @@ class CondInst(nn.Module):
         mask_threshold: probability threshold of the output masks.
         mask_aware_scores: rescore detections as sqrt(score * mean foreground probability of
             the mask), as BoxTeacher does (for box and mask AP alike).
-        teacher_pass: the settings of ``forward_teacher``.
     """
 
     def __init__(
@@ -76,7 +74,6 @@ class CondInst(nn.Module):
         topk_proposals_per_im: int = -1,
         mask_threshold: float = 0.5,
         mask_aware_scores: bool = False,
-        teacher_pass: TeacherPass = TeacherPass(),
     ):
         super().__init__()
         self.backbone = backbone
@@ -102,7 +99,6 @@ class CondInst(nn.Module):
         self.topk_proposals_per_im = topk_proposals_per_im
         self.mask_threshold = mask_threshold
         self.mask_aware_scores = mask_aware_scores
-        self.teacher_pass = teacher_pass
 
     @property
     def device(self) -> torch.device:
@@ -258,34 +254,6 @@ class CondInst(nn.Module):
                 result["scores"] = mask_aware_scores(result["scores"], mean)[0]
             results.append({"instances": {k: result[k] for k in ("boxes", "scores", "labels", "masks")}})
         return results
-
-    @torch.no_grad()
-    def forward_teacher(self, batched_inputs: list[dict]) -> list[dict[str, torch.Tensor]]:
-        """The teacher protocol of BoxTeacher: detections of the clean view ``image`` of every
-        sample, each image resized to the teacher's test size (``teacher_pass.min_size``; None:
-        as it is), with masks at the sample's own (student input) resolution. Runs in the
-        module's current mode (BoxTeacher keeps the teacher in train mode by default: batch
-        statistics in the mask branch) but always post-processes as at test time. With ``teacher_pass.candidate_iou``, detections that
-        cannot be assigned to a ground-truth box of the sample are dropped before the mask head
-        runs. See ``teacher.teacher_outputs`` for the fields."""
-        settings = self.teacher_pass
-        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        student_sizes = [tuple(im.shape[-2:]) for im in images]
-        resized = [resize_to_test_size(im, settings.min_size, settings.max_size) for im in images]
-        batch, sizes = batch_images(resized, self.backbone.size_divisibility)
-        with record_function("teacher: network"):
-            mask_feats, outputs, top_feats, locations = self.run_heads(batch)
-        with record_function("teacher: detections"):
-            detections = self.proposal_generator.predict_batch(outputs, locations, top_feats, settings.post_nms_topk)
-            if settings.candidate_iou is not None and all("instances" in x for x in batched_inputs):
-                detections = assignable_detections(
-                    detections, to_student_frame(detections["boxes"], detections["im_inds"], sizes, student_sizes),
-                    [x["instances"]["boxes"] for x in batched_inputs], settings.candidate_iou,
-                )
-        with record_function("teacher: mask head"):
-            detections["mask_probs"] = self.mask_logits(mask_feats, detections, "top_feat").sigmoid()
-        with record_function("teacher: post-processing"), full_precision(self.device):
-            return teacher_outputs(detections, sizes, student_sizes, self.mask_out_stride, settings)
 
     def detect(self, images: torch.Tensor, post_nms_topk: int | None = None) -> list[dict[str, torch.Tensor]]:
         """Detections per image of a padded batch with their stride-4 mask probabilities

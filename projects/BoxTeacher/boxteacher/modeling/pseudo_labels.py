@@ -1,5 +1,5 @@
-"""BoxTeacher's pseudo labels: the mask-aware confidence of a teacher mask and the box-based
-assignment of teacher detections to ground-truth boxes."""
+"""BoxTeacher's pseudo labels: the box-based assignment of teacher detections to ground-truth boxes
+and the ``PseudoLabeler`` that turns a teacher's detections into a pseudo mask per box."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,29 +9,7 @@ from torch.profiler import record_function
 from torchvision.ops import box_iou
 
 from .guided_filter import MaskRefinement
-from .layers import boxes_to_masks, group_indices
-
-
-def mean_foreground_probability(
-    mask_probs: torch.Tensor, threshold: float = 0.5, boxes: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean probability over the pixels predicted as foreground: sum(P * [P > t]) / (sum([P > t])
-    + 1e-6). With ``boxes`` (M, 4) XYXY, only pixels inside each box count (the paper's
-    variant). mask_probs: (M, h, w). Returns (M,)."""
-    foreground = mask_probs > threshold
-    if boxes is not None:
-        foreground &= boxes_to_masks(boxes, mask_probs.shape[-2:])
-    count = foreground.sum(dim=(1, 2)).to(mask_probs.dtype)
-    return torch.where(foreground, mask_probs, 0.0).sum(dim=(1, 2)) / (count + 1e-6)
-
-
-def mask_aware_scores(
-    fcos_scores: torch.Tensor, mean_probs: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The released code's mask-aware scores of detections with FCOS scores c and mean
-    foreground probabilities m: the ranking score sqrt(c * m) and the pseudo-mask loss weight
-    sqrt(sqrt(c) * m) = c^(1/4) m^(1/2). Both (M,)."""
-    return torch.sqrt(fcos_scores * mean_probs), torch.sqrt(torch.sqrt(fcos_scores) * mean_probs)
+from .layers import group_indices
 
 
 def assign_detections_to_boxes(
@@ -112,8 +90,10 @@ def _legacy_matching(
 
 
 @dataclass(frozen=True)
-class PseudoLabelSettings:
-    """How teacher detections become pseudo labels (``MODEL.BOX_TEACHER.*``).
+class PseudoLabeler:
+    """Turns a teacher's detections into a pseudo mask and weight per ground-truth box
+    (``MODEL.BOX_TEACHER.*``). Built once (``build.py``); training, the training pictures and the
+    pseudo-mask export all label through it (``BoxTeacher.pseudo_label``).
 
     iou_threshold, score_threshold, legacy_first_detection_bug: of the assignment
         (``assign_detections_to_boxes``).
@@ -128,67 +108,56 @@ class PseudoLabelSettings:
     mask_threshold: float | None = 0.5
     refinement: MaskRefinement | None = None
 
+    def label(
+        self,
+        predictions: list[dict[str, torch.Tensor]],
+        gt_boxes: list[torch.Tensor],
+        images: list[torch.Tensor] | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """The pseudo mask and weight of every ground-truth box of every image of a batch.
 
-def pseudo_masks_for_batch(
-    predictions: list[dict[str, torch.Tensor]],
-    gt_boxes: list[torch.Tensor],
-    settings: PseudoLabelSettings,
-    images: list[torch.Tensor] | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """The pseudo mask and weight of every ground-truth box of every image of a batch.
-
-    predictions: per image a teacher's detections (``boxes`` (M_i, 4), ranking ``scores``
-        (M_i,), pseudo-mask weights ``mask_scores`` (M_i,), ``mask_probs`` (M_i, h_i, w_i));
-    gt_boxes: per image (N_i, 4) XYXY in the same frame. The detections are assigned to the
-        boxes of their image by ``assign_detections_to_boxes``, all images in one pass.
-    images: per image (C, h_i, w_i) uint8, the view the teacher saw (the guide of the
-        refinement, needed only with it). The refinement's windows are placed from
-        ``gt_boxes`` as given: host boxes spare a device-to-host copy.
-    Returns per image ``masks`` (N_i, h_i, w_i): the assigned detection's (refined)
-    probabilities binarised at ``mask_threshold`` (bool; kept as probabilities when it is None),
-    zero for a box without a detection; ``weights`` (N_i,): its ``mask_scores``, 0 without;
-    ``assigned`` (N_i,) int64: the detection's index in the image, -1 without.
-    """
-    device = predictions[0]["mask_probs"].device
-    det_counts = [p["boxes"].shape[0] for p in predictions]
-    gt_counts = [len(b) for b in gt_boxes]
-    det_offsets = [sum(det_counts[:i]) for i in range(len(det_counts))]
-    with record_function("pseudo labels: assignment"):
-        assigned = assign_detections_to_boxes(
-            torch.cat([p["boxes"] for p in predictions]), torch.cat([p["scores"] for p in predictions]),
-            torch.cat(gt_boxes).to(device), settings.iou_threshold, settings.score_threshold,
-            settings.legacy_first_detection_bug, det_counts, gt_counts,
-        )
-        offsets = torch.tensor(det_offsets)[group_indices(gt_counts)].to(device)
-        assigned = torch.where(assigned >= 0, assigned - offsets, assigned).split(gt_counts)
-    chosen, weights = [], []
-    for prediction, index in zip(predictions, assigned):
-        probs, scores = prediction["mask_probs"], prediction["mask_scores"]
-        if probs.shape[0] == 0:
-            probs, scores = probs.new_zeros((1, *probs.shape[1:])), scores.new_zeros(1)
-        chosen.append(probs[index.clamp(min=0)])
-        weights.append(torch.where(index >= 0, scores[index.clamp(min=0)], scores.new_zeros(())))
-    if settings.refinement is not None:
-        # Every box is refined (the unmatched ones are zeroed below): no host synchronisation.
-        with record_function("pseudo labels: refinement"):
-            refined = settings.refinement.refine_batch(images, chosen, gt_boxes)
-            chosen = [r.to(c.dtype) for r, c in zip(refined, chosen)]
-    labels = []
-    for masks, weight, index in zip(chosen, weights, assigned):
-        if settings.mask_threshold is not None:
-            masks = masks > settings.mask_threshold
-        labels.append({"masks": masks * (index >= 0)[:, None, None], "weights": weight, "assigned": index})
-    return labels
-
-
-def pseudo_masks_for_boxes(
-    prediction: dict[str, torch.Tensor],
-    gt_boxes: torch.Tensor,
-    settings: PseudoLabelSettings,
-    image: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """``pseudo_masks_for_batch`` of one image."""
-    return pseudo_masks_for_batch([prediction], [gt_boxes], settings, None if image is None else [image])[0]
+        predictions: per image a teacher's detections (``boxes`` (M_i, 4), ranking ``scores``
+            (M_i,), pseudo-mask weights ``mask_scores`` (M_i,), ``mask_probs`` (M_i, h_i, w_i));
+        gt_boxes: per image (N_i, 4) XYXY in the same frame. The detections are assigned to the
+            boxes of their image by ``assign_detections_to_boxes``, all images in one pass.
+        images: per image (C, h_i, w_i) uint8, the view the teacher saw (the guide of the
+            refinement, needed only with it). The refinement's windows are placed from
+            ``gt_boxes`` as given: host boxes spare a device-to-host copy.
+        Returns per image ``masks`` (N_i, h_i, w_i): the assigned detection's (refined)
+        probabilities binarised at ``mask_threshold`` (bool; kept as probabilities when it is
+        None), zero for a box without a detection; ``weights`` (N_i,): its ``mask_scores``, 0
+        without; ``assigned`` (N_i,) int64: the detection's index in the image, -1 without.
+        """
+        device = predictions[0]["mask_probs"].device
+        det_counts = [p["boxes"].shape[0] for p in predictions]
+        gt_counts = [len(b) for b in gt_boxes]
+        det_offsets = [sum(det_counts[:i]) for i in range(len(det_counts))]
+        with record_function("pseudo labels: assignment"):
+            assigned = assign_detections_to_boxes(
+                torch.cat([p["boxes"] for p in predictions]), torch.cat([p["scores"] for p in predictions]),
+                torch.cat(gt_boxes).to(device), self.iou_threshold, self.score_threshold,
+                self.legacy_first_detection_bug, det_counts, gt_counts,
+            )
+            offsets = torch.tensor(det_offsets)[group_indices(gt_counts)].to(device)
+            assigned = torch.where(assigned >= 0, assigned - offsets, assigned).split(gt_counts)
+        chosen, weights = [], []
+        for prediction, index in zip(predictions, assigned):
+            probs, scores = prediction["mask_probs"], prediction["mask_scores"]
+            if probs.shape[0] == 0:
+                probs, scores = probs.new_zeros((1, *probs.shape[1:])), scores.new_zeros(1)
+            chosen.append(probs[index.clamp(min=0)])
+            weights.append(torch.where(index >= 0, scores[index.clamp(min=0)], scores.new_zeros(())))
+        if self.refinement is not None:
+            # Every box is refined (the unmatched ones are zeroed below): no host synchronisation.
+            with record_function("pseudo labels: refinement"):
+                refined = self.refinement.refine_batch(images, chosen, gt_boxes)
+                chosen = [r.to(c.dtype) for r, c in zip(refined, chosen)]
+        labels = []
+        for masks, weight, index in zip(chosen, weights, assigned):
+            if self.mask_threshold is not None:
+                masks = masks > self.mask_threshold
+            labels.append({"masks": masks * (index >= 0)[:, None, None], "weights": weight, "assigned": index})
+        return labels
 
 
 def _best_available(iou: torch.Tensor, available: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,34 @@
 """The teacher pass of BoxTeacher: detections with masks and mask-aware scores of the clean view,
-at the student's input resolution."""
+at the student's input resolution, from a teacher view of a detector (``TeacherView``).
+
+The teacher protocol: any object with ``forward_teacher(batch)`` returning, per image, ``boxes``
+(M, 4) in the student frame, ranking ``scores`` (M,), pseudo-mask weights ``mask_scores`` (M,) and
+``mask_probs`` (M, h, w) at the student's unpadded input size can teach (see ``teacher_outputs``).
+``TeacherView`` provides it for CondInst; another detector plugs in with its own view."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
+from torch import nn
+from torch.profiler import record_function
+
 from ..geometry import resized_shape
-from .layers import group_indices, select_rows, zero_outside_boxes
+from .layers import batch_images, full_precision, group_indices, select_rows, zero_outside_boxes
+from .mask_scores import mask_aware_scores, mean_foreground_probability
 from .postprocess import upsample_mask_probs
-from .pseudo_labels import mask_aware_scores, mean_foreground_probability
+
+
+class TeacherProtocol(Protocol):
+    """What BoxTeacher needs of a teacher: its detections of a batch's clean views, per image
+    ``boxes`` (M, 4) in the student frame, ranking ``scores`` (M,), pseudo-mask weights
+    ``mask_scores`` (M,) and ``mask_probs`` (M, h, w) at the student's unpadded input size."""
+
+    def forward_teacher(self, batched_inputs: list[dict]) -> list[dict[str, torch.Tensor]]: ...
 
 
 @dataclass(frozen=True)
@@ -116,3 +133,47 @@ def teacher_outputs(
             **{k: det[k] for k in ("fpn_levels", "locations") if k in det},
         })
     return outputs
+
+
+class TeacherView:
+    """A CondInst detector seen as a teacher: ``forward_teacher`` runs the detector's network on
+    the clean view and post-processes its detections into what pseudo labelling needs. Not a
+    module: it holds no weights of its own, only the detector and the settings.
+
+    Args:
+        detector: a ``CondInst`` (backbone, heads, FCOS inference and the dynamic mask head).
+        settings: how the pass runs (test size, thresholds, candidate pruning).
+    """
+
+    def __init__(self, detector: nn.Module, settings: TeacherPass = TeacherPass()):
+        self.detector = detector
+        self.settings = settings
+
+    @torch.no_grad()
+    def forward_teacher(self, batched_inputs: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """Detections of the clean view ``image`` of every sample, each image resized to the
+        teacher's test size (``settings.min_size``; None: as it is), with masks at the sample's
+        own (student input) resolution. Runs the detector in its current mode (BoxTeacher keeps
+        the teacher in train mode by default: batch statistics in the mask branch) but always
+        post-processes as at test time. With ``settings.candidate_iou``, detections that cannot
+        be assigned to a ground-truth box of the sample are dropped before the mask head runs.
+        See ``teacher_outputs`` for the fields."""
+        detector, settings = self.detector, self.settings
+        images = [(x["image"].to(detector.device).float() - detector.pixel_mean) / detector.pixel_std
+                  for x in batched_inputs]
+        student_sizes = [tuple(im.shape[-2:]) for im in images]
+        resized = [resize_to_test_size(im, settings.min_size, settings.max_size) for im in images]
+        batch, sizes = batch_images(resized, detector.backbone.size_divisibility)
+        with record_function("teacher: network"):
+            mask_feats, outputs, top_feats, locations = detector.run_heads(batch)
+        with record_function("teacher: detections"):
+            detections = detector.proposal_generator.predict_batch(outputs, locations, top_feats, settings.post_nms_topk)
+            if settings.candidate_iou is not None and all("instances" in x for x in batched_inputs):
+                detections = assignable_detections(
+                    detections, to_student_frame(detections["boxes"], detections["im_inds"], sizes, student_sizes),
+                    [x["instances"]["boxes"] for x in batched_inputs], settings.candidate_iou,
+                )
+        with record_function("teacher: mask head"):
+            detections["mask_probs"] = detector.mask_logits(mask_feats, detections, "top_feat").sigmoid()
+        with record_function("teacher: post-processing"), full_precision(detector.device):
+            return teacher_outputs(detections, sizes, student_sizes, detector.mask_out_stride, settings)
