@@ -40,7 +40,7 @@ class ToyModel(nn.Module):
         self.nan_at_call = nan_at_call
         self.calls = 0
 
-    def forward(self, batch):
+    def forward(self, batch, iteration=None):
         x, y = batch
         noise = 1.0 + 0.01 * float(np.random.rand()) + 0.01 * random.random()
         loss = ((self.net(x).squeeze(1) - y) ** 2).mean() * noise

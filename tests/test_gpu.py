@@ -28,7 +28,7 @@ def boxteacher_that_detects():
 
 
 def losses_and_gradient_norm(model):
-    losses = model(batch())
+    losses = model(batch(), iteration=0)
     total = sum(v for k, v in losses.items() if k.startswith("loss"))
     model.zero_grad(set_to_none=True)
     total.backward()
@@ -54,7 +54,7 @@ def test_a_mixed_precision_boxteacher_step_on_cuda(dtype):
     model = boxteacher_that_detects().cuda()
     full, _ = losses_and_gradient_norm(model)
     with torch.autocast("cuda", dtype=dtype):
-        mixed = model(batch())
+        mixed = model(batch(), iteration=0)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in mixed.values())
     for name, value in full.items():
         torch.testing.assert_close(mixed[name].cpu(), value, rtol=0.1, atol=0.02, msg=name)

@@ -18,6 +18,7 @@ from boxteacher.data.catalog import get_dataset_records
 from boxteacher.data.mask_subset import keep_masks_of, restrict_masks_to_fraction, select_mask_images
 from boxteacher.engine.trainer import Trainer
 from boxteacher.modeling.losses import dice_loss
+from boxteacher.modeling.supervision import SupervisionKind
 from boxteacher.utils.env import seed_all_rng
 from tiny_models import builtin_datasets_under, label_one, sample, tiny_cfg
 
@@ -146,6 +147,20 @@ def test_the_masked_images_are_chosen_by_the_seed_and_saved(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------
+def spy_on_mask_losses(model) -> dict:
+    """What the model's mask supervision is given in its next training forward (``logits``,
+    ``sampled``, ``targets``)."""
+    seen = {}
+    losses = model.supervision.losses
+
+    def spy(logits, sampled, targets, iteration):
+        seen.update(logits=logits, sampled=sampled, targets=targets)
+        return losses(logits, sampled, targets, iteration)
+
+    model.supervision.losses = spy
+    return seen
+
+
 def test_every_instance_masked_reproduces_condinst_loss_mask():
     torch.manual_seed(0)
     mixed = mixed_model()
@@ -154,20 +169,13 @@ def test_every_instance_masked_reproduces_condinst_loss_mask():
     mixed.train()
     condinst.train()
     batch = two_images([True, True], [True])
-    seen = {}
-    mask_losses = mixed.mask_losses
-
-    def spy(mask_feats, sampled, targets):
-        seen.update(mask_feats=mask_feats, sampled=sampled)
-        return mask_losses(mask_feats, sampled, targets)
-
-    mixed.mask_losses = spy
-    losses = mixed(batch)
+    seen = spy_on_mask_losses(mixed)
+    losses = mixed(batch, iteration=0)
     assert seen["sampled"]["gt_inds"].numel() > 0
     images, sizes = condinst.preprocess(batch)
     gt = [condinst._instances_to_device(x) for x in batch]
     targets = condinst.mask_targets(batch, gt, images.shape[-2:], sizes)
-    expected = condinst.mask_losses(seen["mask_feats"], seen["sampled"], targets)["loss_mask"]
+    expected = condinst.supervision.losses(seen["logits"], seen["sampled"], targets, 0)["loss_mask"]
     torch.testing.assert_close(losses["loss_gt_mask"], expected)
     assert losses["loss_gt_mask"].item() > 0
     # The box terms cover the box-only instances: none here.
@@ -180,7 +188,7 @@ def test_a_batch_of_box_only_or_of_masked_instances_trains(arch, masked):
     torch.manual_seed(0)
     model = mixed_model(arch)
     model.train()
-    losses = model(two_images([masked, masked], [masked]))
+    losses = model(two_images([masked, masked], [masked]), iteration=0)
     counts = {"num_gt_masks", "num_box_only"} | ({"num_teacher_masks"} if arch == "boxteacher" else set())
     pseudo = PSEUDO_LOSSES if arch == "boxteacher" else set()
     assert set(losses) == BOX_LOSSES | {"loss_gt_mask"} | counts | pseudo  # the same set every batch
@@ -203,21 +211,15 @@ def test_each_group_of_positives_weighs_its_share():
     torch.manual_seed(0)
     model = mixed_model("boxinst")
     model.train()
-    seen = {}
-    mask_losses = model.mask_losses
-
-    def spy(mask_feats, sampled, targets):
-        seen.update(mask_feats=mask_feats, sampled=sampled, targets=targets)
-        return mask_losses(mask_feats, sampled, targets)
-
-    model.mask_losses = spy
-    losses = model(two_images([True, False], [False]))  # one masked instance of three
+    seen = spy_on_mask_losses(model)
+    losses = model(two_images([True, False], [False]), iteration=0)  # one masked instance of three
     sampled, targets = seen["sampled"], seen["targets"]
-    masked = targets["has_mask"][sampled["gt_inds"]]
+    masked = targets["kinds"][sampled["gt_inds"]] == SupervisionKind.MASK
     assert 0 < int(masked.sum()) < masked.numel()
-    probs = model.mask_logits(seen["mask_feats"], sampled, "top_feats").sigmoid()
-    gt_masks = targets["gt_masks"][sampled["gt_inds"]]
-    box_masks = targets["box_masks"][sampled["gt_inds"]].unsqueeze(1)
+    probs = seen["logits"].sigmoid()
+    box_targets, mask_targets = targets["criteria"]
+    gt_masks = mask_targets["masks"][sampled["gt_inds"]]
+    box_masks = box_targets["box_masks"][sampled["gt_inds"]].unsqueeze(1)
     per_positive_dice = dice_loss(probs[masked], gt_masks[masked])
     per_positive_projection = sum(
         dice_loss(probs[~masked].amax(dim=d), box_masks[~masked].amax(dim=d)) for d in (2, 3))
@@ -230,14 +232,14 @@ def test_box_terms_on_masked_instances_when_asked():
     torch.manual_seed(0)
     model = mixed_model("boxinst", "MODEL.BOXINST.BOX_TERMS_ON_MASKED", "True")
     model.train()
-    losses = model(two_images([True, True], [True]))
+    losses = model(two_images([True, True], [True]), iteration=0)
     assert losses["loss_prj"].item() > 0 and losses["loss_gt_mask"].item() > 0
 
 
 def test_box_supervision_without_mixed_mode_keeps_its_loss_names():
     model = build_model(tiny_cfg("MODEL.BOXINST.ENABLED", "True"))
     model.train()
-    assert set(model(two_images([True, False], [False]))) == BOX_LOSSES
+    assert set(model(two_images([True, False], [False]), iteration=0)) == BOX_LOSSES
 
 
 # ---------------------------------------------------------------------------------------------

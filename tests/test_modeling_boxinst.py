@@ -178,27 +178,24 @@ def box_sample(h, w, boxes, labels, seed=0):
 def test_boxinst_losses_and_their_names():
     model = boxinst()
     model.train()
-    losses = model([box_sample(64, 64, [(8, 8, 40, 40)], [1]), box_sample(64, 48, [(4, 10, 30, 60)], [2], 1)])
+    losses = model([box_sample(64, 64, [(8, 8, 40, 40)], [1]), box_sample(64, 48, [(4, 10, 30, 60)], [2], 1)], iteration=0)
     assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_prj", "loss_pairwise"}
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_prj"].item() > 0
-    # Warm-up: the pairwise term is scaled by iteration / 10000 on the first iteration.
+    # Warm-up: the pairwise term is scaled by (t + 1) / 10000 at the engine's iteration t.
     model2 = boxinst("MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", "1")
     model2.load_state_dict(model.state_dict())
-    model2.mask_head._iter.zero_()
-    model.mask_head._iter.zero_()
     batch = [box_sample(64, 64, [(8, 8, 40, 40)], [1])]
-    torch.manual_seed(0)
-    warm = model(batch)["loss_pairwise"]
-    torch.manual_seed(0)
-    full = model2(batch)["loss_pairwise"]
-    assert warm.item() == pytest.approx(full.item() / 10000, rel=1e-5)
+    full = model2(batch, iteration=0)["loss_pairwise"]
+    for iteration in (0, 4999, 20000):
+        warm = model(batch, iteration=iteration)["loss_pairwise"]
+        assert warm.item() == pytest.approx(full.item() * min((iteration + 1) / 10000, 1.0), rel=1e-5)
 
 
 def test_empty_images_give_zero_mask_losses_connected_to_the_graph():
     model = boxinst()
     model.train()
-    losses = model([box_sample(64, 64, [], []), box_sample(32, 64, [], [], 1)])
+    losses = model([box_sample(64, 64, [], []), box_sample(32, 64, [], [], 1)], iteration=0)
     for name in ("loss_fcos_loc", "loss_fcos_ctr", "loss_prj", "loss_pairwise"):
         assert losses[name].item() == 0.0 and losses[name].requires_grad
     sum(losses.values()).backward()
@@ -216,7 +213,7 @@ def test_empty_images_give_zero_mask_losses_connected_to_the_graph():
 def test_degenerate_boxes_give_finite_losses_and_gradients(boxes):
     model = boxinst("MODEL.FCOS.SIZES_OF_INTEREST", "[8, 16, 32, 64]")
     model.train()
-    losses = model([box_sample(64, 64, boxes, [0] * len(boxes))])
+    losses = model([box_sample(64, 64, boxes, [0] * len(boxes))], iteration=0)
     total = sum(losses.values())
     total.backward()
     assert torch.isfinite(total)
@@ -234,7 +231,7 @@ def test_box_supervision_never_reads_masks():
             return super().__getitem__(key)
 
     sample["instances"] = NoMasks(sample["instances"])
-    model([sample])
+    model([sample], iteration=0)
 
 
 FUSED_CHECK = """

@@ -11,7 +11,7 @@ from boxteacher.build import build_model
 from boxteacher.data.color_augment import perturb_colors
 from boxteacher.engine import SimpleTrainer
 from boxteacher.engine.hooks import EMAHook
-from boxteacher.modeling.boxteacher import mean_projection_loss, pseudo_mask_affinity
+from boxteacher.modeling.criteria import mean_projection_loss, pseudo_mask_affinity
 from boxteacher.modeling.ema import (
     copy_student_to_teacher,
     ema_momentum,
@@ -80,7 +80,7 @@ class Pair(nn.Module):
         self.teacher, self.student = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
         self.teacher.weight.requires_grad_(False)
 
-    def forward(self, batch):
+    def forward(self, batch, iteration=None):
         return {"loss": (self.student(batch) ** 2).mean() * 0}
 
 
@@ -140,7 +140,7 @@ def boxteacher(*overrides):
 def test_one_training_step_has_finite_losses_and_no_teacher_gradient():
     model = boxteacher("MODEL.FCOS.INFERENCE_TH_TEST", "0.0")
     model.train()
-    losses = model(batch())
+    losses = model(batch(), iteration=0)
     expected = {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_prj", "loss_pairwise",
                 "loss_mask", "loss_mask_affinity", "num_pseudo_masks"}
     assert set(losses) == expected
@@ -174,9 +174,9 @@ def test_the_teacher_drops_unassignable_detections_without_changing_the_training
         for key in ("scores", "mask_scores", "mask_probs"):
             torch.testing.assert_close(k[key], e[key][assignable], rtol=1e-5, atol=1e-6)
     torch.manual_seed(0)
-    losses_pruned = pruned(batch())
+    losses_pruned = pruned(batch(), iteration=0)
     torch.manual_seed(0)
-    losses_full = full(batch())
+    losses_full = full(batch(), iteration=0)
     assert losses_full["num_pseudo_masks"].item() > 0
     for name, value in losses_full.items():
         torch.testing.assert_close(losses_pruned[name], value, rtol=1e-5, atol=1e-7)
@@ -202,7 +202,7 @@ def test_the_legacy_assignment_gets_every_teacher_detection():
 def test_pseudo_losses_are_zero_and_connected_when_no_box_is_matched():
     model = boxteacher("MODEL.FCOS.INFERENCE_TH_TEST", "1.0")  # the teacher detects nothing
     model.train()
-    losses = model(batch())
+    losses = model(batch(), iteration=0)
     for name in ("loss_mask", "loss_mask_affinity"):
         assert losses[name].item() == 0.0 and losses[name].requires_grad
     assert losses["num_pseudo_masks"].item() == 1.0  # clamped count of weighted masks
@@ -259,7 +259,7 @@ def test_soft_pseudo_masks_keep_the_teacher_probabilities_as_dice_targets():
     def targets(model):
         labelled = [{**sample, "instances": label_one(model, sample, prediction)}]
         gt = [{k: v for k, v in labelled[0]["instances"].items()}]
-        return model.student.mask_targets(labelled, gt, (64, 64), [(h, w)])["pseudo_masks"]
+        return model.student.mask_targets(labelled, gt, (64, 64), [(h, w)])["criteria"][-1]["pseudo_masks"]
 
     soft_targets, binary_targets = targets(soft), targets(binary)
     assert soft_targets.dtype == torch.float32 and binary_targets.dtype == torch.bool
@@ -362,10 +362,10 @@ def test_a_mixed_precision_step_runs_the_networks_in_bfloat16_and_keeps_labels_a
     assign = model.assign
     model.assign = lambda *args: labelled.append(assign(*args)) or labelled[-1]
     torch.manual_seed(1)
-    full = model(batch())
+    full = model(batch(), iteration=0)
     torch.manual_seed(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = model(batch())
+        mixed = model(batch(), iteration=0)
     assert dtypes == {"teacher": torch.bfloat16, "student": torch.bfloat16}
     assert all(v.dtype == torch.float32 for v in mixed.values())
     assert all(p["masks"].dtype == torch.bool and p["weights"].dtype == torch.float32 for p in labelled[1])
@@ -397,7 +397,7 @@ def test_the_cost_of_a_step_does_not_grow_with_the_boxes():
     costs = {}
     for num_boxes in (1, 16):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-            losses = model(crowded_batch(num_boxes))
+            losses = model(crowded_batch(num_boxes), iteration=0)
             sum(v for k, v in losses.items() if k.startswith("loss")).backward()
         assert losses["num_pseudo_masks"] >= (3 if num_boxes == 1 else 30)
         events = list(profile.events())

@@ -70,13 +70,13 @@ def test_training_losses_and_zero_losses_for_empty_images():
     model = build_model(tiny_cfg())
     model.train()
     batch = [sample(64, 64, [(8, 8, 40, 40)], [1]), sample(64, 48, [(4, 10, 30, 60)], [2], seed=1)]
-    losses = model(batch)
+    losses = model(batch, iteration=0)
     assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_mask"}
     assert all(torch.isfinite(v) and v.item() > 0 for v in losses.values())
-    assert model.mask_head._iter.item() == 1
+    assert model.mask_head._iter.item() == 1  # the official layout's counter, kept up to date
 
     empty = [sample(64, 64, [], []), sample(48, 64, [], [], seed=1)]
-    losses = model(empty)
+    losses = model(empty, iteration=0)
     for name in ("loss_fcos_loc", "loss_fcos_ctr", "loss_mask"):
         assert losses[name].item() == 0.0 and losses[name].requires_grad
     assert losses["loss_fcos_cls"].item() > 0
@@ -91,7 +91,7 @@ def test_inputs_are_not_mutated():
     batch = [sample(64, 64, [(8, 8, 40, 40)], [1])]
     before = {k: v.clone() for k, v in batch[0]["instances"].items()}
     model.train()
-    model(batch)
+    model(batch, iteration=0)
     assert all(torch.equal(before[k], batch[0]["instances"][k]) for k in before)
 
 

@@ -126,7 +126,8 @@ def instrument(model: nn.Module, timer: PartTimer) -> None:
     timer.wrap(network.backbone, "forward", "backbone")
     timer.wrap(network, "run_heads", "backbone + heads")
     timer.wrap(network, "mask_targets", "mask targets")
-    timer.wrap(network, "mask_losses", "mask head + mask losses")
+    timer.wrap(network, "mask_logits", "mask head + mask losses")
+    timer.wrap(network.supervision, "losses", "mask head + mask losses")
     if hasattr(model, "teacher"):
         timer.wrap(model.teacher_view, "forward_teacher", "teacher pass")
 
@@ -165,7 +166,7 @@ def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
 
     def train_step(data: list[dict]) -> None:
         with autocast():
-            losses = model(data)
+            losses = model(data, iteration=0)
         with timer.part("backward + optimizer"):
             optimizer.zero_grad(set_to_none=True)
             sum(v for k, v in losses.items() if k.startswith("loss")).backward()

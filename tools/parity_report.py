@@ -178,7 +178,8 @@ def compare_training(fixture: Fixture, legacy: bool) -> list[Row]:
         stack.enter_context(recording(model.teacher_view, "forward_teacher", teacher_out))
         stack.enter_context(recording(model, "assign", labelled))
         stack.enter_context(recording(model.student, "mask_logits", mask_logits))
-        losses = model(fixture.training_batch())
+        # The official checkpoint counts its training steps in mask_head._iter: the step continues it.
+        losses = model(fixture.training_batch(), iteration=int(model.student.mask_head._iter))
     prefix = "c" if legacy else "c/fixed"
     total = compare_losses(c, losses, expected, prefix)
     c.exact("num_pseudo_masks", losses["num_pseudo_masks"], expected[f"{prefix}/num_pseudo_masks"])
@@ -229,7 +230,8 @@ def compare_adelaidet(fixture: Fixture, boxinst: bool) -> list[Row]:
     model.train()
     section = "d/boxinst" if boxinst else "d/condinst"
     c = Comparison(f"d: AdelaiDet {'BoxInst' if boxinst else 'CondInst'} losses")
-    total = compare_losses(c, model(fixture.training_batch(aug=False, masks=not boxinst)), expected, section)
+    batch = fixture.training_batch(aug=False, masks=not boxinst)
+    total = compare_losses(c, model(batch, iteration=int(model.mask_head._iter)), expected, section)
     total.backward()
     norm = torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).norm().item()
     c.relative("total gradient norm", norm, expected[f"{section}/grad_norm_total"].item(), GRAD_TOTAL)

@@ -13,14 +13,17 @@ from torch import nn
 
 from .config import CfgNode
 from .config.supervision import gt_mask_mode
-from .modeling import boxinst_model, boxteacher, meta_arch
+from .modeling import boxteacher
 from .modeling.backbone import INITIALISATIONS, FPNBackbone, ResNet
-from .modeling.boxteacher import PseudoMaskBoxInst, PseudoMaskLosses
 from .modeling.condinst import DynamicMaskHead, MaskBranch
+from .modeling.criteria import BoxInstCriterion, DiceMaskCriterion, PseudoMaskCriterion
 from .modeling.fcos import FCOS, FCOSHead
 from .modeling.guided_filter import MaskRefinement
 from .modeling.layers import get_norm
+from .modeling.meta_arch import CondInst as CondInstDetector
+from .modeling.pairwise import neighbour_offsets
 from .modeling.pseudo_labels import PseudoLabeler
+from .modeling.supervision import LossWeights, MaskSupervision, Route, SupervisionKind
 from .modeling.teacher import TeacherPass, TeacherView
 from .utils.env import resolve_device
 
@@ -141,27 +144,56 @@ def _condinst_kwargs(cfg: CfgNode) -> dict:
     )
 
 
-def _boxinst_kwargs(cfg: CfgNode) -> dict:
-    b = cfg.MODEL.BOXINST
-    return dict(
+def _supervision(cfg: CfgNode, pseudo_masks: bool) -> MaskSupervision:
+    """The mask supervision of a box-supervised network (``MODEL.BOXINST.*``): BoxInst's box terms,
+    the Dice of the annotation masks in mixed supervision (``MODEL.BOXINST.GT_MASKS``), and with
+    ``pseudo_masks`` BoxTeacher's pseudo-mask terms (``MODEL.BOX_TEACHER.*``)."""
+    b, t = cfg.MODEL.BOXINST, cfg.MODEL.BOX_TEACHER
+    mixed = gt_mask_mode(cfg) != "ignore"
+    offsets = neighbour_offsets(b.PAIRWISE.SIZE, b.PAIRWISE.DILATION)
+    box_kinds = {SupervisionKind.BOX} | ({SupervisionKind.PSEUDO_MASK} if pseudo_masks else set())
+    kinds = frozenset(box_kinds | ({SupervisionKind.MASK} if mixed else set()))
+    box = BoxInstCriterion(
         bottom_pixels_removed=b.BOTTOM_PIXELS_REMOVED,
-        pairwise_size=b.PAIRWISE.SIZE,
-        pairwise_dilation=b.PAIRWISE.DILATION,
+        pairwise_offsets=offsets,
         pairwise_color_thresh=b.PAIRWISE.COLOR_THRESH,
-        pairwise_warmup_iters=b.PAIRWISE.WARMUP_ITERS,
         input_format=cfg.INPUT.FORMAT,
-        mixed_supervision=gt_mask_mode(cfg) != "ignore",
-        box_terms_on_masked=b.BOX_TERMS_ON_MASKED,
     )
+    routes = [Route(box, kinds if b.BOX_TERMS_ON_MASKED else frozenset(box_kinds))]
+    if mixed:
+        routes.append(Route(DiceMaskCriterion("loss_gt_mask"), frozenset({SupervisionKind.MASK})))
+    weights, warmups = {}, {"loss_pairwise": b.PAIRWISE.WARMUP_ITERS}
+    if pseudo_masks:
+        mean_projection = t.WITH_AVG_LOSS and t.AVG_LOSS_WEIGHT > 0
+        pseudo = PseudoMaskCriterion(
+            pairwise_offsets=offsets,
+            bottom_pixels_removed=b.BOTTOM_PIXELS_REMOVED,
+            affinity_threshold=t.MASK_AFFINITY_THRESH,
+            fix_reduction=t.FIX_REDUCTION,
+            mean_projection=mean_projection,
+            mask_threshold=None if t.SOFT_PSEUDO_MASKS else t.TEACHER_MASK_THRESHOLD,
+        )
+        routes.append(Route(pseudo, kinds))
+        weights = {"loss_mask": t.MASK_WEIGHT, "loss_mask_affinity": t.MASK_AFFINITY_WEIGHT}
+        if mean_projection:
+            weights["loss_avg"] = t.AVG_LOSS_WEIGHT
+        if t.WITH_WARMUP:
+            warmups.update({name: t.WARMUP_ITERS for name in pseudo.loss_names})
+    warmups = {name: iters for name, iters in warmups.items() if iters > 0}
+    return MaskSupervision(routes, kinds, LossWeights(weights, warmups), offsets)
 
 
 @META_ARCH_REGISTRY.register()
-def CondInst(cfg: CfgNode) -> meta_arch.CondInst:  # noqa: N802 (registered under its config name)
-    """CondInst from ``MODEL.*``; BoxInst (box supervision) when ``MODEL.BOXINST.ENABLED``."""
+def CondInst(cfg: CfgNode) -> CondInstDetector:  # noqa: N802 (registered under its config name)
+    """CondInst from ``MODEL.*``: trained with annotation masks, or from boxes (BoxInst) when
+    ``MODEL.BOXINST.ENABLED``."""
     if not cfg.MODEL.BOXINST.ENABLED:
         gt_mask_mode(cfg)  # CondInst is mask-supervised: a mixed mode is an error
-        return meta_arch.CondInst(**_condinst_kwargs(cfg))
-    return boxinst_model.BoxInst(**_boxinst_kwargs(cfg), **_condinst_kwargs(cfg))
+        masks = MaskSupervision([Route(DiceMaskCriterion(), frozenset({SupervisionKind.MASK}))],
+                                frozenset({SupervisionKind.MASK}))
+        return CondInstDetector(supervision=masks, positive_centers="masks", **_condinst_kwargs(cfg))
+    return CondInstDetector(supervision=_supervision(cfg, pseudo_masks=False), positive_centers="box_masks",
+                            **_condinst_kwargs(cfg))
 
 
 def teacher_pass(cfg: CfgNode) -> TeacherPass:
@@ -181,23 +213,13 @@ def teacher_pass(cfg: CfgNode) -> TeacherPass:
     )
 
 
-def _boxteacher_network(cfg: CfgNode) -> PseudoMaskBoxInst:
-    """One of BoxTeacher's two identical networks: BoxInst with pseudo-mask losses, FCOS
-    positives around box centres, mask-aware scores, and the teacher-pass settings."""
-    t = cfg.MODEL.BOX_TEACHER
-    return PseudoMaskBoxInst(
-        pseudo_losses=PseudoMaskLosses(
-            mask_weight=t.MASK_WEIGHT,
-            affinity_weight=t.MASK_AFFINITY_WEIGHT,
-            affinity_threshold=t.MASK_AFFINITY_THRESH,
-            warmup_iters=t.WARMUP_ITERS if t.WITH_WARMUP else None,
-            fix_reduction=t.FIX_REDUCTION,
-            avg_loss_weight=t.AVG_LOSS_WEIGHT if t.WITH_AVG_LOSS else 0.0,
-            mask_threshold=None if t.SOFT_PSEUDO_MASKS else t.TEACHER_MASK_THRESHOLD,
-        ),
-        centers_from_box_masks=False,
+def _boxteacher_network(cfg: CfgNode) -> CondInstDetector:
+    """One of BoxTeacher's two identical networks: CondInst with BoxInst's and the pseudo-mask
+    criteria, FCOS positives around box centres, and mask-aware scores."""
+    return CondInstDetector(
+        supervision=_supervision(cfg, pseudo_masks=True),
+        positive_centers="boxes",
         mask_aware_scores=True,
-        **_boxinst_kwargs(cfg),
         **_condinst_kwargs(cfg),
     )
 

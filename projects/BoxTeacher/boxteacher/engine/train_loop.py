@@ -215,7 +215,7 @@ class SimpleTrainer(TrainerBase):
         data_time = time.perf_counter() - start
 
         with record_function("forward"), self.autocast():
-            loss_dict = self.model(data)
+            loss_dict = self.model(data, iteration=self.iter)
         losses = _total_loss(loss_dict)
         values = _to_floats(loss_dict)
         _check_finite(values, self.iter)

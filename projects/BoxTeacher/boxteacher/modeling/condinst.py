@@ -60,8 +60,10 @@ class DynamicMaskHead(nn.Module):
     and runs them through layers whose weights and biases are the instance's generated
     parameter vector (``num_gen_params`` values: all weights, then all biases).
 
-    Buffers: ``sizes_of_interest`` (int64, one per level) and ``_iter`` (float, number of
-    training forward passes, which drives loss warm-ups and is saved with checkpoints).
+    Buffers: ``sizes_of_interest`` (int64, one per level) and ``_iter`` (float, the number of
+    training forward passes). Nothing reads ``_iter`` (the loss warm-ups follow the iteration the
+    engine passes in); it is kept so that checkpoints keep the layout of AdelaiDet's and the
+    official BoxTeacher's, which store and restore it.
     """
 
     def __init__(

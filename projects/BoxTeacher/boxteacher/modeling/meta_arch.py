@@ -1,4 +1,4 @@
-"""Meta-architectures: what goes in, what comes out.
+"""CondInst, the one detector: what goes in, what comes out.
 
 Data contract
 -------------
@@ -9,14 +9,18 @@ Input: a list with one dict per image:
 * ``image_id`` (optional, for evaluation);
 * ``instances`` (training): ``{"boxes": float32 (N, 4) XYXY absolute in the resized frame,
   "labels": int64 (N,) in 0..K-1, "masks": bool (N, H, W) (mask supervision only),
-  "has_mask": bool (N,) (mixed supervision: which rows of ``masks`` are annotation masks)}``.
+  "has_mask": bool (N,) (mixed supervision: which rows of ``masks`` are annotation masks),
+  "pseudo_masks": (N, H, W) bool or float and "pseudo_weights": float (N,) (a teacher's pseudo
+  masks)}``; ``aug_image`` (optional): the student's view of ``image``, same geometry.
 
-Training output: ``dict[str, Tensor]`` of 0-dim losses, already weighted, named as AdelaiDet
-names them (``loss_fcos_cls``, ``loss_fcos_loc``, ``loss_fcos_ctr``, and ``loss_mask`` for
-CondInst or ``loss_prj``, ``loss_pairwise`` for BoxInst, which reads ``masks`` only in mixed
-supervision, adding ``loss_gt_mask``). The engine sums the keys that start with "loss"; any
-other key is a metric it only logs. A batch without objects gives zero losses that are still
-connected to the graph.
+Training: ``model(batch, iteration=t)`` with the engine's (0-based) iteration, which drives the
+loss warm-ups. Output: ``dict[str, Tensor]`` of 0-dim losses, already weighted, named as AdelaiDet
+names them (``loss_fcos_cls``, ``loss_fcos_loc``, ``loss_fcos_ctr``, then the mask losses of the
+criteria the detector is given: ``loss_mask`` for CondInst, ``loss_prj`` and ``loss_pairwise``
+for BoxInst, ``loss_gt_mask`` for the masked instances of mixed supervision, ``loss_mask`` and
+``loss_mask_affinity`` for BoxTeacher's pseudo masks; see ``criteria.py``). The engine sums the
+keys that start with "loss"; any other key is a metric it only logs. A batch without objects
+gives zero losses that are still connected to the graph.
 
 Inference output: one dict per image, ``{"instances": {"boxes": (M, 4) XYXY, "scores": (M,),
 "labels": (M,), "masks": bool (M, height, width)}}`` in the original frame.
@@ -30,24 +34,34 @@ from torch import nn
 from torch.profiler import record_function
 
 from .backbone import FPNBackbone
+from .boxinst import box_mask_centers
 from .condinst import DynamicMaskHead, MaskBranch, sample_top_per_object
 from .fcos import FCOS, HeadOutputs
 from .fcos_targets import mask_centers
 from .layers import aligned_bilinear, batch_images, full_precision
-from .losses import dice_loss
 from .postprocess import detections_to_output_frame
+from .supervision import MaskSupervision, TargetBatch
 from .mask_scores import mask_aware_scores, mean_foreground_probability
+
+
+POSITIVE_CENTERS = ("masks", "box_masks", "boxes")
 
 
 class CondInst(nn.Module):
     """CondInst (Tian et al., ECCV 2020): FCOS detects objects and, per detection, predicts the
-    weights of a tiny mask head that runs on shared mask features.
+    weights of a tiny mask head that runs on shared mask features. How the mask head learns is
+    the ``supervision`` it is given: CondInst's Dice with masks, BoxInst's box terms, BoxTeacher's
+    pseudo-mask terms, or a mix of them per instance (``supervision.py``, ``criteria.py``).
 
     Args:
         backbone: ResNet + FPN producing P3-P7.
         proposal_generator: FCOS (head, targets, losses, inference).
         mask_branch: shared mask features from P3-P5.
         mask_head: the dynamic mask head; the controller producing its parameters is built here.
+        supervision: the mask criteria and how they are routed to the instances.
+        positive_centers: FCOS samples positives around the centres of mass of the annotation
+            "masks" (CondInst), of the "box_masks" (AdelaiDet's BoxInst), or around the centres
+            of the "boxes" (BoxTeacher's student).
         pixel_mean, pixel_std: per-channel normalisation of the input images.
         fcos_in_features: backbone outputs the FCOS head reads (e.g. p3..p7).
         mask_out_stride: stride of the mask logits the losses see (4).
@@ -66,6 +80,8 @@ class CondInst(nn.Module):
         proposal_generator: FCOS,
         mask_branch: MaskBranch,
         mask_head: DynamicMaskHead,
+        supervision: MaskSupervision,
+        positive_centers: str = "masks",
         pixel_mean: list[float],
         pixel_std: list[float],
         fcos_in_features: list[str],
@@ -80,6 +96,10 @@ class CondInst(nn.Module):
         self.proposal_generator = proposal_generator
         self.mask_head = mask_head
         self.mask_branch = mask_branch
+        self.supervision = supervision
+        if positive_centers not in POSITIVE_CENTERS:
+            raise ValueError(f"positive_centers must be one of {POSITIVE_CENTERS}, got {positive_centers!r}")
+        self.positive_centers = positive_centers
         head_channels = proposal_generator.fcos_head.cls_logits.in_channels
         self.controller = nn.Conv2d(head_channels, mask_head.num_gen_params, 3, padding=1)
         nn.init.normal_(self.controller.weight, std=0.01)
@@ -104,10 +124,14 @@ class CondInst(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def forward(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor] | list[dict]:
-        if self.training:
-            return self.forward_train(batched_inputs)
-        return self.inference(batched_inputs)
+    def forward(self, batched_inputs: list[dict], iteration: int | None = None) -> dict[str, torch.Tensor] | list[dict]:
+        """Training (``iteration``: the engine's iteration, required): the losses; evaluation:
+        the detections."""
+        if not self.training:
+            return self.inference(batched_inputs)
+        if iteration is None:
+            raise ValueError("A training forward needs the iteration (it drives the loss warm-ups): model(batch, iteration=t).")
+        return self.forward_train(batched_inputs, iteration)
 
     # ------------------------------------------------------------------------------------
     # Shared steps
@@ -149,25 +173,52 @@ class CondInst(nn.Module):
     # ------------------------------------------------------------------------------------
     # Training
     # ------------------------------------------------------------------------------------
-    def forward_train(self, batched_inputs: list[dict]) -> dict[str, torch.Tensor]:
+    def forward_train(self, batched_inputs: list[dict], iteration: int) -> dict[str, torch.Tensor]:
         # The network trains on the student view ``aug_image`` when the data provides one;
-        # ``image`` (the clean view) still feeds the priors computed from colours.
+        # ``image`` (the clean view) still feeds the targets computed from colours.
         with record_function("student: targets"), full_precision(self.device):
             images, sizes = self.preprocess(batched_inputs, "aug_image" if "aug_image" in batched_inputs[0] else "image")
             gt = [self._instances_to_device(x) for x in batched_inputs]
-            mask_targets = self.mask_targets(batched_inputs, gt, images.shape[-2:], sizes)
+            mask_targets = self.mask_targets(batched_inputs, gt, tuple(images.shape[-2:]), sizes)
+            centers = self.centers_of_positives(gt, tuple(images.shape[-2:]))
         with record_function("student: network"):
             mask_feats, outputs, top_feats, locations = self.run_heads(images)
         with record_function("student: FCOS losses"):
             targets = self.proposal_generator.targets(
-                locations, [g["boxes"] for g in gt], [g["labels"] for g in gt], mask_targets["centers"]
+                locations, [g["boxes"] for g in gt], [g["labels"] for g in gt], centers
             )
             losses, positives = self.proposal_generator.losses(outputs, targets, top_feats)
         self.mask_head._iter += 1
         with record_function("student: mask losses"):
             sampled = self.sample_positives(positives)
-            losses.update(self.mask_losses(mask_feats, sampled, mask_targets))
+            if sampled["gt_inds"].numel() == 0:
+                losses.update(self.supervision.zero_losses(self.zero_loss(mask_feats, sampled), mask_targets))
+            else:
+                logits = self.mask_logits(mask_feats, sampled, "top_feats")
+                losses.update(self.supervision.losses(logits, sampled, mask_targets, iteration))
         return losses
+
+    def mask_targets(
+        self,
+        batched_inputs: list[dict],
+        gt: list[dict[str, torch.Tensor]],
+        padded_size: tuple[int, int],
+        image_sizes: list[tuple[int, int]],
+    ) -> dict:
+        """The targets of the mask criteria (``MaskSupervision.targets``), built before the heads
+        run, for the instances ``gt`` (on the device) of a batch padded to ``padded_size``."""
+        batch = TargetBatch(batched_inputs, gt, tuple(padded_size), image_sizes, self.mask_out_stride,
+                            self.backbone.size_divisibility, self.device)
+        return self.supervision.targets(batch)
+
+    def centers_of_positives(self, gt: list[dict[str, torch.Tensor]], padded_size: tuple[int, int]) -> list[torch.Tensor | None]:
+        """Per image the (N_i, 2) points FCOS samples each object's positives around (None: the
+        box centres); see ``positive_centers``."""
+        if self.positive_centers == "masks":
+            return [mask_centers(g["masks"], g["boxes"]) for g in gt]
+        if self.positive_centers == "box_masks":
+            return [box_mask_centers(g["boxes"], padded_size) for g in gt]
+        return [None] * len(gt)
 
     def _instances_to_device(self, sample: dict) -> dict[str, torch.Tensor]:
         instances = sample.get("instances")
@@ -192,49 +243,11 @@ class CondInst(nn.Module):
             return positives
         return {k: v[keep] for k, v in positives.items()}
 
-    def mask_targets(
-        self,
-        batched_inputs: list[dict],
-        gt: list[dict[str, torch.Tensor]],
-        padded_size: tuple[int, int],
-        image_sizes: list[tuple[int, int]],
-    ) -> dict:
-        """What the mask losses need, built before the heads run: the ground-truth masks of all
-        images at the mask output stride (``masks``: (N_total, H/s, W/s)) and, per image, the
-        centres of mass that FCOS samples positives around (``centers``)."""
-        missing = [i for i, g in enumerate(gt) if "masks" not in g]
-        if missing:
-            raise ValueError(f"CondInst is mask-supervised but images {missing} of the batch have no 'masks'")
-        return {
-            "masks": torch.cat([self._masks_at_output_stride(g["masks"], padded_size) for g in gt]),
-            "centers": [mask_centers(g["masks"], g["boxes"]) for g in gt],
-        }
-
-    def mask_losses(
-        self, mask_feats: torch.Tensor, sampled: dict[str, torch.Tensor], targets: dict
-    ) -> dict[str, torch.Tensor]:
-        """Mask-supervised loss: mean Dice between the sampled instances' mask probabilities and
-        their ground-truth masks, both at the mask output stride."""
-        if sampled["gt_inds"].numel() == 0:
-            return {"loss_mask": self.zero_loss(mask_feats, sampled)}
-        logits = self.mask_logits(mask_feats, sampled, "top_feats")
-        gt_masks = targets["masks"][sampled["gt_inds"]].unsqueeze(1)
-        return {"loss_mask": dice_loss(logits.sigmoid(), gt_masks).mean()}
-
     @staticmethod
     def zero_loss(mask_feats: torch.Tensor, sampled: dict[str, torch.Tensor]) -> torch.Tensor:
         """0, connected to the mask branch and the controller (every parameter gets a gradient,
         as DDP requires, when a batch has no positive)."""
         return mask_feats.sum() * 0 + sampled["top_feats"].sum() * 0
-
-    def _masks_at_output_stride(self, masks: torch.Tensor, padded_size: tuple[int, int]) -> torch.Tensor:
-        """(N, h, w) bool full-resolution masks -> (N, H/s, W/s) float samples at pixel
-        (s*i + s//2, s*j + s//2) of the zero-padded (H, W) frame."""
-        s = self.mask_out_stride
-        sampled = masks[:, s // 2 :: s, s // 2 :: s].float()
-        out = sampled.new_zeros((masks.shape[0], padded_size[0] // s, padded_size[1] // s))
-        out[:, : sampled.shape[1], : sampled.shape[2]] = sampled
-        return out
 
     # ------------------------------------------------------------------------------------
     # Inference
