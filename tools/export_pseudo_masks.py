@@ -34,7 +34,7 @@ import logging
 import os
 import sys
 
-from boxteacher.build import build_model, mask_refinement
+from boxteacher.build import architecture_spec, build_model, mask_refinement
 from boxteacher.config import CfgNode, load_config
 from boxteacher.data.coco import load_coco_json
 from boxteacher.engine.checkpoint import Checkpointer, atomic_open
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_model(cfg)
     Checkpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
-    network = getattr(model, "teacher", model).eval()  # a BoxTeacher labels with its teacher
+    # A teacher-student model (BoxTeacher) labels with its teacher.
+    network = (model.teacher if architecture_spec(cfg).teacher_student else model).eval()
     result = PseudoMaskExporter(network, export_settings(cfg, args)).export(data, args.images, args.batch_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with atomic_open(args.output, "w") as f:
