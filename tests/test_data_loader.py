@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from boxteacher.config import get_cfg
+from boxteacher.config import ArchitectureSpec, get_cfg
 from boxteacher.data import (
     InferenceSampler,
     TrainingBatchSampler,
@@ -27,6 +27,9 @@ from boxteacher.data.build import TrainingBatches
 from boxteacher.data.mapper import DatasetMapper
 from boxteacher.data.samplers import index_stream
 from boxteacher.data.shapes import shapes_paths
+
+# The data needs of the default architecture (mask-supervised CondInst), which the configs use.
+CONDINST = ArchitectureSpec()
 
 # pycocotools' decode trips a NumPy 2 deprecation warning; not ours to fix.
 
@@ -169,19 +172,19 @@ def test_train_loader_same_data_for_any_worker_count(messy_dataset, caplog):
     json_file, image_root, special = messy_dataset
     cfg = _cfg(json_file, image_root)
     with caplog.at_level(logging.WARNING, logger="boxteacher.data.mapper"):
-        first = list(islice(build_train_loader(cfg, seed=11), 12))
+        first = list(islice(build_train_loader(cfg, CONDINST, seed=11), 12))
     assert special["corrupt"] in caplog.text and "could not be decoded" in caplog.text
-    again = list(islice(build_train_loader(cfg, seed=11), 12))
+    again = list(islice(build_train_loader(cfg, CONDINST, seed=11), 12))
     _assert_same_batches(first, again)
     assert all(len(batch) == 4 for batch in first)
     assert special["corrupt"] not in {Path(d["file_name"]).name for batch in first for d in batch}
     sizes = {min(d["image"].shape[1:]) for batch in first for d in batch}
     assert sizes == {48, 64}
-    resumed = list(islice(build_train_loader(cfg, seed=11, start_iter=7), 5))
+    resumed = list(islice(build_train_loader(cfg, CONDINST, seed=11, start_iter=7), 5))
     _assert_same_batches(first[7:], resumed)
-    with_workers = list(islice(build_train_loader(_cfg(json_file, image_root, workers=2), seed=11), 12))
+    with_workers = list(islice(build_train_loader(_cfg(json_file, image_root, workers=2), CONDINST, seed=11), 12))
     _assert_same_batches(first, with_workers)
-    other_seed = next(build_train_loader(cfg, seed=12))
+    other_seed = next(build_train_loader(cfg, CONDINST, seed=12))
     assert [d["file_name"] for d in other_seed] != [d["file_name"] for d in first[0]]
 
 
@@ -190,7 +193,7 @@ def test_batch_content_does_not_depend_on_the_world_size(messy_dataset):
     cfg = _cfg(json_file, image_root)
     records = get_train_records(cfg)
     corrupt = next(i for i, r in enumerate(records) if r["file_name"].endswith(special["corrupt"]))
-    dataset = TrainingBatches(records, DatasetMapper.from_config(cfg, True), seed=3)
+    dataset = TrainingBatches(records, DatasetMapper.from_config(cfg, True, spec=CONDINST), seed=3)
     indices = [5, corrupt, 7, 7]
     whole = dataset[(5, 0, indices)]
     halves = dataset[(5, 0, indices[:2])] + dataset[(5, 2, indices[2:])]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from boxteacher.config import get_cfg
+from boxteacher.config import ArchitectureSpec, get_cfg
 from boxteacher.data import (
     DatasetMapper,
     build_flip_class_map,
@@ -193,7 +193,7 @@ def test_carparts_flip_swaps_left_and_right():
                                      ["left_mirror", "right_mirror"]]
     cfg.INPUT.MIN_SIZE_TRAIN = (64,)
     register_datasets_from_config(cfg)
-    mapper = DatasetMapper.from_config(cfg, is_train=True)
+    mapper = DatasetMapper.from_config(cfg, is_train=True, spec=ArchitectureSpec())
     assert mapper.flip_class_map == {2: 4, 4: 2, 13: 14, 14: 13}
     record = next(r for r in get_dataset_records("test_mapper_carparts")
                   if any(a["category_id"] == 2 for a in r["annotations"]))
@@ -207,4 +207,4 @@ def test_carparts_flip_swaps_left_and_right():
     assert len(seen) == 2
     cfg.DATASETS.FLIP_CLASS_PAIRS = [["back_left_door", "rear_right_door"]]
     with pytest.raises(ValueError, match="rear_right_door"):
-        DatasetMapper.from_config(cfg, is_train=True)
+        DatasetMapper.from_config(cfg, is_train=True, spec=ArchitectureSpec())

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from boxteacher.config import get_cfg
-from boxteacher.engine.checkpoint import Checkpointer, RNGState, atomic_open, load_model_weights
+from boxteacher.engine.checkpoint import (
+    Checkpointer,
+    MultiNetworkCheckpointing,
+    RNGState,
+    atomic_open,
+    load_model_weights,
+)
 from boxteacher.engine.weight_files import CheckpointError
 from boxteacher.engine.solver import build_lr_scheduler, build_optimizer
 
@@ -114,6 +120,30 @@ def test_shape_mismatch_is_skipped_with_warning(caplog):
 def test_nothing_matched_is_an_error():
     with pytest.raises(CheckpointError, match="another model.*'resnet.pth'|'resnet.pth'.*another"):
         load_model_weights(_Net(), {"conv1.weight": torch.zeros(3)}, "resnet.pth")
+
+
+class _TwoNets(nn.Module):
+    """Two networks (``MultiNetworkCheckpointing``): one-network weights load into ``first``."""
+
+    single_network_prefix = "first."
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = _Net(), _Net()
+        self.loaded: list[str] = []
+
+    def on_weights_loaded(self, loaded_keys):
+        self.loaded = list(loaded_keys)
+
+
+def test_a_model_of_several_networks_follows_the_checkpoint_protocol():
+    model, source = _TwoNets(), _Net()
+    assert isinstance(model, MultiNetworkCheckpointing) and not isinstance(source, MultiNetworkCheckpointing)
+    missing, unexpected = load_model_weights(model, source.state_dict(), "one_network.pth")
+    assert missing == [] and unexpected == []  # the keys of "second." are left to on_weights_loaded
+    assert model.loaded == ["first." + k for k in source.state_dict()]
+    assert torch.equal(model.first.head.weight, source.head.weight)
+    assert not torch.equal(model.second.head.weight, source.head.weight)
 
 
 def test_resume_or_load(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from boxteacher.build import build_model
+from boxteacher.build import architecture_spec, build_model
 from boxteacher.config import load_config
 from boxteacher.data.builtin import register_builtin_datasets
 from boxteacher.engine.trainer import Trainer
@@ -87,12 +87,13 @@ def test_boxteacher_pictures_are_written_and_leave_training_unchanged(tmp_path, 
 
 def test_condinst_picture_has_two_panels_in_rgb():
     seed_all_rng(0)
-    model = build_model(tiny_cfg())
+    cfg = tiny_cfg()
+    model = build_model(cfg)
     model.train()
     batch = [sample(64, 96, [(10, 10, 40, 50)], [1])]
     batch[0]["image"][:, 60:, 80:] = torch.tensor([10, 20, 200], dtype=torch.uint8)[:, None, None]  # BGR red
     with torch.no_grad(), preserved_model_state(model):
-        outputs = network_outputs(model, batch, score_threshold=0.3)
+        outputs = network_outputs(model, batch, 0.3, architecture_spec(cfg))
     assert model.training
 
     picture = draw_training_picture(batch[0], outputs, ["a", "b", "c"], "BGR")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from boxteacher.build import build_model
-from boxteacher.config import load_config
+from boxteacher.build import architecture_spec, build_model
+from boxteacher.config import ArchitectureSpec, load_config
 from boxteacher.config.supervision import gt_mask_mode
 from boxteacher.data import DatasetMapper
 from boxteacher.data.catalog import get_dataset_records
@@ -75,12 +75,12 @@ def test_bad_settings_name_the_key(overrides, key):
 def test_the_mapper_rasterises_masks_only_in_mixed_supervision():
     def mapper(*overrides):
         cfg = tiny_cfg("MODEL.BOXINST.ENABLED", "True", "DATASETS.TRAIN", "()", *overrides)
-        return DatasetMapper.from_config(cfg, is_train=True)
+        return DatasetMapper.from_config(cfg, is_train=True, spec=architecture_spec(cfg))
 
     assert not mapper().with_masks
     assert mapper("MODEL.BOXINST.GT_MASKS", "present").masks_optional
     assert mapper("MODEL.BOXINST.GT_MASKS", "fraction").with_masks
-    assert gt_mask_mode(tiny_cfg()) == "ignore"
+    assert gt_mask_mode(tiny_cfg(), ArchitectureSpec()) == "ignore"
 
 
 # ---------------------------------------------------------------------------------------------

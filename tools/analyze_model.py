@@ -23,10 +23,9 @@ from fvcore.nn import FlopCountAnalysis, flop_count_table
 from fvcore.nn.jit_handles import bmm_flop_jit
 from torch import nn
 
-from boxteacher.build import build_model
-from boxteacher.config import load_config
+from boxteacher.build import architecture_spec, build_model
+from boxteacher.config import ArchitectureSpec, load_config
 from boxteacher.engine import Checkpointer
-from boxteacher.modeling.boxteacher import BoxTeacher
 
 
 class InferenceOnImage(nn.Module):
@@ -52,10 +51,10 @@ def baddbmm_flop_jit(inputs: list, outputs: list) -> int:
     return bmm_flop_jit(inputs[1:3], outputs)
 
 
-def network_to_analyze(model: nn.Module) -> nn.Module:
-    """The single network of a model (BoxTeacher: its student, whose trainable parameters are
-    those of training), in eval mode."""
-    if isinstance(model, BoxTeacher):
+def network_to_analyze(model: nn.Module, spec: ArchitectureSpec) -> nn.Module:
+    """The single network of a model (a teacher-student model such as BoxTeacher: its student,
+    whose trainable parameters are those of training), in eval mode."""
+    if spec.teacher_student:
         model = model.student
     return model.eval()
 
@@ -104,7 +103,7 @@ def main() -> None:
     if cfg.MODEL.WEIGHTS:
         Checkpointer(model, save_to_disk=False).load(cfg.MODEL.WEIGHTS, checkpointables=[])
     # BoxTeacher's teacher and student are the same network: analyse one.
-    network = network_to_analyze(model)
+    network = network_to_analyze(model, architecture_spec(cfg))
     height, width = args.short_side, math.ceil(args.short_side * 4 / 3)
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     image = image.to(next(network.parameters()).device)

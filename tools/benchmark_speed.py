@@ -31,8 +31,8 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from boxteacher.build import build_model
-from boxteacher.config import load_config
+from boxteacher.build import architecture_spec, build_model
+from boxteacher.config import ArchitectureSpec, load_config
 from boxteacher.data.build import build_train_loader
 from boxteacher.data.builtin import register_builtin_datasets
 from boxteacher.engine.checkpoint import atomic_open
@@ -118,17 +118,17 @@ class PartTimer:
         setattr(obj, method, wrapper)
 
 
-def instrument(model: nn.Module, timer: PartTimer) -> None:
+def instrument(model: nn.Module, timer: PartTimer, spec: ArchitectureSpec) -> None:
     """Time the parts of the trained network's forward (the student of a teacher-student model).
     ``heads`` is measured as run_heads and the backbone is subtracted from it afterwards."""
     model = unwrap_model(model)
-    network = getattr(model, "student", model)
+    network = model.student if spec.teacher_student else model
     timer.wrap(network.backbone, "forward", "backbone")
     timer.wrap(network, "run_heads", "backbone + heads")
     timer.wrap(network, "mask_targets", "mask targets")
     timer.wrap(network, "mask_logits", "mask head + mask losses")
     timer.wrap(network.supervision, "losses", "mask head + mask losses")
-    if hasattr(model, "teacher"):
+    if spec.teacher_student:
         timer.wrap(model.teacher_view, "forward_teacher", "teacher pass")
 
 
@@ -142,14 +142,9 @@ def breakdown(seconds: dict[str, float], step_seconds: float) -> dict[str, float
     return {name: parts[name] / step_seconds for name in order if name in parts}
 
 
-def model_name(cfg) -> str:
-    if cfg.MODEL.META_ARCHITECTURE == "CondInst" and cfg.MODEL.BOXINST.ENABLED:
-        return "BoxInst"
-    return cfg.MODEL.META_ARCHITECTURE
-
-
 def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
     cfg = load_config(config_file, [*args.opts, "SOLVER.AMP.ENABLED", str(args.amp)])
+    spec = architecture_spec(cfg)
     model = build_model(cfg)
     device = next(model.parameters()).device
     dtype = amp_dtype(cfg, device)
@@ -159,10 +154,9 @@ def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
     optimizer = build_optimizer(cfg, model)
     height, width = args.short_side, args.short_side * 4 // 3
     generator = torch.Generator().manual_seed(0)
-    teacher_student = cfg.MODEL.META_ARCHITECTURE == "BoxTeacher"
-    batch = synthetic_batch(args.batch_size, height, width, cfg.MODEL.FCOS.NUM_CLASSES, generator, teacher_student)
+    batch = synthetic_batch(args.batch_size, height, width, cfg.MODEL.FCOS.NUM_CLASSES, generator, spec.student_view)
     timer = PartTimer(device)
-    instrument(model, timer)
+    instrument(model, timer, spec)
 
     def train_step(data: list[dict]) -> None:
         with autocast():
@@ -171,7 +165,7 @@ def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
             optimizer.zero_grad(set_to_none=True)
             sum(v for k, v in losses.items() if k.startswith("loss")).backward()
             optimizer.step()
-            if teacher_student:  # the EMA update is part of every BoxTeacher step
+            if spec.teacher_student:  # the EMA update is part of every teacher-student step
                 ema_update(model.teacher, model.student, 0.999)
 
     model.train()
@@ -187,7 +181,7 @@ def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
         data_cfg = cfg.clone()
         data_cfg.defrost()
         data_cfg.SOLVER.IMS_PER_BATCH = args.batch_size
-        loader = build_train_loader(data_cfg, seed=0)
+        loader = build_train_loader(data_cfg, spec, seed=0)
         next(loader)
         with_data = f"{statistics.median(timed(lambda: train_step(next(loader)), args.iters, device)):.3f}"
 
@@ -197,7 +191,7 @@ def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
         timed(lambda: model(images), 1, device)
         infer_times = timed(lambda: model(images), args.iters, device)
 
-    name = model_name(cfg)
+    name = type(model).__name__  # CondInst, BoxInst (CondInst with MODEL.BOXINST.ENABLED), BoxTeacher
     row = [name, f"R-{cfg.MODEL.RESNETS.DEPTH}", str(device), "on" if args.amp else "off",
            f"{args.batch_size} x {height}x{width}", f"{step:.3f}", with_data,
            f"{args.batch_size / statistics.median(infer_times):.2f}", f"{peak_memory_mb(device):.0f}"]

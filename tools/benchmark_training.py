@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 from boxteacher.config import load_config
 from boxteacher.engine import hooks
 from boxteacher.engine.checkpoint import atomic_open
+from boxteacher.engine.train_loop import unwrap_model
 from boxteacher.engine.trainer import Trainer
 
 logger = logging.getLogger("boxteacher.benchmark_training")
@@ -210,9 +211,8 @@ def measure(config_file: str, weights: str, args: argparse.Namespace, output_dir
     trainer._hooks.insert(0, meter)
     trainer.train()
     summary = profile_summary(meter)
-    name = cfg.MODEL.META_ARCHITECTURE
-    if name == "CondInst" and cfg.MODEL.BOXINST.ENABLED:
-        name = "BoxInst"
+    # CondInst, BoxInst (CondInst with MODEL.BOXINST.ENABLED), BoxTeacher
+    name = type(unwrap_model(trainer.model)).__name__
     return {"config": config_file, "model": name, "device": str(device), "amp": args.amp,
             "seconds_per_iter": statistics.median(meter.seconds), **summary}
 

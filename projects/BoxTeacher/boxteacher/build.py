@@ -2,16 +2,19 @@
 
 ``MODEL.BACKBONE.NAME`` selects a function of ``BACKBONE_REGISTRY`` and
 ``MODEL.META_ARCHITECTURE`` one of ``META_ARCH_REGISTRY``; each takes the config and returns a
-module. Another detector plugs in by registering its own builder.
+module. Another detector plugs in by registering its own builder, with the ``ArchitectureSpec`` of
+its data needs (``register_architecture``). This is the only module that knows architectures by
+name: everything else reads ``architecture_spec(cfg)``.
 """
 from __future__ import annotations
 
 import logging
+from typing import Callable, TypeVar, Union
 
 from fvcore.common.registry import Registry
 from torch import nn
 
-from .config import CfgNode
+from .config import ArchitectureSpec, CfgNode
 from .config.supervision import gt_mask_mode
 from .modeling import boxteacher
 from .modeling.backbone import INITIALISATIONS, FPNBackbone, ResNet
@@ -33,6 +36,55 @@ BACKBONE_REGISTRY = Registry("BACKBONE")
 BACKBONE_REGISTRY.__doc__ = "Backbone builders: f(cfg) -> module with strides, out_channels, size_divisibility."
 META_ARCH_REGISTRY = Registry("META_ARCH")
 META_ARCH_REGISTRY.__doc__ = "Model builders, registered under their MODEL.META_ARCHITECTURE name."
+
+# An architecture's spec, or the function of the config that gives it.
+SpecOrFunction = Union[ArchitectureSpec, Callable[[CfgNode], ArchitectureSpec]]
+_Builder = TypeVar("_Builder", bound=Callable[[CfgNode], nn.Module])
+# Specs by MODEL.META_ARCHITECTURE name; a builder registered without one gets ArchitectureSpec().
+_ARCHITECTURE_SPECS: dict[str, SpecOrFunction] = {}
+
+
+def register_architecture(spec: SpecOrFunction = ArchitectureSpec()) -> Callable[[_Builder], _Builder]:
+    """Decorator: register a model builder in ``META_ARCH_REGISTRY`` under its function name (the
+    ``MODEL.META_ARCHITECTURE`` value), with the ``ArchitectureSpec`` of its data needs, or a
+    function ``cfg -> ArchitectureSpec`` when they depend on the config.
+
+    A builder registered with ``META_ARCH_REGISTRY.register()`` alone (detectron2 style) gets the
+    default spec: one mask-supervised network.
+    """
+
+    def register(builder: _Builder) -> _Builder:
+        META_ARCH_REGISTRY.register(builder)  # raises on a name registered twice
+        _ARCHITECTURE_SPECS[builder.__name__] = spec
+        return builder
+
+    return register
+
+
+def _registered_builder(cfg: CfgNode) -> Callable[[CfgNode], nn.Module]:
+    """The builder of ``MODEL.META_ARCHITECTURE``; KeyError naming the key if it is unknown."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    if name not in META_ARCH_REGISTRY:
+        raise KeyError(
+            f"MODEL.META_ARCHITECTURE '{name}' is not registered; available: "
+            f"{sorted(k for k, _ in META_ARCH_REGISTRY)}"
+        )
+    return META_ARCH_REGISTRY.get(name)
+
+
+def architecture_spec(cfg: CfgNode) -> ArchitectureSpec:
+    """The ``ArchitectureSpec`` of ``MODEL.META_ARCHITECTURE`` under ``cfg``.
+
+    Raises KeyError naming the key for an unregistered architecture (as ``build_model``), and
+    whatever the architecture's spec function raises for a config it cannot train.
+    """
+    _registered_builder(cfg)
+    name = cfg.MODEL.META_ARCHITECTURE
+    spec = _ARCHITECTURE_SPECS.get(name, ArchitectureSpec())
+    spec = spec if isinstance(spec, ArchitectureSpec) else spec(cfg)
+    if not isinstance(spec, ArchitectureSpec):
+        raise TypeError(f"The spec function of architecture '{name}' returned {spec!r}, not an ArchitectureSpec.")
+    return spec
 
 
 @BACKBONE_REGISTRY.register()
@@ -149,7 +201,7 @@ def _supervision(cfg: CfgNode, pseudo_masks: bool) -> MaskSupervision:
     the Dice of the annotation masks in mixed supervision (``MODEL.BOXINST.GT_MASKS``), and with
     ``pseudo_masks`` BoxTeacher's pseudo-mask terms (``MODEL.BOX_TEACHER.*``)."""
     b, t = cfg.MODEL.BOXINST, cfg.MODEL.BOX_TEACHER
-    mixed = gt_mask_mode(cfg) != "ignore"
+    mixed = gt_mask_mode(cfg, architecture_spec(cfg)) != "ignore"
     offsets = neighbour_offsets(b.PAIRWISE.SIZE, b.PAIRWISE.DILATION)
     box_kinds = {SupervisionKind.BOX} | ({SupervisionKind.PSEUDO_MASK} if pseudo_masks else set())
     kinds = frozenset(box_kinds | ({SupervisionKind.MASK} if mixed else set()))
@@ -183,12 +235,16 @@ def _supervision(cfg: CfgNode, pseudo_masks: bool) -> MaskSupervision:
     return MaskSupervision(routes, kinds, LossWeights(weights, warmups), offsets)
 
 
-@META_ARCH_REGISTRY.register()
+def _condinst_spec(cfg: CfgNode) -> ArchitectureSpec:
+    """CondInst learns from masks; with ``MODEL.BOXINST.ENABLED`` (BoxInst) from boxes."""
+    return ArchitectureSpec(box_supervised=bool(cfg.MODEL.BOXINST.ENABLED))
+
+
+@register_architecture(_condinst_spec)
 def CondInst(cfg: CfgNode) -> CondInstDetector:  # noqa: N802 (registered under its config name)
     """CondInst from ``MODEL.*``: trained with annotation masks, or from boxes (BoxInst) when
     ``MODEL.BOXINST.ENABLED``."""
     if not cfg.MODEL.BOXINST.ENABLED:
-        gt_mask_mode(cfg)  # CondInst is mask-supervised: a mixed mode is an error
         masks = MaskSupervision([Route(DiceMaskCriterion(), frozenset({SupervisionKind.MASK}))],
                                 frozenset({SupervisionKind.MASK}))
         return CondInstDetector(supervision=masks, positive_centers="masks", **_condinst_kwargs(cfg))
@@ -224,7 +280,19 @@ def _boxteacher_network(cfg: CfgNode) -> CondInstDetector:
     )
 
 
-@META_ARCH_REGISTRY.register()
+def _boxteacher_spec(cfg: CfgNode) -> ArchitectureSpec:
+    """A teacher and a box-supervised student trained on its own view. ValueError naming
+    ``MODEL.BOXINST.ENABLED`` when it is False: the student is always BoxInst."""
+    if not cfg.MODEL.BOXINST.ENABLED:
+        raise ValueError(
+            "MODEL.BOXINST.ENABLED must be True with MODEL.META_ARCHITECTURE BoxTeacher: BoxTeacher's "
+            "student is BoxInst, trained from boxes (and the teacher's pseudo masks), never from "
+            "mask annotations alone."
+        )
+    return ArchitectureSpec(box_supervised=True, student_view=True, teacher_student=True)
+
+
+@register_architecture(_boxteacher_spec)
 def BoxTeacher(cfg: CfgNode) -> boxteacher.BoxTeacher:  # noqa: N802 (registered under its config name)
     """BoxTeacher: a teacher and a student network built alike (teacher first, as the release)."""
     return _boxteacher(cfg)
@@ -279,14 +347,11 @@ def mask_refinement(cfg: CfgNode) -> MaskRefinement | None:
 
 
 def build_model(cfg: CfgNode) -> nn.Module:
-    """The model named by ``MODEL.META_ARCHITECTURE``, on ``MODEL.DEVICE``."""
+    """The model named by ``MODEL.META_ARCHITECTURE``, on ``MODEL.DEVICE``. The supervision keys
+    (``MODEL.BOXINST.GT_MASKS``) are checked against the architecture's spec first."""
     name = cfg.MODEL.META_ARCHITECTURE
-    if name not in META_ARCH_REGISTRY:
-        raise KeyError(
-            f"MODEL.META_ARCHITECTURE '{name}' is not registered; available: "
-            f"{sorted(k for k, _ in META_ARCH_REGISTRY)}"
-        )
-    model = META_ARCH_REGISTRY.get(name)(cfg)
+    gt_mask_mode(cfg, architecture_spec(cfg))
+    model = _registered_builder(cfg)(cfg)
     model.to(resolve_device(cfg.MODEL.DEVICE))
     num_params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..config.architecture import ArchitectureSpec
 from ..config.supervision import gt_mask_mode
 from ..utils.comm import get_rank, get_world_size
 from .builtin import register_datasets_from_config
@@ -71,16 +72,19 @@ def get_train_records(cfg) -> list[dict]:
     return records
 
 
-def build_train_loader(cfg, *, seed: int, start_iter: int = 0) -> Iterator[list[dict]]:
+def build_train_loader(
+    cfg, spec: ArchitectureSpec, *, seed: int, start_iter: int = 0
+) -> Iterator[list[dict]]:
     """An infinite iterator over this process's training batches (lists of
-    ``SOLVER.IMS_PER_BATCH / world_size`` mapped dicts), starting at iteration ``start_iter``.
+    ``SOLVER.IMS_PER_BATCH / world_size`` mapped dicts), starting at iteration ``start_iter``,
+    mapped for the architecture of ``spec`` (see ``DatasetMapper.from_config``).
 
     With ``MODEL.BOXINST.GT_MASKS "fraction"``, ``seed`` also chooses the images that keep their
     masks (see ``mask_subset.py``)."""
     records = get_train_records(cfg)
-    if gt_mask_mode(cfg) == "fraction":
+    if gt_mask_mode(cfg, spec) == "fraction":
         records = restrict_masks_to_fraction(records, cfg.MODEL.BOXINST.GT_MASK_FRACTION, seed, cfg.OUTPUT_DIR)
-    mapper = DatasetMapper.from_config(cfg, is_train=True)
+    mapper = DatasetMapper.from_config(cfg, is_train=True, spec=spec)
     if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
         groups = aspect_ratio_flags(records)
     else:

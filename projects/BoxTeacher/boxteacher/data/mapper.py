@@ -20,7 +20,8 @@ import cv2
 import numpy as np
 import torch
 
-from ..config.supervision import gt_mask_mode, is_box_supervised
+from ..config.architecture import ArchitectureSpec
+from ..config.supervision import gt_mask_mode
 from ..geometry import resized_shape
 from .catalog import get_metadata
 from .coco import segmentation_to_mask
@@ -37,7 +38,7 @@ class DatasetMapper:
     """Reads, resizes and (in training) flips one image and transforms its annotations.
 
     Training drops crowd annotations and degenerate boxes; on a flip, labels are swapped
-    through ``flip_class_map`` (left/right classes). With ``student_aug`` (BoxTeacher), the
+    through ``flip_class_map`` (left/right classes). With ``student_aug`` (a student view), the
     geometric transform is shared by two views: ``image`` and its colour-perturbed copy
     ``aug_image`` (or, without ``student_aug_separate``, the perturbed view replaces ``image``).
     All randomness comes from the ``rng`` argument, so a record and a generator state give one
@@ -87,13 +88,22 @@ class DatasetMapper:
 
     @classmethod
     def from_config(
-        cls, cfg, is_train: bool, dataset_names: Sequence[str] | None = None
+        cls,
+        cfg,
+        is_train: bool,
+        dataset_names: Sequence[str] | None = None,
+        spec: ArchitectureSpec | None = None,
     ) -> "DatasetMapper":
         """The mapper of ``cfg.INPUT``; the flip class map is read from the classes of
-        ``dataset_names`` (default ``cfg.DATASETS.TRAIN``)."""
+        ``dataset_names`` (default ``cfg.DATASETS.TRAIN``). Training needs the ``spec`` of the
+        architecture (``boxteacher.build.architecture_spec``): it says whether masks are loaded
+        (mask supervision, or a mixed mode of box supervision) and whether the student view
+        ``aug_image`` is added."""
         if not is_train:
             return cls(False, min_sizes=(cfg.INPUT.MIN_SIZE_TEST,),
                        max_size=cfg.INPUT.MAX_SIZE_TEST, hflip=False, image_format=cfg.INPUT.FORMAT)
+        if spec is None:
+            raise ValueError("A training DatasetMapper needs the architecture's spec (architecture_spec(cfg)).")
         names = list(cfg.DATASETS.TRAIN if dataset_names is None else dataset_names)
         flip_class_map = None
         if cfg.INPUT.HFLIP_TRAIN:
@@ -102,7 +112,7 @@ class DatasetMapper:
                                  "dataset to look the class names up in.")
             thing_classes = get_metadata(names[0]).thing_classes if names else []
             flip_class_map = build_flip_class_map(cfg.DATASETS.FLIP_CLASS_PAIRS, thing_classes)
-        mixed = gt_mask_mode(cfg) != "ignore"
+        mixed = gt_mask_mode(cfg, spec) != "ignore"
         return cls(
             True,
             min_sizes=tuple(cfg.INPUT.MIN_SIZE_TRAIN),
@@ -110,11 +120,10 @@ class DatasetMapper:
             size_sampling=cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
             hflip=cfg.INPUT.HFLIP_TRAIN,
             image_format=cfg.INPUT.FORMAT,
-            with_masks=not is_box_supervised(cfg) or mixed,
+            with_masks=not spec.box_supervised or mixed,
             masks_optional=mixed,
             flip_class_map=flip_class_map,
-            # The student view exists for BoxTeacher's student only.
-            student_aug=cfg.INPUT.AUG_TYPE if cfg.MODEL.META_ARCHITECTURE == "BoxTeacher" else "none",
+            student_aug=cfg.INPUT.AUG_TYPE if spec.student_view else "none",
             student_aug_separate=cfg.INPUT.AUG_EXTRA,
         )
 

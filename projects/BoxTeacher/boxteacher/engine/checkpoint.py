@@ -8,12 +8,15 @@ A checkpoint file is a dict::
      "data_seed": seed of the training data}
 
 holding only tensors and plain python values, so ``torch.load(weights_only=True)`` reads it.
+
+A model made of several networks loads the weights of one of them through the
+``MultiNetworkCheckpointing`` protocol.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 from fvcore.common.checkpoint import Checkpointer as _FvcoreCheckpointer
@@ -31,12 +34,30 @@ from .weight_files import CheckpointError, read_model_weights
 
 __all__ = [
     "Checkpointer",
+    "MultiNetworkCheckpointing",
     "RNGState",
     "atomic_open",
     "load_model_weights",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class MultiNetworkCheckpointing(Protocol):
+    """What a model made of several networks (BoxTeacher: ``teacher.`` and ``student.``) provides
+    so that ``load_model_weights`` loads a checkpoint of one network into it. A model without
+    these members loads checkpoints key by key (and, if it is one network, takes the ``teacher.``
+    part of a teacher-student checkpoint).
+    """
+
+    #: The prefix, e.g. "student.", of the network that a one-network checkpoint (ImageNet
+    #: backbone, CondInst / BoxInst weights) loads into; read before the keys are matched.
+    single_network_prefix: str
+
+    def on_weights_loaded(self, loaded_keys: list[str]) -> None:
+        """Called after every load with the model keys that were loaded, e.g. to set up the
+        networks the checkpoint did not hold (BoxTeacher: the teacher as a copy of the student)."""
 
 
 def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -100,10 +121,10 @@ def load_model_weights(
     Args:
         model: the model (a DDP wrapper is unwrapped).
         checkpoint: ``{"model": state_dict, ...}`` or a bare state dict; a "module." prefix on
-            every key is removed. A model with ``single_network_prefix`` takes a checkpoint of
-            one network under that prefix, a one-network model takes the ``teacher.`` part of
-            a teacher-student checkpoint; a model with ``on_weights_loaded(keys)`` is told
-            which keys were loaded.
+            every key is removed. A ``MultiNetworkCheckpointing`` model takes a checkpoint of
+            one network under its ``single_network_prefix`` and is told which keys were loaded
+            (``on_weights_loaded``); another model takes the ``teacher.`` part of a
+            teacher-student checkpoint.
         source: where the weights come from, for the messages.
 
     Tensors whose shape differs from the model's are skipped with a warning; missing and
@@ -121,11 +142,12 @@ def load_model_weights(
     state_dict = _strip_prefix(state_dict, "module.")
     model = unwrap_model(model)
     model_state = model.state_dict()
-    prefix = getattr(model, "single_network_prefix", "")
+    multi_network = isinstance(model, MultiNetworkCheckpointing)
+    prefix = model.single_network_prefix if multi_network else ""
     state_dict, one_network = _keys_of_model(state_dict, model_state, prefix, source)
     loadable = _loadable_tensors(state_dict, model_state, source)
     incompatible = model.load_state_dict(loadable, strict=False)
-    if hasattr(model, "on_weights_loaded"):
+    if multi_network:
         model.on_weights_loaded(list(loadable))
     # The other networks of a one-network load are set by ``on_weights_loaded``.
     missing = [k for k in incompatible.missing_keys if not one_network or k.startswith(prefix)]

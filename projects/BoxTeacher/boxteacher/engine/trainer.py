@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..build import build_model
+from ..build import architecture_spec, build_model
 from ..config import CfgNode
 from ..data.build import build_test_loader, build_train_loader, get_train_metadata
 from ..data.builtin import register_datasets_from_config
@@ -22,7 +22,7 @@ from .checkpoint import Checkpointer, RNGState
 from .defaults import create_ddp_model, resolve_data_seed
 from .events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from .solver import build_grad_clipper, build_lr_scheduler, build_optimizer
-from .train_loop import SimpleTrainer, unwrap_model
+from .train_loop import SimpleTrainer
 from .visualization import TrainingVisualizer
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ def ema_max_momentum(cfg: CfgNode) -> float:
 
 
 class Trainer(SimpleTrainer):
-    """Trains the model of ``cfg`` with the standard hooks.
+    """Trains the model of ``cfg`` with the standard hooks; what the data holds and which hooks
+    run follow the architecture's ``ArchitectureSpec`` (``spec``).
 
     Usage: ``Trainer(cfg).resume_or_load(resume=args.resume); trainer.train()``. The training
     data is built after resuming, from the restored data seed and iteration, so that a resumed
@@ -108,6 +109,7 @@ class Trainer(SimpleTrainer):
     def __init__(self, cfg: CfgNode):
         register_datasets_from_config(cfg)
         check_num_classes(cfg)
+        self.spec = architecture_spec(cfg)
         model = build_model(cfg)
         optimizer = build_optimizer(cfg, model)
         super().__init__(
@@ -151,11 +153,11 @@ class Trainer(SimpleTrainer):
         if cfg.VIS_PERIOD > 0:
             # Before the writers, so that they write the pictures of the same iteration.
             result.append(TrainingVisualizer(
-                cfg.VIS_PERIOD, cfg.OUTPUT_DIR, get_train_metadata(cfg).thing_classes, cfg.INPUT.FORMAT
+                cfg.VIS_PERIOD, cfg.OUTPUT_DIR, get_train_metadata(cfg).thing_classes, self.spec, cfg.INPUT.FORMAT
             ))
         if comm.is_main_process():
             result.append(hooks.PeriodicWriter(self.build_writers(), period=20))
-        if hasattr(unwrap_model(self.model), "teacher"):
+        if self.spec.teacher_student:
             result.append(hooks.EMAHook(ema_max_momentum(cfg), norm_stats=cfg.MODEL.BOX_TEACHER.TEACHER_EVAL))
         return result
 
@@ -181,6 +183,6 @@ class Trainer(SimpleTrainer):
         """Train from ``start_iter`` to ``SOLVER.MAX_ITER``; returns the last evaluation results."""
         if self.data_seed is None:
             self.resume_or_load(resume=False)
-        self.data_loader = build_train_loader(self.cfg, seed=self.data_seed, start_iter=self.start_iter)
+        self.data_loader = build_train_loader(self.cfg, self.spec, seed=self.data_seed, start_iter=self.start_iter)
         super().train(self.start_iter, self.max_iter)
         return self.last_results

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config.architecture import ArchitectureSpec
 from ..modeling.boxteacher import BoxTeacher
 from ..utils import comm
 from ..utils.visualizer import draw_instances, save_png, side_by_side
@@ -72,16 +73,19 @@ def pseudo_labels(model: BoxTeacher, batch: list[dict]) -> dict[str, np.ndarray]
     return {"masks": masks.cpu().numpy(), "weights": labels["weights"].cpu().numpy()}
 
 
-def network_outputs(model: nn.Module, batch: list[dict], score_threshold: float) -> dict[str, dict[str, np.ndarray]]:
+def network_outputs(
+    model: nn.Module, batch: list[dict], score_threshold: float, spec: ArchitectureSpec
+) -> dict[str, dict[str, np.ndarray]]:
     """What the picture of ``batch[0]`` shows: ``predictions`` (see ``predict``) of the network
-    that trains (BoxTeacher: the student, on its view) and, for BoxTeacher, ``pseudo_labels``.
+    that trains (a teacher-student model, ``spec.teacher_student``: the student, on its view) and,
+    for a teacher-student model, ``pseudo_labels``.
 
     ``model`` is a bare module (not a DDP wrapper). It is left in eval mode with possibly
     changed buffers: callers restore them (``preserved_model_state``) and disable gradients.
     """
     sample = batch[0]
     image = sample.get("aug_image", sample["image"])
-    if not isinstance(model, BoxTeacher):
+    if not spec.teacher_student:
         return {"predictions": predict(model, image, score_threshold)}
     return {
         "pseudo_labels": pseudo_labels(model, batch),
@@ -148,6 +152,7 @@ class TrainingVisualizer(HookBase):
         period: iterations between pictures (> 0).
         output_dir: the run's OUTPUT_DIR.
         class_names: names of the label ids.
+        spec: the architecture's spec (what ``network_outputs`` shows).
         input_format: channel order of the images ("BGR" or "RGB").
         score_threshold: predictions below this confidence are not drawn. 0.5 as in
             ``tools/demo.py``: BoxTeacher's mask-aware scores sqrt(score x mask quality) are
@@ -161,6 +166,7 @@ class TrainingVisualizer(HookBase):
         period: int,
         output_dir: str,
         class_names: Sequence[str],
+        spec: ArchitectureSpec,
         input_format: str = "BGR",
         score_threshold: float = 0.5,
     ) -> None:
@@ -169,6 +175,7 @@ class TrainingVisualizer(HookBase):
         self._period = period
         self._folder = os.path.join(output_dir, "vis")
         self._class_names = list(class_names)
+        self._spec = spec
         self._input_format = input_format
         self._score_threshold = score_threshold
 
@@ -181,7 +188,7 @@ class TrainingVisualizer(HookBase):
         # In mixed precision as the step was, so that the pseudo masks are those it used.
         autocast = getattr(self.trainer, "autocast", contextlib.nullcontext)
         with torch.no_grad(), _preserved_rng(), preserved_model_state(model), autocast():
-            outputs = network_outputs(model, batch, self._score_threshold)
+            outputs = network_outputs(model, batch, self._score_threshold, self._spec)
         if not comm.is_main_process():
             return
         picture = draw_training_picture(
