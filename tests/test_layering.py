@@ -46,3 +46,12 @@ def test_layer_imports_stay_inside_its_boundary(layer):
 def test_the_checker_sees_relative_imports():
     names = imported_modules(PACKAGE / "modeling" / "teacher.py")
     assert "boxteacher.geometry.resized_shape" in names and "boxteacher.modeling.layers" in names
+
+
+def test_the_detector_imports_no_teacher_or_pseudo_label_code():
+    """CondInst is taught through a teacher view (modeling/teacher.py) and learns from criteria:
+    the detector itself knows neither the teacher nor the pseudo labels."""
+    teacher_side = ("teacher", "pseudo_labels", "boxteacher", "guided_filter")
+    names = imported_modules(PACKAGE / "modeling" / "meta_arch.py")
+    offending = sorted(n for n in names for t in teacher_side if n == f"boxteacher.modeling.{t}" or n.startswith(f"boxteacher.modeling.{t}."))
+    assert not offending, offending

@@ -31,7 +31,7 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from boxteacher.build import architecture_spec, build_model
+from boxteacher.build import architecture_spec, build_model, method_name
 from boxteacher.config import ArchitectureSpec, load_config
 from boxteacher.data.build import build_train_loader
 from boxteacher.data.builtin import register_builtin_datasets
@@ -191,7 +191,7 @@ def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
         timed(lambda: model(images), 1, device)
         infer_times = timed(lambda: model(images), args.iters, device)
 
-    name = type(model).__name__  # CondInst, BoxInst (CondInst with MODEL.BOXINST.ENABLED), BoxTeacher
+    name = method_name(cfg)
     row = [name, f"R-{cfg.MODEL.RESNETS.DEPTH}", str(device), "on" if args.amp else "off",
            f"{args.batch_size} x {height}x{width}", f"{step:.3f}", with_data,
            f"{args.batch_size / statistics.median(infer_times):.2f}", f"{peak_memory_mb(device):.0f}"]

@@ -45,10 +45,10 @@ import torch
 from tabulate import tabulate
 from torch.overrides import TorchFunctionMode
 
+from boxteacher.build import method_name
 from boxteacher.config import load_config
 from boxteacher.engine import hooks
 from boxteacher.engine.checkpoint import atomic_open
-from boxteacher.engine.train_loop import unwrap_model
 from boxteacher.engine.trainer import Trainer
 
 logger = logging.getLogger("boxteacher.benchmark_training")
@@ -211,9 +211,7 @@ def measure(config_file: str, weights: str, args: argparse.Namespace, output_dir
     trainer._hooks.insert(0, meter)
     trainer.train()
     summary = profile_summary(meter)
-    # CondInst, BoxInst (CondInst with MODEL.BOXINST.ENABLED), BoxTeacher
-    name = type(unwrap_model(trainer.model)).__name__
-    return {"config": config_file, "model": name, "device": str(device), "amp": args.amp,
+    return {"config": config_file, "model": method_name(cfg), "device": str(device), "amp": args.amp,
             "seconds_per_iter": statistics.median(meter.seconds), **summary}
 
 

@@ -346,6 +346,13 @@ def mask_refinement(cfg: CfgNode) -> MaskRefinement | None:
     return MaskRefinement(t.REFINE_RADIUS, t.REFINE_EPS) if t.REFINE_RADIUS > 0 else None
 
 
+def method_name(cfg: CfgNode) -> str:
+    """The method ``cfg`` trains, for tables and logs: "BoxInst" for CondInst with
+    ``MODEL.BOXINST.ENABLED``, else ``MODEL.META_ARCHITECTURE``."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    return "BoxInst" if name == "CondInst" and cfg.MODEL.BOXINST.ENABLED else name
+
+
 def build_model(cfg: CfgNode) -> nn.Module:
     """The model named by ``MODEL.META_ARCHITECTURE``, on ``MODEL.DEVICE``. The supervision keys
     (``MODEL.BOXINST.GT_MASKS``) are checked against the architecture's spec first."""
