@@ -229,13 +229,12 @@ class MaskSupervision:
         for route, route_targets in routes:
             key = frozenset() if self._covers_all(route) else route.kinds
             groups.setdefault(key, []).append((route, route_targets))
-        raw: dict[int, dict[str, torch.Tensor]] = {}
+        raw: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor | None]] = {}
         for key, members in groups.items():
             raw.update(self._group_losses(key, members, logits, sampled, targets))
         losses: dict[str, torch.Tensor] = {}
         for route, _ in routes:
-            values = raw[id(route)]
-            share = values.pop("_share", None)
+            values, share = raw[id(route)]
             for name, value in values.items():
                 if name in route.criterion.metric_names:
                     losses[name] = value
@@ -247,10 +246,10 @@ class MaskSupervision:
     def _group_losses(
         self, kinds: frozenset, members: list[tuple[Route, dict]], logits: torch.Tensor,
         sampled: dict[str, torch.Tensor], targets: dict,
-    ) -> dict[int, dict[str, torch.Tensor]]:
+    ) -> dict[int, tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
         """The unweighted losses of the routes of one group of positives (all of them when
-        ``kinds`` is empty, else those of instances of ``kinds``), keyed by ``id(route)``; a
-        route on a subset gets its share under "_share"."""
+        ``kinds`` is empty, else those of instances of ``kinds``), keyed by ``id(route)``, each
+        with the share of the positives the group holds (None for all of them)."""
         share = None
         if kinds:
             selected = torch.isin(targets["kinds"][sampled["gt_inds"]], torch.tensor(sorted(kinds), device=logits.device))
@@ -258,8 +257,8 @@ class MaskSupervision:
             index = torch.nonzero(selected)[:, 0]  # one host synchronisation per group
             if index.numel() == 0:
                 zero = logits.sum() * 0
-                return {id(r): {n: zero for n in r.criterion.loss_names}
-                        | {n: zero.detach() for n in r.criterion.metric_names} for r, _ in members}
+                return {id(r): ({n: zero for n in r.criterion.loss_names}
+                                | {n: zero.detach() for n in r.criterion.metric_names}, None) for r, _ in members}
             if index.numel() < selected.numel():
                 logits = logits[index]
                 sampled = {k: v[index] for k, v in sampled.items()}
@@ -270,7 +269,7 @@ class MaskSupervision:
         for (route, route_targets), ws in zip(members, weightings):
             values = route.criterion.losses(logits, sampled, route_targets, sums[start : start + len(ws)])
             start += len(ws)
-            out[id(route)] = values if share is None else values | {"_share": share}
+            out[id(route)] = (values, share)
         return out
 
     def kind_counts(self, targets: dict) -> dict[str, torch.Tensor]:
