@@ -126,7 +126,8 @@ class LossWeights:
     warmup_iters: dict[str, int] = field(default_factory=dict)
 
     def apply(self, name: str, value: torch.Tensor, iteration: int) -> torch.Tensor:
-        value = value * self.weights.get(name, 1.0)
+        if name in self.weights:
+            value = value * self.weights[name]
         if name in self.warmup_iters:
             value = value * min((iteration + 1) / self.warmup_iters[name], 1.0)
         return value
