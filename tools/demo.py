@@ -35,7 +35,7 @@ from torch import nn
 
 from boxteacher.build import build_model
 from boxteacher.config import CfgNode, load_config
-from boxteacher.data import ResizeFlip, get_metadata, is_registered, register_datasets_from_config, resized_shape
+from boxteacher.data import ResizeFlip, get_metadata, image_io, is_registered, register_datasets_from_config, resized_shape
 from boxteacher.engine.checkpoint import Checkpointer, atomic_open
 from boxteacher.evaluation.coco_evaluation import instances_to_coco_json
 from boxteacher.utils.visualizer import draw_instances, save_png
@@ -151,12 +151,13 @@ def load_model(cfg: CfgNode) -> nn.Module:
 
 
 def read_image(path: str) -> np.ndarray | None:
-    """BGR uint8 (H, W, 3), as the data loader reads it; None, with a warning, if unreadable."""
-    exists = os.path.isfile(path)
-    image = cv2.imread(path, cv2.IMREAD_COLOR) if exists else None
-    if image is None:
-        logger.warning("Skipping '%s': it %s.", path, "could not be decoded" if exists else "does not exist")
-    return image
+    """BGR uint8 (H, W, 3), read by the data loader's reader (``image_io.read_image``; with no
+    json size, its EXIF orientation applied); None, with a warning, if unreadable or truncated."""
+    try:
+        return image_io.read_image(path)
+    except image_io.UnreadableImageError as e:
+        logger.warning("%s; skipping it.", e)
+        return None
 
 
 def run(cfg: CfgNode, inputs: Sequence[str], output_dir: str, threshold: float) -> tuple[int, int, int]:

@@ -26,12 +26,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
 
-import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
 from torch import nn
 
+from .data import image_io
 from .modeling.layers import boxes_to_masks
 
 logger = logging.getLogger(__name__)
@@ -92,26 +92,14 @@ def clipped_xyxy(bbox: list[float], height: int, width: int) -> np.ndarray:
 
 
 def read_image(path: str, height: int, width: int, image_format: str = "BGR") -> np.ndarray | None:
-    """uint8 (height, width, 3) in ``image_format``, read with OpenCV as the data loader does
-    (an image stored transposed to its json size is transposed back). None, after a warning
-    naming the file, when it is missing, cannot be decoded or has another size."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None
-    if image is None:
-        problem = "could not be decoded" if os.path.isfile(path) else "does not exist"
-        logger.warning("Image '%s' %s: its boxes get no pseudo mask.", path, problem)
+    """uint8 (height, width, 3) in ``image_format``, read in the frame of its json entry as the
+    data loader reads it (``boxteacher.data.image_io.read_image``). None, after a warning naming
+    the file, when it is missing, truncated, cannot be decoded or has another size."""
+    try:
+        return image_io.read_image(path, (height, width), image_format)
+    except (image_io.UnreadableImageError, image_io.ImageSizeError) as e:
+        logger.warning("%s: its boxes get no pseudo mask.", e)
         return None
-    if image.shape[:2] != (height, width):
-        if image.shape[1::-1] != (height, width):
-            logger.warning(
-                "Image '%s' is %dx%d (WxH) but its json entry says %dx%d: its boxes get no pseudo mask.",
-                path, image.shape[1], image.shape[0], width, height,
-            )
-            return None
-        logger.warning("Image '%s' is stored transposed to its json entry; transposing it.", path)
-        image = np.ascontiguousarray(image.transpose(1, 0, 2))
-    if image_format == "RGB":
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return image
 
 
 class BoxLabel(NamedTuple):

@@ -13,10 +13,8 @@ Output of ``DatasetMapper(record, rng)``::
 from __future__ import annotations
 
 import logging
-import os
 from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 
@@ -26,6 +24,7 @@ from ..geometry import resized_shape
 from .catalog import get_metadata
 from .coco import segmentation_to_mask
 from .color_augment import AUG_TYPES, perturb_colors
+from .image_io import UnreadableImageError, read_image
 from .transforms import ResizeFlip, clip_boxes, sample_short_edge
 
 logger = logging.getLogger(__name__)
@@ -160,28 +159,18 @@ class DatasetMapper:
         return out
 
     def _read_image(self, record: dict) -> np.ndarray | None:
-        """uint8 [height, width, 3] in ``image_format``; None (training) if unreadable."""
-        path = record["file_name"]
-        exists = os.path.isfile(path)
-        image = cv2.imread(path, cv2.IMREAD_COLOR) if exists else None
-        if image is None:
-            problem = "could not be decoded" if exists else "does not exist"
-            if self.is_train:
-                logger.warning("Image '%s' %s; another image takes its place.", path, problem)
-                return None
-            raise OSError(f"Image '{path}' (image_id {record['image_id']}) {problem}.")
+        """uint8 [height, width, 3] in ``image_format``, in the frame of the record
+        (``image_io.read_image``). An unreadable image (missing, truncated, undecodable) is None
+        after a warning in training and an error naming the image id in test mode; an image of
+        another size is an error."""
         expected = (record["height"], record["width"])
-        if image.shape[:2] != expected:
-            if image.shape[1::-1] != expected:
-                raise ValueError(
-                    f"Image '{path}' is {image.shape[1]}x{image.shape[0]} (WxH) but its record "
-                    f"says {expected[1]}x{expected[0]}."
-                )
-            logger.warning("Image '%s' is stored transposed to its record; transposing it.", path)
-            image = np.ascontiguousarray(image.transpose(1, 0, 2))
-        if self.image_format == "RGB":
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        return image
+        try:
+            return read_image(record["file_name"], expected, self.image_format)
+        except UnreadableImageError as e:
+            if self.is_train:
+                logger.warning("%s; another image takes its place.", e)
+                return None
+            raise UnreadableImageError(f"{e} (image_id {record['image_id']}).") from e
 
     def _instances(self, record: dict, transform: ResizeFlip) -> dict[str, torch.Tensor]:
         indexed = [(i, a) for i, a in enumerate(record["annotations"]) if not a.get("iscrowd", 0)]
