@@ -96,9 +96,10 @@ def _load_with_bases(cls: type, filename: str, allow_unsafe: bool, chain: tuple[
 def _read_mapping(cls: type, filename: str, allow_unsafe: bool) -> dict[str, Any]:
     """The YAML mapping in ``filename``; ConfigError for an empty file, a syntax error or a
     document that is not a mapping."""
+    with cls._open_cfg(filename) as f:
+        text = f.read()
     try:
-        with cls._open_cfg(filename) as f:
-            loaded = yaml.unsafe_load(f) if allow_unsafe else yaml.safe_load(f)
+        loaded = _parse_yaml(text, filename, allow_unsafe)
     except yaml.YAMLError as e:
         raise ConfigError(f"Config file '{filename}' is not valid YAML: {' '.join(str(e).split())}") from e
     if loaded is None:
@@ -108,6 +109,18 @@ def _read_mapping(cls: type, filename: str, allow_unsafe: bool) -> dict[str, Any
             f"Config file '{filename}' must hold a YAML mapping of config keys, not a {type(loaded).__name__}."
         )
     return loaded
+
+
+def _parse_yaml(text: str, filename: str, allow_unsafe: bool) -> Any:
+    """``yaml.safe_load``; as fvcore does, ``yaml.unsafe_load`` (with a warning) only when
+    ``allow_unsafe`` and the safe loader refuses a tag."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError:
+        if not allow_unsafe:
+            raise
+        logger.warning("Loading config %s with yaml.unsafe_load: it may run code from the file.", filename)
+        return yaml.unsafe_load(text)
 
 
 def _base_path(filename: str, base: str) -> str:
