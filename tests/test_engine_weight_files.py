@@ -1,5 +1,6 @@
 """MODEL.WEIGHTS files: detectron2:// names, safe Caffe2 pickles, torchvision and detectron2
 parameter names."""
+import importlib.util
 import io
 import os
 import pickle
@@ -238,6 +239,46 @@ def test_conversion_of_a_caffe2_pickle_gives_the_same_weights(tmp_path):
     direct, converted = read_model_weights(str(path))["model"], read_model_weights(str(tmp_path / "R-tiny.pth"))["model"]
     assert direct.keys() == converted.keys()
     assert all(torch.equal(direct[k], converted[k]) for k in direct)
+
+
+def _load_convert_tool():
+    spec = importlib.util.spec_from_file_location("convert_weights", REPO / "tools/convert_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _save_pickle(content, path):
+    with open(path, "wb") as f:
+        pickle.dump(content, f)
+
+
+NO_NETWORK = {
+    "empty_dict.pth": lambda p: torch.save({}, p),
+    "empty_model.pth": lambda p: torch.save({"model": {}}, p),
+    "optimizer_only.pth": lambda p: torch.save({"optimizer": {"state": {}}, "iteration": torch.tensor(5)}, p),
+    "two_unrelated.pth": lambda p: torch.save({"model": {"foo": torch.zeros(3), "bar": torch.ones(2)}}, p),
+    "classifier_only.pth": lambda p: torch.save({"fc.weight": torch.zeros(10, 4), "fc.bias": torch.zeros(10)}, p),
+    "stem_only.pth": lambda p: torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "bn1.weight": torch.ones(8)}, p),
+    "two_arrays.pkl": lambda p: _save_pickle({"a": np.zeros(3), "b": np.ones(2)}, p),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NO_NETWORK))
+def test_conversion_without_a_network_is_an_error_naming_the_file_and_writes_nothing(tmp_path, name, caplog):
+    src, dst = tmp_path / name, tmp_path / "out.pth"
+    NO_NETWORK[name](src)
+    assert _load_convert_tool().main([str(src), str(dst)]) != 0
+    assert re.search(re.escape(name) + r".*expected a network's state dict", caplog.text)
+    assert not dst.exists() and os.listdir(tmp_path) == [name]
+
+
+def test_conversion_without_a_network_exits_non_zero_from_the_command_line(tmp_path):
+    src, dst = tmp_path / "optimizer_only.pth", tmp_path / "out.pth"
+    NO_NETWORK[src.name](src)
+    proc = convert_cli(src, dst)
+    assert proc.returncode != 0 and "optimizer_only.pth" in proc.stderr and "Traceback" not in proc.stderr
+    assert not dst.exists()
 
 
 def test_one_network_model_loads_the_teacher_of_a_teacher_student_checkpoint(tmp_path):

@@ -2,7 +2,8 @@
 
 Every key here is read somewhere in the project (``tests/test_config.py`` checks it), and a
 key that is not here is an error when it appears in a YAML file or on the command line.
-Values are those of detectron2 and AdelaiDet unless a comment says otherwise.
+Values are those of detectron2 and AdelaiDet unless a comment says otherwise. The allowed range
+of every numeric key is in ``ranges.py``, checked whenever a file or overrides are merged.
 """
 from fvcore.common.config import CfgNode as CN
 
