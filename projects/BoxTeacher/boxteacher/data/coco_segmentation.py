@@ -25,7 +25,7 @@ DROPPED_POLYGON = "polygon(s) with fewer than 3 points were dropped"
 DROPPED_RLE_SIZE = "RLE mask(s) whose size is not their image's (height, width) were dropped"
 DROPPED_RLE_COUNTS = "RLE mask(s) whose counts do not add up to height x width were dropped"
 
-_NUMBER_TYPES = (int, float)
+_NUMBER_TYPES = frozenset((int, float))  # not bool: True is no coordinate
 _POLYGON_FORMAT = "a list of polygons, each a flat list of numbers [x1, y1, x2, y2, ...]"
 
 
@@ -65,7 +65,7 @@ def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> d
 
 def _clean_polygons(polygons: list) -> tuple[list | None, str | None]:
     for k, polygon in enumerate(polygons):
-        if not (isinstance(polygon, list) and all(type(v) in _NUMBER_TYPES for v in polygon)):
+        if not (isinstance(polygon, list) and _NUMBER_TYPES.issuperset(map(type, polygon))):
             raise ValueError(
                 f"has segmentation polygon #{k} {_short(polygon)}; expected {_POLYGON_FORMAT}"
             )
