@@ -216,10 +216,13 @@ def _validate(data: dict, json_file: str, image_root: str) -> _Validated:
     iscrowd, segmentations = [], []
     dropped: dict[str, list] = {}
     for i in kept:
-        where = f"'{json_file}': annotation {anns[i].get('id', f'#{i}')}"
-        iscrowd.append(_iscrowd(anns[i], where))
-        record = records[image_list[i]]
-        segmentation, reason = _segmentation(anns[i], record["height"], record["width"], where)
+        try:
+            iscrowd.append(_iscrowd(anns[i]))
+            record = records[image_list[i]]
+            segmentation, reason = _segmentation(anns[i], record["height"], record["width"])
+        except ValueError as e:
+            ann_id = anns[i].get("id", f"#{i}")
+            raise ValueError(f"'{json_file}': annotation {ann_id} {e}.") from None
         segmentations.append(segmentation)
         if reason is not None:
             dropped.setdefault(reason, []).append(anns[i].get("id", f"#{i}"))
@@ -229,23 +232,20 @@ def _validate(data: dict, json_file: str, image_root: str) -> _Validated:
                       iscrowd, segmentations)
 
 
-def _iscrowd(ann: dict, where: str) -> int:
+def _iscrowd(ann: dict) -> int:
+    """``iscrowd`` (default 0); a ValueError describing the field if it is not 0 or 1."""
     iscrowd = ann.get("iscrowd", 0)
     if iscrowd not in (0, 1) or type(iscrowd) not in (int, bool):
-        raise ValueError(f"{where} has iscrowd {iscrowd!r}; expected 0 or 1.")
+        raise ValueError(f"has iscrowd {iscrowd!r}; expected 0 or 1")
     return int(iscrowd)
 
 
-def _segmentation(
-    ann: dict, height: int, width: int, where: str
-) -> tuple[list | dict | None, str | None]:
-    """The usable segmentation of ``ann`` (None: none) and why part of it was dropped."""
+def _segmentation(ann: dict, height: int, width: int) -> tuple[list | dict | None, str | None]:
+    """The usable segmentation of ``ann`` (None: none) and why part of it was dropped; a
+    ValueError describing the field if it is malformed."""
     if ann.get("segmentation") is None:
         return None, None
-    try:
-        return clean_segmentation(ann["segmentation"], height, width)
-    except ValueError as e:
-        raise ValueError(f"{where} {e}.") from None
+    return clean_segmentation(ann["segmentation"], height, width)
 
 
 def _parse_categories(categories: list, json_file: str) -> dict[str, Any]:
