@@ -189,3 +189,52 @@ def test_register_from_config(tmp_path):
     cfg.DATASETS.REGISTER = [["test_bad", path]]
     with pytest.raises(ValueError, match=r"'test_bad'.*\[name, annotation_json, image_folder\]"):
         register_datasets_from_config(cfg)
+
+
+def test_non_finite_boxes_have_their_own_warning(tmp_path, caplog):
+    anns = [_ann(1, [10, 20, 30, 40]), _ann(2, [float("nan"), 5, 10, 10]),
+            _ann(3, [5, 5, float("inf"), 10]), _ann(4, [5, 5, None, 10]), _ann(5, [5, 5, 0, 10])]
+    path = _write_coco(tmp_path / "nan.json", anns)
+    with caplog.at_level(logging.WARNING, logger="boxteacher.data.coco"):
+        records = load_coco_json(path, str(tmp_path))
+    assert [a["bbox"] for a in records[0]["annotations"]] == [[10, 20, 40, 60]]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("3 box(es) with non-finite values (NaN or infinity)" in m and "2, 3, 4" in m
+               for m in messages)
+    assert any("1 box(es) without area" in m and "annotation ids 5)" in m for m in messages)
+
+
+def test_rle_of_wrong_size_or_counts_is_dropped_with_a_warning(tmp_path, caplog):
+    good = {"size": [100, 200], "counts": [5, 10, 19985]}
+    anns = [
+        _ann(1, [1, 1, 4, 4], segmentation=good),
+        _ann(2, [1, 1, 4, 4], segmentation={"size": [200, 100], "counts": [5, 10, 19985]}),
+        _ann(3, [1, 1, 4, 4], segmentation={"size": [100, 200], "counts": [5, 15]}),
+        _ann(4, [1, 1, 4, 4], segmentation={"size": [100, 200], "counts": "52"}),  # 20 pixels
+        _ann(5, [1, 1, 4, 4], segmentation={"size": [100, 200], "counts": [5, -10, 20005]}),
+        _ann(6, [1, 1, 4, 4], segmentation=[]),
+    ]
+    path = _write_coco(tmp_path / "rle.json", anns)
+    with caplog.at_level(logging.WARNING, logger="boxteacher.data.coco"):
+        records = load_coco_json(path, str(tmp_path))
+    first = records[0]["annotations"]
+    assert first[0]["segmentation"] == good
+    assert all("segmentation" not in a for a in first[1:]) and len(first) == 6
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert any("1 RLE mask(s) whose size is not" in m and "ids 2)" in m for m in messages)
+    assert any("3 RLE mask(s) whose counts do not add up" in m and "3, 4, 5" in m
+               for m in messages)
+
+
+def test_utf8_bom_loads(tmp_path):
+    path = tmp_path / "bom.json"
+    _write_coco(path, [_ann(1, [0, 0, 5, 5])])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert len(load_coco_json(str(path), str(tmp_path))[0]["annotations"]) == 1
+
+
+def test_nested_bbox_is_an_error(tmp_path):
+    path = _write_coco(tmp_path / "nested.json", [_ann(1, [[0, 0, 5, 5]]), _ann(2, [[1, 1, 5, 5]])])
+    with pytest.raises(ValueError, match=r"nested.json'?: annotation 1 has bbox \[\[0, 0, 5, 5\]\]"):
+        load_coco_json(path, str(tmp_path))

@@ -2,8 +2,11 @@
 
 ``COCOEvaluator`` turns every model output into COCO result dicts as soon as it sees it (masks are
 RLE-encoded immediately, no tensors are kept), gathers them to the main process in distributed
-runs, and scores them against the dataset's json with ``COCOeval``. Metrics are percentages, NaN
-where the ground truth leaves them undefined (no object of an area range, a class without GT)::
+runs, and scores them with ``COCOeval`` against the dataset's json as the training loader reads it
+(``data.coco.load_coco_ground_truth``: the same errors, skips and box clipping, re-numbered
+annotation ids; mask AP treats annotations without a mask as crowd regions and is skipped when the
+json has no masks at all). Metrics are percentages, NaN where the ground truth leaves them
+undefined (no object of an area range, a class without GT)::
 
     {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<class name>", ...},
      "segm": {...}}
@@ -27,6 +30,7 @@ from pycocotools.cocoeval import COCOeval
 from tabulate import tabulate
 
 from ..data.catalog import get_metadata
+from ..data.coco import load_coco_ground_truth
 from ..utils import comm
 from .evaluator import DatasetEvaluator
 
@@ -111,6 +115,20 @@ def _load_results(coco_gt: COCO, results: list[dict[str, Any]], drop_key: str) -
         return coco_dt
     copies = [{k: v for k, v in result.items() if k != drop_key} for result in results]
     return _quietly(lambda: coco_gt.loadRes(copies))
+
+
+def _coco_from_dict(dataset: dict[str, Any]) -> COCO:
+    """A pycocotools ``COCO`` of an already validated COCO dict."""
+    coco = COCO()
+    coco.dataset = dataset
+    _quietly(coco.createIndex)
+    return coco
+
+
+def _box_polygon(annotation: Mapping[str, Any]) -> list[list[float]]:
+    """The XYWH ``bbox`` of a COCO annotation as a one-rectangle polygon segmentation."""
+    x, y, w, h = annotation["bbox"]
+    return [[x, y, x + w, y, x + w, y + h, x, y + h]]
 
 
 def _mean_ap(precision: np.ndarray) -> float:
@@ -218,6 +236,7 @@ class COCOEvaluator(DatasetEvaluator):
             for json_id, contiguous_id in id_map.items()
         }
         self._coco_gt: COCO | None = None
+        self._coco_segm_gt: COCO | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -238,14 +257,38 @@ class COCOEvaluator(DatasetEvaluator):
 
     @property
     def coco_gt(self) -> COCO:
-        """The ground truth, loaded once per evaluator."""
+        """The ground truth, loaded once per evaluator through the training loader's validation
+        (``load_coco_ground_truth``), never by pycocotools from the raw json."""
         if self._coco_gt is None:
-            coco_gt = _quietly(lambda: COCO(self._json_file))
-            # Some pycocotools versions need these in loadRes.
-            coco_gt.dataset.setdefault("info", {})
-            coco_gt.dataset.setdefault("licenses", [])
-            self._coco_gt = coco_gt
+            self._coco_gt = _coco_from_dict(load_coco_ground_truth(self._json_file))
         return self._coco_gt
+
+    def _segm_gt(self) -> COCO | None:
+        """The ground truth for mask AP; None when it has no masks at all.
+
+        An annotation without a (usable) mask, e.g. a box-only one among masked ones or one whose
+        polygons were dropped, becomes a crowd region covering its box: detections on it are
+        neither matched nor false positives, and it is not a miss.
+        """
+        if self._coco_segm_gt is None:
+            annotations = self.coco_gt.dataset["annotations"]
+            if annotations and not any("segmentation" in a for a in annotations):
+                return None
+            boxes_only = [a for a in annotations if "segmentation" not in a]
+            if not boxes_only:
+                self._coco_segm_gt = self.coco_gt
+                return self._coco_segm_gt
+            logger.warning(
+                "%s: %d annotation(s) have no mask; mask AP ignores detections on their boxes "
+                "(as crowd regions) and does not count them as misses", self._json_file,
+                len(boxes_only))
+            dataset = dict(self.coco_gt.dataset)
+            dataset["annotations"] = [
+                a if "segmentation" in a else {**a, "iscrowd": 1, "segmentation": _box_polygon(a)}
+                for a in annotations
+            ]
+            self._coco_segm_gt = _coco_from_dict(dataset)
+        return self._coco_segm_gt
 
     def _gathered(self) -> tuple[dict[int, list[dict[str, Any]]], set[str]] | None:
         """Predictions and missing tasks of all processes; None on non-main processes.
@@ -289,6 +332,10 @@ class COCOEvaluator(DatasetEvaluator):
         for task in sorted(missing):
             logger.warning("Skipping '%s' evaluation: the model outputs have no '%s'",
                            task, _TASK_FIELDS[task])
+        if "segm" in self._tasks and "segm" not in missing and self._segm_gt() is None:
+            logger.warning("Skipping 'segm' evaluation: mask AP needs masks, and the ground truth "
+                           "%s has none (box annotations only)", self._json_file)
+            missing = missing | {"segm"}
         return {
             task: self._evaluate_task(task, results, image_ids)
             for task in self._tasks if task not in missing
@@ -298,8 +345,9 @@ class COCOEvaluator(DatasetEvaluator):
         self, task: str, results: list[dict[str, Any]], image_ids: list[int]
     ) -> dict[str, float]:
         drop_key = "segmentation" if task == "bbox" else "bbox"
-        coco_dt = _load_results(self.coco_gt, results, drop_key)
-        coco_eval = COCOeval(self.coco_gt, coco_dt, iouType=task)
+        coco_gt = self.coco_gt if task == "bbox" else self._segm_gt()
+        coco_dt = _load_results(coco_gt, results, drop_key)
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType=task)
         coco_eval.params.imgIds = image_ids
         coco_eval.params.maxDets = sorted({1, 10, self._max_dets})
         _quietly(coco_eval.evaluate)
