@@ -50,7 +50,7 @@ logger = logging.getLogger("boxteacher.benchmark_accuracy")
 def dataset_overrides(args: argparse.Namespace) -> list[str]:
     """DATASETS.* (and the number of classes of a dataset given by path)."""
     if args.train_json:
-        with open(args.train_json, encoding="utf-8") as f:
+        with open(args.train_json, "rb") as f:  # bytes: json detects a UTF-8 BOM
             num_classes = len(json.load(f)["categories"])
         register = [["benchmark_train", args.train_json, args.train_images],
                     ["benchmark_test", args.test_json, args.test_images]]

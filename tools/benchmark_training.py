@@ -175,7 +175,7 @@ def profile_summary(meter: StepMeter) -> dict:
 def dataset_overrides(args: argparse.Namespace) -> list[str]:
     if not args.train_json:
         return []
-    with open(args.train_json, encoding="utf-8") as f:
+    with open(args.train_json, "rb") as f:  # bytes: json detects a UTF-8 BOM
         num_classes = len(json.load(f)["categories"])
     register = [["benchmark_train", args.train_json, args.train_images]]
     return ["DATASETS.REGISTER", repr(register), "DATASETS.TRAIN", "('benchmark_train',)",
