@@ -192,16 +192,14 @@ class MaskSupervision:
 
     def instance_kinds(self, batch: TargetBatch) -> torch.Tensor:
         """(N_total,) int64 ``SupervisionKind`` of every instance of the batch."""
+        default = SupervisionKind.MASK if self.kinds == {SupervisionKind.MASK} else SupervisionKind.BOX
         parts = []
         for g in batch.instances:
-            n = g["boxes"].shape[0]
-            kind = torch.full((n,), int(SupervisionKind.BOX), dtype=torch.int64, device=batch.device)
+            kind = torch.full((g["boxes"].shape[0],), int(default), dtype=torch.int64, device=batch.device)
             if SupervisionKind.PSEUDO_MASK in self.kinds and "pseudo_weights" in g:
                 kind = torch.where(g["pseudo_weights"] > 0, int(SupervisionKind.PSEUDO_MASK), kind)
             if "has_mask" in g:
                 kind = torch.where(g["has_mask"], int(SupervisionKind.MASK), kind)
-            elif self.kinds == {SupervisionKind.MASK}:
-                kind = torch.full_like(kind, int(SupervisionKind.MASK))
             parts.append(kind)
         return torch.cat(parts)
 
