@@ -110,8 +110,9 @@ class TrainerBase:
                     self.before_step()
                     self.run_step()
                     self.after_step()
-                # After a complete training, iter == max_iter (after_train relies on it).
-                self.iter += 1
+                # After a complete training, iter == max_iter (after_train relies on it), also
+                # for a run resumed from the checkpoint of the last iteration (no step to run).
+                self.iter = max(start_iter, max_iter)
             except Exception:
                 logger.exception("Exception during training:")
                 raise
