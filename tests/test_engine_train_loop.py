@@ -19,6 +19,7 @@ from boxteacher.engine import (
     IterationTimer,
     JSONWriter,
     LRScheduler,
+    NonFiniteLossError,
     PeriodicCheckpointer,
     PeriodicWriter,
     RNGState,
@@ -171,11 +172,23 @@ def test_metrics_checkpoints_and_eval_results(tmp_path):
     assert metrics[0]["lr"] == pytest.approx(0.05 * (0.1 + 0.9 / 3))  # lr of iteration 1
 
 
-def test_non_finite_loss_raises(tmp_path):
+def test_non_finite_loss_stops_with_one_line_and_no_checkpoint_of_the_diverging_step(tmp_path, caplog):
     model = ToyModel(nan_at_call=3)
-    trainer = SimpleTrainer(model, toy_data(0, 0), torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(FloatingPointError, match=r"iteration=3(.|\n)*loss_mse"):
-        trainer.train(0, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = SimpleTrainer(model, toy_data(0, 0), optimizer)
+    trainer.register_hooks([PeriodicCheckpointer(Checkpointer(model, str(tmp_path)), period=1)])
+    with caplog.at_level(logging.INFO, logger="boxteacher.engine"):
+        with pytest.raises(NonFiniteLossError, match=r"iteration 3: loss_mse=nan, loss_reg=\S+, num_things=100$"):
+            trainer.train(0, 10)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None  # the caller prints the one traceback
+    assert "\n" not in errors[0].getMessage() and "iteration 3" in errors[0].getMessage()
+
+    # The weights of the diverging step were not changed, and its checkpoint not written.
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert not (tmp_path / "model_0000003.pth").exists() and not (tmp_path / "model_final.pth").exists()
+    saved = torch.load(tmp_path / "model_0000002.pth", weights_only=True)["model"]
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
 
 
 class _Killed(BaseException):
