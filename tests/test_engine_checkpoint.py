@@ -19,6 +19,7 @@ from boxteacher.engine.checkpoint import (
 )
 from boxteacher.engine.weight_files import CheckpointError
 from boxteacher.engine.solver import build_lr_scheduler, build_optimizer
+from boxteacher.utils.io import remove_stale_temporary_files
 
 LOGGER = "boxteacher.engine.checkpoint"
 
@@ -174,3 +175,49 @@ def test_resume_or_load(tmp_path):
     )
     state = resumed.checkpointables["optimizer"].state[resumed.model.head.weight]
     assert torch.equal(state["momentum_buffer"], torch.ones(1, 3))
+
+
+def test_a_checkpoint_with_non_finite_weights_loads_with_a_warning_naming_them(tmp_path, caplog):
+    state = _Net().state_dict()
+    state["backbone.weight"][0, 0] = float("nan")
+    state["head.bias"][0] = float("inf")
+    path = str(tmp_path / "diverged.pth")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        load_model_weights(_Net(), {"model": state}, path)
+    warnings = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
+    assert len(warnings) == 1
+    assert path in warnings[0] and "2 of 9 tensors (backbone.weight, head.bias)" in warnings[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        load_model_weights(_Net(), {"model": _Net().state_dict()}, path)
+    assert not [r for r in caplog.records if "NaN or infinite" in r.getMessage()]
+
+
+def test_weights_holding_nan_are_not_saved(tmp_path):
+    model = _Net()
+    checkpointer = _checkpointer(tmp_path, model)
+    checkpointer.save("model_0000004", iteration=4)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"model_0000009\.pth.*1 of 9 tensors \(head\.weight\)"):
+        checkpointer.save("model_0000009", iteration=9)
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000004.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000004.pth"
+
+
+def test_stale_temporary_files_of_atomic_writes_are_removed(tmp_path, caplog):
+    # What a kill during atomic_open("model_final.pth") and a tag write leaves behind.
+    (tmp_path / "model_final.pth.tmp").write_bytes(b"partial")
+    (tmp_path / "last_checkpoint.tmp").write_text("model_0000009.pth")
+    (tmp_path / "inference").mkdir()
+    (tmp_path / "inference" / "other.tmp").write_text("not ours")  # sub-folders are left alone
+    (tmp_path / "model_0000009.pth").write_bytes(b"kept")
+
+    with caplog.at_level(logging.INFO, logger="boxteacher.utils.io"):
+        removed = remove_stale_temporary_files(str(tmp_path))
+    assert removed == [str(tmp_path / "last_checkpoint.tmp"), str(tmp_path / "model_final.pth.tmp")]
+    assert sorted(os.listdir(tmp_path)) == ["inference", "model_0000009.pth"]
+    assert (tmp_path / "inference" / "other.tmp").is_file()
+    assert all(path in caplog.text for path in removed)
+    assert remove_stale_temporary_files(str(tmp_path / "missing")) == []

@@ -1,6 +1,7 @@
 """Training loop, hooks and writers; exact resume (``boxteacher.engine``)."""
 import json
 import logging
+import os
 import random
 
 import numpy as np
@@ -18,6 +19,7 @@ from boxteacher.engine import (
     IterationTimer,
     JSONWriter,
     LRScheduler,
+    NonFiniteLossError,
     PeriodicCheckpointer,
     PeriodicWriter,
     RNGState,
@@ -29,6 +31,7 @@ from boxteacher.engine import (
 )
 from boxteacher.engine.trainer import amp_dtype
 from boxteacher.utils.env import seed_all_rng
+from boxteacher.utils.io import remove_stale_temporary_files
 
 
 class ToyModel(nn.Module):
@@ -80,8 +83,11 @@ def _eval_function():
     return {"val": {"AP": 42.0, "AP50": 60}}
 
 
-def run_training(cfg, *, stop_at, resume=False, save_rng=True, period=5, eval_period=5):
+def run_training(
+    cfg, *, stop_at, resume=False, save_rng=True, period=5, eval_period=5, eval_function=_eval_function
+):
     """The assembly the project's Trainer does (see the engine report)."""
+    remove_stale_temporary_files(cfg.OUTPUT_DIR)
     torch.manual_seed(0)
     model = ToyModel()
     optimizer = build_optimizer(cfg, model)
@@ -101,7 +107,7 @@ def run_training(cfg, *, stop_at, resume=False, save_rng=True, period=5, eval_pe
         IterationTimer(),
         LRScheduler(optimizer, scheduler),
         PeriodicCheckpointer(checkpointer, period, cfg.SOLVER.MAX_ITER),
-        EvalHook(eval_period, _eval_function),
+        EvalHook(eval_period, eval_function),
         PeriodicWriter([json_writer, CommonMetricPrinter(cfg.SOLVER.MAX_ITER)], period=2),
     ])
     trainer.train(start_iter, stop_at)
@@ -166,11 +172,114 @@ def test_metrics_checkpoints_and_eval_results(tmp_path):
     assert metrics[0]["lr"] == pytest.approx(0.05 * (0.1 + 0.9 / 3))  # lr of iteration 1
 
 
-def test_non_finite_loss_raises(tmp_path):
+def test_non_finite_loss_stops_with_one_line_and_no_checkpoint_of_the_diverging_step(tmp_path, caplog):
     model = ToyModel(nan_at_call=3)
-    trainer = SimpleTrainer(model, toy_data(0, 0), torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(FloatingPointError, match=r"iteration=3(.|\n)*loss_mse"):
-        trainer.train(0, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = SimpleTrainer(model, toy_data(0, 0), optimizer)
+    trainer.register_hooks([PeriodicCheckpointer(Checkpointer(model, str(tmp_path)), period=1)])
+    with caplog.at_level(logging.INFO, logger="boxteacher.engine"):
+        with pytest.raises(NonFiniteLossError, match=r"iteration 3: loss_mse=nan, loss_reg=\S+, num_things=100$"):
+            trainer.train(0, 10)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None  # the caller prints the one traceback
+    assert "\n" not in errors[0].getMessage() and "iteration 3" in errors[0].getMessage()
+
+    # The weights of the diverging step were not changed, and its checkpoint not written.
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert not (tmp_path / "model_0000003.pth").exists() and not (tmp_path / "model_final.pth").exists()
+    saved = torch.load(tmp_path / "model_0000002.pth", weights_only=True)["model"]
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+
+
+class _Killed(BaseException):
+    """A kill of the process, simulated: no ``except Exception`` stops it."""
+
+
+_UNPATCHED = (torch.save, Checkpointer.tag_last_checkpoint, JSONWriter.write)
+
+
+class _KillSwitch:
+    """Records the side effects of a training in order; "kills" the run at event ``kill_at``
+    and at every event after it (a killed process does nothing more)."""
+
+    def __init__(self, kill_at=None):
+        self.events, self.kill_at = [], kill_at
+
+    def __call__(self, event):
+        self.events.append(event)
+        if self.kill_at is not None and len(self.events) > self.kill_at:
+            raise _Killed(event)
+
+    def install(self, monkeypatch):
+        """Events: writing a file of a checkpoint, tagging it, writing metrics, evaluating."""
+        save, tag, write = _UNPATCHED
+
+        def killable_save(obj, f, *args, **kwargs):
+            self(f"save {os.path.basename(f.name)}")
+            save(obj, f, *args, **kwargs)
+
+        def killable_tag(checkpointer, name):
+            self(f"tag {name}")
+            tag(checkpointer, name)
+
+        def killable_write(writer):
+            self("metrics")
+            write(writer)
+
+        monkeypatch.setattr(torch, "save", killable_save)
+        monkeypatch.setattr(Checkpointer, "tag_last_checkpoint", killable_tag)
+        monkeypatch.setattr(JSONWriter, "write", killable_write)
+
+    def eval_function(self):
+        self("eval")
+        return _eval_function()
+
+
+FINAL_SEQUENCE = [
+    "metrics",  # of the last step
+    "save model_0000009.pth.tmp", "tag model_0000009.pth",
+    "save model_final.pth.tmp", "tag model_final.pth",
+    "eval", "metrics",
+]
+
+
+def _final_weights(output_dir):
+    return torch.load(output_dir / "model_final.pth", weights_only=True)["model"]
+
+
+def test_a_kill_at_any_step_of_the_final_sequence_then_resume_ends_like_an_uninterrupted_run(
+    tmp_path, monkeypatch
+):
+    """MAX_ITER a multiple of the checkpoint period (the COCO recipes): the periodic checkpoint
+    of the last iteration is followed by model_final, the evaluation and the last metrics."""
+    straight = _KillSwitch()
+    straight.install(monkeypatch)
+    run_training(_cfg(tmp_path / "straight", 10, seed=7), stop_at=10, eval_function=straight.eval_function)
+    assert straight.events[-len(FINAL_SEQUENCE):] == FINAL_SEQUENCE
+    expected = _final_weights(tmp_path / "straight")
+
+    first_final_event = len(straight.events) - len(FINAL_SEQUENCE)
+    for step, event in enumerate(FINAL_SEQUENCE):
+        cfg = _cfg(tmp_path / f"killed_at_{step}", 10, seed=7)
+        switch = _KillSwitch(kill_at=first_final_event + step)
+        switch.install(monkeypatch)
+        with pytest.raises(_Killed, match=event):
+            run_training(cfg, stop_at=10, eval_function=switch.eval_function)
+        output = tmp_path / f"killed_at_{step}"
+        if event.startswith("save "):  # what a kill leaves (the exception let atomic_open clean up)
+            (output / event.split()[1]).write_bytes(b"partial")
+
+        resumed = _KillSwitch()
+        resumed.install(monkeypatch)
+        trainer, _, _ = run_training(cfg, stop_at=10, resume=True, eval_function=resumed.eval_function)
+        assert trainer.iter == 10 and "eval" in resumed.events, event
+        assert (output / "last_checkpoint").read_text() == "model_final.pth", event
+        final = _final_weights(output)
+        assert all(torch.equal(value, final[key]) for key, value in expected.items()), event
+        assert not list(output.glob("*.tmp")), event
+        metrics = _read_metrics(output / "metrics.json")
+        assert any(m["iteration"] == 9 and "total_loss" in m for m in metrics), event
+        assert metrics[-1]["iteration"] == 10 and metrics[-1]["val/AP"] == 42.0, event
 
 
 class _Recorder(HookBase):

@@ -12,7 +12,7 @@ import torch
 from boxteacher.config import load_config
 from boxteacher.config.defaults import _C
 from boxteacher.data.catalog import get_dataset_records
-from boxteacher.engine import default_argument_parser, default_setup
+from boxteacher.engine import Checkpointer, default_argument_parser, default_setup
 from boxteacher.engine.hooks import HookBase
 from boxteacher.engine.trainer import Trainer
 from boxteacher.utils.env import seed_all_rng
@@ -123,6 +123,39 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, config)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
+
+
+def test_resume_from_the_checkpoint_of_the_last_iteration_writes_model_final_and_evaluates(tmp_path, monkeypatch):
+    """A kill after the periodic checkpoint of MAX_ITER (a multiple of CHECKPOINT_PERIOD, as in
+    the COCO recipes) and before model_final; the kill also left a temporary file."""
+    opts = SMALL_RUN + ["SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "2", "SEED", "0",
+                        "OUTPUT_DIR", str(tmp_path)]
+    save = Checkpointer.save
+
+    def killed_before_model_final(checkpointer, name, **kwargs):
+        if name == "model_final":
+            raise KeyboardInterrupt
+        save(checkpointer, name, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", killed_before_model_final)
+    killed = make_trainer(opts)
+    killed.resume_or_load(resume=False)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    monkeypatch.undo()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    (tmp_path / "model_final.pth.tmp").write_bytes(b"partial")
+
+    resumed = make_trainer(opts)
+    assert not (tmp_path / "model_final.pth.tmp").exists()
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    results = resumed.train()
+    assert set(results) == {"bbox", "segm"}
+    final = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    periodic = torch.load(tmp_path / "model_0000001.pth", weights_only=True)
+    assert final["iteration"] == 1 and (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert all(torch.equal(value, final["model"][key]) for key, value in periodic["model"].items())
 
 
 def run_cli(*args, timeout=600):

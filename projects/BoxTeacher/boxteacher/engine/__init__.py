@@ -31,7 +31,7 @@ from .solver import (
     build_optimizer,
     get_default_optimizer_params,
 )
-from .train_loop import HookBase, SimpleTrainer, TrainerBase, unwrap_model
+from .train_loop import HookBase, NonFiniteLossError, SimpleTrainer, TrainerBase, unwrap_model
 from .weight_files import (
     CheckpointError,
     load_checkpoint_file,
@@ -74,6 +74,7 @@ __all__ = [
     "build_optimizer",
     "get_default_optimizer_params",
     "HookBase",
+    "NonFiniteLossError",
     "SimpleTrainer",
     "TrainerBase",
     "unwrap_model",

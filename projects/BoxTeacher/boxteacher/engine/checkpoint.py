@@ -113,6 +113,21 @@ def _loadable_tensors(
     return loadable
 
 
+def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` that hold a NaN or an infinity."""
+    return [
+        name for name, value in state_dict.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
+
+
+def describe_tensors(names: list[str], total: int, shown: int = 3) -> str:
+    """"2 of 10 tensors (a, b)"-style summary naming the first ``shown`` of ``names``."""
+    listed = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+    return f"{len(names)} of {total} tensors ({listed})"
+
+
 def load_model_weights(
     model: nn.Module, checkpoint: Mapping[str, Any], source: str
 ) -> tuple[list[str], list[str]]:
@@ -128,7 +143,8 @@ def load_model_weights(
         source: where the weights come from, for the messages.
 
     Tensors whose shape differs from the model's are skipped with a warning; missing and
-    unexpected keys are logged, grouped by prefix. Returns ``(missing, unexpected)`` keys.
+    unexpected keys are logged, grouped by prefix; loaded tensors holding NaN or infinite values
+    are loaded with a warning naming them. Returns ``(missing, unexpected)`` keys.
 
     Raises:
         CheckpointError: not a state dict, or not a single tensor could be loaded (the file is
@@ -146,6 +162,12 @@ def load_model_weights(
     prefix = model.single_network_prefix if multi_network else ""
     state_dict, one_network = _keys_of_model(state_dict, model_state, prefix, source)
     loadable = _loadable_tensors(state_dict, model_state, source)
+    non_finite = non_finite_tensors(loadable)
+    if non_finite:
+        logger.warning(
+            "'%s' holds NaN or infinite values in %s: the model will predict garbage.",
+            source, describe_tensors(non_finite, len(loadable)),
+        )
     incompatible = model.load_state_dict(loadable, strict=False)
     if multi_network:
         model.on_weights_loaded(list(loadable))
@@ -213,8 +235,21 @@ class Checkpointer(_FvcoreCheckpointer):
         )
 
     def save(self, name: str, **kwargs: Any) -> None:
-        """Write ``save_dir/name.pth`` atomically with ``kwargs`` as extra fields, then tag it."""
-        data = {"model": self.model.state_dict()}
+        """Write ``save_dir/name.pth`` atomically with ``kwargs`` as extra fields, then tag it.
+
+        Raises:
+            FloatingPointError: the model's weights hold NaN or infinite values (a step whose
+                loss was finite diverged); nothing is written, so the last checkpoint on disk
+                keeps finite weights. Checked on every process, so all of them stop.
+        """
+        model_state = self.model.state_dict()
+        non_finite = non_finite_tensors(model_state)
+        if non_finite:
+            raise FloatingPointError(
+                f"Not writing checkpoint '{name}.pth' to '{self.save_dir}': the model's weights hold "
+                f"NaN or infinite values in {describe_tensors(non_finite, len(model_state))}."
+            )
+        data = {"model": model_state}
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         if not self.save_dir or not self.save_to_disk:

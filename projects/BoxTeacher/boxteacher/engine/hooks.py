@@ -118,6 +118,13 @@ class PeriodicCheckpointer(HookBase):
     """Saves ``model_{iter:07d}.pth`` every ``period`` iterations and ``model_final.pth`` after
     the last one, with the iteration and the trainer's ``data_seed``.
 
+    The checkpoints of the last iteration (the periodic one if due, then ``model_final``) are
+    written in ``after_train``, and only after a complete training: after the metrics of the
+    last step were written, never after an exception (a non-finite loss included). A run
+    resumed from the checkpoint of the last iteration (killed before ``model_final`` was
+    written) has no step to run and writes ``model_final`` from the resumed state, which is
+    the state an uninterrupted run saves.
+
     Runs on every process (the ``Checkpointer`` gathers the RNG states of all processes);
     only processes whose checkpointer has ``save_to_disk`` write files.
 
@@ -136,17 +143,30 @@ class PeriodicCheckpointer(HookBase):
         file_prefix: str = "model",
     ) -> None:
         self._max_iter = max_iter
-        self._periodic = _FvcorePeriodicCheckpointer(
-            checkpointer, period, max_iter=max_iter, file_prefix=file_prefix
-        )
+        self._file_prefix = file_prefix
+        # Without max_iter fvcore writes only the periodic checkpoints; the final one is ours.
+        self._periodic = _FvcorePeriodicCheckpointer(checkpointer, period, file_prefix=file_prefix)
 
-    def before_train(self) -> None:
-        if self._max_iter is None:
-            self._periodic.max_iter = self.trainer.max_iter
+    def _extra_state(self) -> dict[str, int]:
+        return {} if self.trainer.data_seed is None else {"data_seed": int(self.trainer.data_seed)}
+
+    def _last_iter(self) -> int:
+        return (self.trainer.max_iter if self._max_iter is None else self._max_iter) - 1
 
     def after_step(self) -> None:
-        extra = {} if self.trainer.data_seed is None else {"data_seed": int(self.trainer.data_seed)}
-        self._periodic.step(self.trainer.iter, **extra)
+        if self.trainer.iter < self._last_iter():  # the last one is saved in after_train
+            self._periodic.step(self.trainer.iter, **self._extra_state())
+
+    def after_train(self) -> None:
+        last = self._last_iter()
+        if self.trainer.iter <= last:  # stopped early, by an exception or a shorter ``train``
+            return
+        if self.trainer.start_iter <= last:  # else resumed from the checkpoint of ``last``
+            self._periodic.step(last, **self._extra_state())
+        # iter - 1: the iteration of the model's state (beyond ``last`` if resumed from there).
+        self._periodic.checkpointer.save(
+            f"{self._file_prefix}_final", iteration=self.trainer.iter - 1, **self._extra_state()
+        )
 
 
 class EvalHook(HookBase):

@@ -25,7 +25,7 @@ from torch.profiler import record_function
 from ..utils import comm
 from .events import EventStorage
 
-__all__ = ["HookBase", "TrainerBase", "SimpleTrainer", "unwrap_model"]
+__all__ = ["HookBase", "NonFiniteLossError", "TrainerBase", "SimpleTrainer", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,14 @@ class TrainerBase:
                     self.before_step()
                     self.run_step()
                     self.after_step()
-                # After a complete training, iter == max_iter (after_train relies on it).
-                self.iter += 1
+                # After a complete training, iter == max_iter (after_train relies on it), also
+                # for a run resumed from the checkpoint of the last iteration (no step to run).
+                self.iter = max(start_iter, max_iter)
+            except FloatingPointError as error:
+                # A non-finite loss or weights: one line here; the traceback is printed once, by
+                # whoever catches the exception (Python at the top of train_net.py).
+                logger.error("Training stopped: %s", error)
+                raise
             except Exception:
                 logger.exception("Exception during training:")
                 raise
@@ -274,11 +280,21 @@ def _to_floats(loss_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(loss_dict.keys(), stacked.cpu().tolist()))
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A loss of the model is NaN or infinite.
+
+    It is raised before the backward pass, so the diverging step changes no weight, and no
+    checkpoint is written when training stops on it (``PeriodicCheckpointer`` writes the final
+    checkpoints only after a complete training): the last checkpoint on disk holds weights from
+    before the diverging step.
+    """
+
+
 def _check_finite(values: Mapping[str, float], iteration: int) -> None:
+    """Raise ``NonFiniteLossError`` (one line: the iteration and every value) if a loss is not finite."""
     if not all(math.isfinite(v) for k, v in values.items() if k.startswith("loss")):
-        raise FloatingPointError(
-            f"Loss became infinite or NaN at iteration={iteration}!\nloss_dict = {dict(values)}"
-        )
+        listed = ", ".join(f"{name}={value:.6g}" for name, value in values.items())
+        raise NonFiniteLossError(f"non-finite loss at iteration {iteration}: {listed}")
 
 
 def _mean_over_processes(gathered: list[dict[str, float]]) -> dict[str, float]:

@@ -17,6 +17,7 @@ from ..data.catalog import get_metadata
 from ..evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
 from ..modeling.ema import momentum_for_horizon
 from ..utils import comm
+from ..utils.io import remove_stale_temporary_files
 from . import hooks
 from .checkpoint import Checkpointer, RNGState
 from .defaults import create_ddp_model, resolve_data_seed
@@ -107,6 +108,8 @@ class Trainer(SimpleTrainer):
     """
 
     def __init__(self, cfg: CfgNode):
+        if comm.is_main_process():  # before this run writes anything there
+            remove_stale_temporary_files(cfg.OUTPUT_DIR)
         register_datasets_from_config(cfg)
         check_num_classes(cfg)
         self.spec = architecture_spec(cfg)
