@@ -56,7 +56,7 @@ def forward_teacher_per_image(view, batched_inputs: list[dict]) -> list[dict]:
     from torchvision.ops import box_iou
 
     from boxteacher.modeling.layers import batch_images, boxes_to_masks
-    from boxteacher.modeling.postprocess import detections_to_output_frame, rescale_boxes
+    from boxteacher.modeling.postprocess import rescale_boxes
     from boxteacher.modeling.mask_scores import mask_aware_scores, mean_foreground_probability
     from boxteacher.modeling.teacher import resize_to_test_size
 
@@ -80,7 +80,7 @@ def forward_teacher_per_image(view, batched_inputs: list[dict]) -> list[dict]:
     threshold = -1.0 if settings.float_masks else settings.mask_threshold
     results = []
     for det, p, size, student_size in zip(detections, probs.split(counts), sizes, student_sizes):
-        frame = detections_to_output_frame(det, p, model.mask_out_stride, size, student_size, threshold)
+        frame = detections_to_output_frame_full_resolution(det, p, model.mask_out_stride, size, student_size, threshold)
         probs_i = frame["mask_probs"]
         if settings.clip_masks_to_boxes:
             probs_i = probs_i * boxes_to_masks(frame["boxes"], probs_i.shape[-2:]).to(probs_i.dtype)
@@ -90,3 +90,26 @@ def forward_teacher_per_image(view, batched_inputs: list[dict]) -> list[dict]:
                         "fcos_scores": frame["scores"], "labels": frame["labels"], "mask_probs": probs_i,
                         "fpn_levels": frame["fpn_levels"], "locations": frame["locations"]})
     return results
+
+
+def detections_to_output_frame_full_resolution(
+    detections: dict, mask_probs: torch.Tensor, mask_stride: int, input_size: tuple[int, int],
+    output_size: tuple[int, int], mask_threshold: float = 0.5,
+) -> dict:
+    """``postprocess.detections_to_output_frame`` as it was before masks were pasted a chunk of
+    detections at a time: all the detections' probabilities upsampled at once to (M', height,
+    width) floats (returned as ``mask_probs``, with ``masks`` their thresholding)."""
+    from boxteacher.modeling.postprocess import rescale_boxes, upsample_mask_probs
+
+    boxes = rescale_boxes(detections["boxes"], input_size, output_size)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    probs = upsample_mask_probs(mask_probs[keep], mask_stride, input_size, output_size)
+    origin = {k: detections[k][keep] for k in ("fpn_levels", "locations") if k in detections}
+    return {
+        "boxes": boxes[keep],
+        "scores": detections["scores"][keep],
+        "labels": detections["labels"][keep],
+        "mask_probs": probs,
+        "masks": probs > mask_threshold,
+        **origin,
+    }

@@ -394,3 +394,17 @@ def test_distributed_gather_matches_single_process(tmp_path):
     for task in single:
         np.testing.assert_allclose([gathered[task][k] for k in sorted(single[task])],
                                    [single[task][k] for k in sorted(single[task])], rtol=1e-12)
+
+
+def test_masks_are_encoded_one_at_a_time_as_all_at_once():
+    from pycocotools import mask as mask_util
+
+    from boxteacher.evaluation.coco_evaluation import instances_to_coco_json
+
+    masks = torch.rand(3, 17, 23) > 0.5
+    instances = {"scores": torch.tensor([0.9, 0.5, 0.1]), "labels": torch.tensor([0, 1, 0]), "masks": masks}
+    results = instances_to_coco_json(instances, 7, [1, 2], tasks=("segm",))
+    together = mask_util.encode(np.asfortranarray(masks.numpy().astype(np.uint8).transpose(1, 2, 0)))
+    for result, rle, mask in zip(results, together, masks):
+        assert result["segmentation"] == {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+        assert np.array_equal(mask_util.decode(dict(result["segmentation"], counts=rle["counts"])), mask.numpy())

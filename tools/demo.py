@@ -127,20 +127,26 @@ def model_input(image_bgr: np.ndarray, cfg: CfgNode) -> dict:
 
 
 def confident(instances: dict[str, torch.Tensor], threshold: float) -> dict[str, torch.Tensor]:
-    """The detections scoring at least ``threshold``, on the CPU."""
-    keep = instances["scores"] >= threshold
-    return {key: value[keep].cpu() for key, value in instances.items()}
+    """The detections scoring at least ``threshold``, most confident first, on the CPU. The
+    selection and the order take one indexing, none when they keep every detection in place
+    (the masks of a large image weigh 100 MB each)."""
+    scores = instances["scores"]
+    order = scores.argsort(descending=True, stable=True)
+    order = order[scores[order] >= threshold]
+    if torch.equal(order, torch.arange(len(scores), device=order.device)):
+        return {key: value.cpu() for key, value in instances.items()}
+    return {key: value[order].cpu() for key, value in instances.items()}
 
 
 def draw(image_bgr: np.ndarray, instances: dict[str, torch.Tensor], classes: ClassNames) -> np.ndarray:
-    """RGB uint8 (H, W, 3) picture of ``instances`` (masks (N, H, W)) on the image; the most
-    confident detections are drawn last, so that their masks and tags are on top."""
-    order = instances["scores"].argsort()
+    """RGB uint8 (H, W, 3) picture of ``instances`` (most confident first, as ``confident``
+    gives them; masks (N, H, W)) on the image; the most confident detections are drawn last, so
+    that their masks and tags are on top (a reversed view of the masks, not a copy)."""
     return draw_instances(
         cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB),
-        masks=instances["masks"][order].numpy(),
-        labels=[classes.names[k] for k in instances["labels"][order].tolist()],
-        scores=instances["scores"][order].tolist(),
+        masks=instances["masks"].numpy()[::-1],
+        labels=[classes.names[k] for k in instances["labels"].tolist()][::-1],
+        scores=instances["scores"].tolist()[::-1],
     )
 
 

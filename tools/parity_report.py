@@ -25,8 +25,8 @@ from tabulate import tabulate
 from torch import nn
 
 from boxteacher.engine.weight_files import detectron2_to_project_name
-from boxteacher.modeling.postprocess import detections_to_output_frame
-from boxteacher.modeling.mask_scores import mask_aware_scores, mean_foreground_probability
+from boxteacher.modeling.postprocess import detections_to_output_frame, upsample_mask_probs
+from boxteacher.modeling.mask_scores import mask_aware_scores
 from parity_fixtures import (
     BBOX_REG, BOXES, FEATURES, GRAD_PARAM, GRAD_TOTAL, LEVELS, LOSSES, MASK_LOGITS, MASK_PROBS, SCORES,
     Comparison, Fixture, Row, fixture_folders, fixtures_root, recording,
@@ -59,14 +59,14 @@ def compare_detections(c: Comparison, network: nn.Module, fixture: Fixture, i: i
     result = network(sample)[0]["instances"]
     images, sizes = network.preprocess(sample)
     raw = network.detect(images)[0]
+    output_size = (int(sample[0]["height"]), int(sample[0]["width"]))
     frame = detections_to_output_frame(
-        raw, raw["mask_probs"], network.mask_out_stride, sizes[0],
-        (int(sample[0]["height"]), int(sample[0]["width"])), network.mask_threshold,
+        raw, raw["mask_probs"], network.mask_out_stride, sizes[0], output_size, network.mask_threshold,
     )
     h, w = sizes[0]
     kept = (raw["boxes"][:, 2].clamp(0, w) > raw["boxes"][:, 0].clamp(0, w)) & (
         raw["boxes"][:, 3].clamp(0, h) > raw["boxes"][:, 1].clamp(0, h))
-    ranking, weights = mask_aware_scores(frame["scores"], mean_foreground_probability(frame["mask_probs"], network.mask_threshold))
+    ranking, weights = mask_aware_scores(frame["scores"], frame["mask_means"])
 
     ours = {key: k for k, key in enumerate(detection_keys(raw["fpn_levels"][kept], raw["locations"][kept], raw["labels"][kept]))}
     keys = detection_keys(expected[f"{prefix}/fpn_levels"], expected[f"{prefix}/locations"], expected[f"{prefix}/classes"])
@@ -83,7 +83,8 @@ def compare_detections(c: Comparison, network: nn.Module, fixture: Fixture, i: i
     c.close("mask_probs stride 4", raw["mask_probs"][kept][index, 0], expected[f"{prefix}/mask_probs_s4"], MASK_PROBS)
     if f"{prefix}/mask_probs_full_top3" in expected:
         top3 = expected[f"{prefix}/mask_probs_full_top3"]
-        c.close("mask_probs full resolution", frame["mask_probs"][index[: len(top3)]], top3, MASK_PROBS)
+        full = upsample_mask_probs(raw["mask_probs"][kept][index[: len(top3)]], network.mask_out_stride, sizes[0], output_size)
+        c.close("mask_probs full resolution", full, top3, MASK_PROBS)
     c.masks("binary masks", result["masks"][index], expected[f"{prefix}/masks_packed"], int(sample[0]["width"]))
     check_order(c, "detection order", index, expected[f"{prefix}/fcos_scores"])
 

@@ -17,7 +17,13 @@ def mean_foreground_probability(
     if boxes is not None:
         foreground &= boxes_to_masks(boxes, mask_probs.shape[-2:])
     count = foreground.sum(dim=(1, 2)).to(mask_probs.dtype)
-    return torch.where(foreground, mask_probs, 0.0).sum(dim=(1, 2)) / (count + 1e-6)
+    return foreground_mean(torch.where(foreground, mask_probs, 0.0), count)
+
+
+def foreground_mean(foreground_probs: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """sum(P) / (count + 1e-6) of probabilities P (M, h, w) that are zero outside the ``count``
+    (M,) foreground pixels of each map. Returns (M,)."""
+    return foreground_probs.sum(dim=(1, 2)) / (count + 1e-6)
 
 
 def mask_aware_scores(

@@ -41,7 +41,7 @@ from .fcos_targets import mask_centers
 from .layers import aligned_bilinear, batch_images, full_precision
 from .postprocess import detections_to_output_frame
 from .supervision import MaskSupervision, TargetBatch
-from .mask_scores import mask_aware_scores, mean_foreground_probability
+from .mask_scores import mask_aware_scores
 
 
 POSITIVE_CENTERS = ("masks", "box_masks", "boxes")
@@ -263,8 +263,7 @@ class CondInst(nn.Module):
                 det, det["mask_probs"], self.mask_out_stride, size, output_size, self.mask_threshold
             )
             if self.mask_aware_scores:
-                mean = mean_foreground_probability(result["mask_probs"], self.mask_threshold)
-                result["scores"] = mask_aware_scores(result["scores"], mean)[0]
+                result["scores"] = mask_aware_scores(result["scores"], result["mask_means"])[0]
             results.append({"instances": {k: result[k] for k in ("boxes", "scores", "labels", "masks")}})
         return results
 

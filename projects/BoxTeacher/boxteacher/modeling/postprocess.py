@@ -7,6 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from .layers import aligned_bilinear
+from .mask_scores import foreground_mean
+
+# The most float probabilities at the output resolution that ``paste_masks`` holds at once (besides
+# those of one detection, its floor): 2^24 values, 64 MiB in float32 (15 detections of 800x1333).
+PASTE_CHUNK_PIXELS = 1 << 24
 
 
 def upsample_mask_probs(
@@ -29,6 +34,45 @@ def upsample_mask_probs(
     return probs[:, 0]
 
 
+def paste_masks(
+    mask_probs: torch.Tensor,
+    stride: int,
+    input_size: tuple[int, int],
+    output_size: tuple[int, int],
+    threshold: float,
+    chunk_pixels: int = PASTE_CHUNK_PIXELS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary masks at ``output_size`` and mean foreground probabilities of detections, with the
+    float probabilities at the output resolution bounded by ``chunk_pixels`` values (or one
+    detection's, if more), not by detections x output pixels.
+
+    ``upsample_mask_probs`` runs on chunks of detections; each chunk's probabilities give its
+    masks (probability > ``threshold``) and, zeroed in place outside them, the masks' mean
+    probabilities (as ``mean_foreground_probability`` with no box), then are freed. The results
+    equal those of upsampling all the detections at once.
+    Masks are not clipped to boxes (CondInst's masks may extend past their box).
+
+    mask_probs: (M, 1, H/stride, W/stride) over the padded input; input_size: its unpadded
+    (h, w). Returns masks (M, out_h, out_w) bool and mean probabilities (M,).
+    """
+    out_h, out_w = output_size
+    num = mask_probs.shape[0]
+    masks = torch.empty((num, out_h, out_w), dtype=torch.bool, device=mask_probs.device)
+    means = mask_probs.new_empty((num,))
+    step = max(1, chunk_pixels // max(1, out_h * out_w))
+    for start in range(0, num, step):
+        chunk = slice(start, start + step)
+        probs = upsample_mask_probs(mask_probs[chunk], stride, input_size, output_size)
+        if stride == 1 and tuple(input_size) == tuple(output_size):
+            probs = probs.clone()  # otherwise a view of mask_probs, zeroed in place below
+        foreground = torch.gt(probs, threshold, out=masks[chunk])
+        # One count per mask: summing the (c, h, w) bools at once first copies them as int64.
+        count = torch.stack([torch.count_nonzero(m) for m in foreground]).to(probs.dtype)
+        means[chunk] = foreground_mean(probs.masked_fill_(~foreground, 0.0), count)
+        del probs
+    return masks, means
+
+
 def rescale_boxes(boxes: torch.Tensor, input_size: tuple[int, int], output_size: tuple[int, int]) -> torch.Tensor:
     """(M, 4) XYXY boxes of an ``input_size`` (h, w) image -> the ``output_size`` frame,
     clipped to the output image."""
@@ -47,6 +91,7 @@ def detections_to_output_frame(
     input_size: tuple[int, int],
     output_size: tuple[int, int],
     mask_threshold: float = 0.5,
+    chunk_pixels: int = PASTE_CHUNK_PIXELS,
 ) -> dict[str, torch.Tensor]:
     """Rescale one image's detections from the network input frame to ``output_size``.
 
@@ -56,19 +101,21 @@ def detections_to_output_frame(
         input_size: unpadded (h, w) of the network input; output_size: (height, width).
     Returns:
         ``boxes`` (clipped to the output image; boxes that become empty are dropped),
-        ``scores``, ``labels``, ``mask_probs`` (M', height, width) and ``masks`` (bool,
-        probability > ``mask_threshold``); ``fpn_levels`` and ``locations`` (input frame) of
-        the kept detections when ``detections`` has them.
+        ``scores``, ``labels``, ``masks`` (M', height, width) bool (probability >
+        ``mask_threshold``) and ``mask_means`` (M',) the mean foreground probability of each mask
+        (``mean_foreground_probability``); ``fpn_levels`` and ``locations`` (input frame) of the
+        kept detections when ``detections`` has them. The float probabilities at the output
+        resolution are never all held at once (see ``paste_masks``, ``chunk_pixels``).
     """
     boxes = rescale_boxes(detections["boxes"], input_size, output_size)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    probs = upsample_mask_probs(mask_probs[keep], mask_stride, input_size, output_size)
+    masks, means = paste_masks(mask_probs[keep], mask_stride, input_size, output_size, mask_threshold, chunk_pixels)
     origin = {k: detections[k][keep] for k in ("fpn_levels", "locations") if k in detections}
     return {
         "boxes": boxes[keep],
         "scores": detections["scores"][keep],
         "labels": detections["labels"][keep],
-        "mask_probs": probs,
-        "masks": probs > mask_threshold,
+        "masks": masks,
+        "mask_means": means,
         **origin,
     }

@@ -157,13 +157,20 @@ def _as_tuple(color: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(c) for c in color)
 
 
+# Masks are blended this many rows at a time: the float64 copy of the pixels inside a mask of a
+# 12000x9000 image would take up to 2.6 GB at once.
+_BLEND_ROWS = 256
+
+
 def _fill_and_outline(canvas: np.ndarray, mask: np.ndarray, color: np.ndarray, alpha: float,
                       thickness: int) -> None:
     """Blend ``color`` into ``canvas`` (H, W, 3) inside ``mask`` (H, W) and trace its border."""
     if not mask.any():
         return
-    blended = (1.0 - alpha) * canvas[mask] + alpha * color.astype(np.float32)
-    canvas[mask] = np.round(blended).astype(np.uint8)
+    for top in range(0, mask.shape[0], _BLEND_ROWS):
+        rows, inside = canvas[top:top + _BLEND_ROWS], mask[top:top + _BLEND_ROWS]
+        blended = (1.0 - alpha) * rows[inside] + alpha * color.astype(np.float32)
+        rows[inside] = np.round(blended).astype(np.uint8)
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(canvas, contours, -1, _as_tuple(color), thickness, cv2.LINE_AA)
 
