@@ -125,6 +125,58 @@ def test_fast_pairwise_equals_the_unfold_oracle_in_value_and_gradient(k, h, w, i
     torch.testing.assert_close(fast_grad, oracle_grad, atol=tolerance, rtol=0)
 
 
+def box_supports(k: int, h: int, w: int, g: torch.Generator, tall: bool) -> torch.Tensor:
+    """(K, 1, h, w) centre weights inside random boxes: many touch a border of the grid (their
+    pairs reach outside it), one is empty, one covers the grid; tall or wide boxes."""
+    centre = torch.zeros(k, 1, h, w)
+    for i in range(k):
+        y0, x0 = [int(v) for v in torch.randint(0, 3, (2,), generator=g)]
+        bh = int(torch.randint(1, h + 1, (1,), generator=g)) if tall else int(torch.randint(1, 4, (1,), generator=g))
+        bw = int(torch.randint(1, 4, (1,), generator=g)) if tall else int(torch.randint(1, w + 1, (1,), generator=g))
+        if i % 3 == 1:  # at the bottom-right corner
+            y0, x0 = max(h - bh, 0), max(w - bw, 0)
+        centre[i, 0, y0 : y0 + bh, x0 : x0 + bw] = torch.rand(min(bh, h - y0), min(bw, w - x0), generator=g) + 0.5
+    centre[0] = 0
+    centre[-1] = 1
+    return centre
+
+
+@pytest.mark.parametrize("tall", [True, False])
+@pytest.mark.parametrize("float_pairs", [True, False])
+@pytest.mark.parametrize("k, h, w", [(2, 5, 7), (9, 17, 23), (12, 30, 11)])
+def test_pairwise_on_the_regions_of_boxes_equals_the_unfold_oracle(k, h, w, float_pairs, tall):
+    """Boxes that touch the borders, stacked regions of different heights, an empty instance,
+    one that covers the grid, pair weights as bool or float, and wide or tall boxes (the canvas
+    then stacks columns): the same loss sums, weight sums and gradients as the oracle."""
+    g = torch.Generator().manual_seed(k * 1000 + h * 10 + w + 7 * float_pairs + tall)
+    logits = (torch.randn(k, 1, h, w, generator=g) * 4).double().requires_grad_()
+    pair_weights = torch.rand(3, 8, h, w, generator=g)
+    pair_weights = pair_weights.double() if float_pairs else pair_weights > 0.3
+    pair_index = torch.randint(0, 3, (k,), generator=g)
+    centre = box_supports(k, h, w, g, tall).double()
+    upstream = torch.rand(k, generator=g).double()
+
+    fast, fast_w = pairwise_loss(logits, pair_weights, pair_index, centre, OFFSETS)
+    (fast_grad,) = torch.autograd.grad((fast * upstream).sum(), logits)
+    oracle, oracle_w = pairwise_loss_reference(logits, pair_weights, pair_index, centre, 3, 2)
+    (oracle_grad,) = torch.autograd.grad((oracle * upstream).sum(), logits)
+
+    torch.testing.assert_close(fast_w, oracle_w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast, oracle, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fast_grad, oracle_grad, rtol=1e-10, atol=1e-10)
+    assert fast[0] == 0 and fast_w[0] == 0
+
+
+def test_pairwise_without_instances_or_weights_is_zero_and_connected_to_the_graph():
+    for k, weight in ((0, 1.0), (3, 0.0)):
+        logits = torch.randn(k, 1, 6, 8, requires_grad=True)
+        sums, weights = pairwise_loss(logits, torch.ones(1, 8, 6, 8, dtype=torch.bool), torch.zeros(k, dtype=torch.long),
+                                      torch.full((k, 1, 6, 8), weight), OFFSETS)
+        assert sums.shape == weights.shape == (k,) and not sums.any() and not weights.any()
+        sums.sum().backward()
+        assert logits.grad is not None and not logits.grad.any()
+
+
 def test_fast_pairwise_is_stable_for_saturated_logits():
     logits = torch.tensor([[[[60.0, 0.0, -60.0, 0.0, 60.0]]]], requires_grad=True)
     sums, _ = pairwise_loss(logits, torch.ones(1, 8, 1, 5, dtype=torch.bool), torch.tensor([0]), torch.ones(1, 1, 5), OFFSETS)
@@ -149,10 +201,10 @@ def test_several_weightings_at_once_equal_one_call_each_in_value_and_gradient():
     def run(together):
         x = logits.clone().requires_grad_()
         if together:
-            (loss_a, count_a), (loss_b, count_b) = pairwise_losses(x, [colour, affinity], OFFSETS, kernel="sliced")
+            (loss_a, count_a), (loss_b, count_b) = pairwise_losses(x, [colour, affinity], OFFSETS, kernel="packed")
         else:
-            loss_a, count_a = pairwise_loss(x, *colour, OFFSETS, kernel="sliced")
-            loss_b, count_b = pairwise_loss(x, *affinity, OFFSETS, kernel="sliced")
+            loss_a, count_a = pairwise_loss(x, *colour, OFFSETS, kernel="packed")
+            loss_b, count_b = pairwise_loss(x, *affinity, OFFSETS, kernel="packed")
         ((loss_a * scale_a).sum() + (loss_b * scale_b).sum()).backward()
         return [t.detach() for t in (loss_a, count_a, loss_b, count_b, x.grad)]
 

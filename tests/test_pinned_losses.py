@@ -2,9 +2,9 @@
 small run, pinned: a refactor of the models or the engine must not change them. One CPU thread,
 no loader workers and fixed seeds make a run repeat exactly; the tolerances leave room for other
 PyTorch builds only. A change of float rounding alone (e.g. an order of summation) keeps the
-values to about 7 digits for 10 iterations, then lets them drift (small terms by up to a fifth at
-iteration 20), hence iteration 10. Re-pin after a change meant to change a number, and say why
-in the commit.
+values to 6-7 digits for a few iterations, then lets them drift by up to tens of percent at
+iteration 10 (see below). Re-pin after a change meant to change a number or its rounding, and
+say why in the commit.
 
 The mixed-supervision runs are the most sensitive: their iteration-10 values were re-pinned when
 the supervision became criteria (issue 15). Their first step stayed bitwise equal; at the first
@@ -12,7 +12,14 @@ batch mixing masked and box-only positives the losses and gradients changed in t
 (the box-only positives' share is now their mean instead of 1 minus the masked ones' mean, and
 the Dice term takes the sigmoid of the masked positives' logits alone, whose vectorised backward
 rounds differently), and ten iterations of this tiny run amplify that to a few percent. The
-three quick starts stayed bitwise equal for 20 iterations."""
+three quick starts stayed bitwise equal for 20 iterations.
+
+The iteration-10 values of every run with a pairwise term were re-pinned when that term moved to
+a canvas of the instances' regions (issue 14): its sums are taken in another order, so losses
+and gradients change in their last bits from the first step (iteration 1 is unchanged to 7
+digits, the losses agree to 6 digits up to iterations 4-6), then this tiny run's drift takes
+over (it sits on the edge of collapse: its pairwise losses fall to about 0 by iteration 10). The
+term itself is checked against the unfold oracle to 1e-10 in float64 (test_modeling_boxinst)."""
 from pathlib import Path
 
 import pytest
@@ -40,36 +47,36 @@ PINNED = {
         "loss_mask": (0.7990026, 0.8347252),
     }),
     "boxinst": ("boxinst_shapes.yaml", [], {
-        "loss_fcos_cls": (1.147965, 3.258219),
-        "loss_fcos_ctr": (0.6754206, 0.6724889),
-        "loss_fcos_loc": (0.9364485, 0.8404988),
-        "loss_pairwise": (0.1322474, 6.918682e-11),
-        "loss_prj": (0.9897379, 1.259774),
+        "loss_fcos_cls": (1.147965, 3.523527),
+        "loss_fcos_ctr": (0.6754206, 0.6905001),
+        "loss_fcos_loc": (0.9364485, 0.7324274),
+        "loss_pairwise": (0.1322474, 6.285755e-06),
+        "loss_prj": (0.9897379, 1.259772),
     }),
     "boxteacher": ("boxteacher_shapes.yaml", [], {
-        "loss_fcos_cls": (1.065603, 0.8348983),
-        "loss_fcos_ctr": (0.6865533, 0.6793922),
-        "loss_fcos_loc": (0.9376559, 0.5676532),
-        "loss_mask": (0.0, 0.3532263),
-        "loss_mask_affinity": (0.0, 2.492208e-05),
-        "loss_pairwise": (0.1334829, 0.0002844743),
-        "loss_prj": (0.974856, 1.259665),
+        "loss_fcos_cls": (1.065603, 1.172046),
+        "loss_fcos_ctr": (0.6865533, 0.7146221),
+        "loss_fcos_loc": (0.9376559, 0.5452073),
+        "loss_mask": (0.0, 0.3667362),
+        "loss_mask_affinity": (0.0, 4.336504e-09),
+        "loss_pairwise": (0.1334829, 3.829877e-08),
+        "loss_prj": (0.974856, 1.259661),
     }),
     "boxinst_mixed": ("boxinst_shapes.yaml", MIXED, {
-        "loss_fcos_cls": (1.147965, 1.250788),
-        "loss_fcos_ctr": (0.6754206, 0.6654483),
-        "loss_fcos_loc": (0.9364485, 0.586566),
-        "loss_gt_mask": (0.7990026, 0.814826),
+        "loss_fcos_cls": (1.147965, 1.271714),
+        "loss_fcos_ctr": (0.6754206, 0.665529),
+        "loss_fcos_loc": (0.9364485, 0.5360098),
+        "loss_gt_mask": (0.7990026, 0.8216705),
         "loss_pairwise": (0.0, 0.0),
         "loss_prj": (0.0, 0.0),
     }),
     "boxteacher_mixed": ("boxteacher_shapes.yaml", MIXED, {
-        "loss_fcos_cls": (1.065603, 0.9987345),
-        "loss_fcos_ctr": (0.6865533, 0.6712033),
-        "loss_fcos_loc": (0.9376559, 0.615555),
-        "loss_gt_mask": (0.8240594, 0.838407),
-        "loss_mask": (0.08240594, 0.4192035),
-        "loss_mask_affinity": (0.01334226, 0.01169467),
+        "loss_fcos_cls": (1.065603, 1.188783),
+        "loss_fcos_ctr": (0.6865533, 0.6743734),
+        "loss_fcos_loc": (0.9376559, 0.6423452),
+        "loss_gt_mask": (0.8240594, 0.8309601),
+        "loss_mask": (0.08240594, 0.41548),
+        "loss_mask_affinity": (0.01334226, 0.01372006),
         "loss_pairwise": (0.0, 0.0),
         "loss_prj": (0.0, 0.0),
     }),

@@ -111,6 +111,6 @@ def test_gpu_check_runs_every_part_and_prints_one_table(tmp_path):
     rows = json.loads((tmp_path / "check.json").read_text())
     checks = [r["check"] for r in rows]
     assert checks[:2] == ["BoxTeacher / BoxInst step (float32, real data)", "BoxTeacher / BoxInst step (AMP, real data)"]
-    assert checks[2] == "AMP speed-up (synthetic batch)" and checks[3].startswith("pairwise term (sliced), 16 instances")
+    assert checks[2] == "AMP speed-up (synthetic batch)" and checks[3].startswith("pairwise term (packed), boxes, 16 instances")
     assert all(r["measured"] != "-" for i, r in enumerate(rows) if i != 1), rows
     assert "| check" in proc.stdout

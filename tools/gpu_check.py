@@ -15,8 +15,8 @@ figures that the CPU cannot give, against their targets, in one table.
    against BoxInst's, in float32 and with AMP (target: at most 1.35x).
 3. ``benchmark_speed.py``: the R-50 recipe, 800 x 1066, batch ``--amp-batch`` (8), with and
    without AMP (target: AMP at least 1.3x faster).
-4. ``benchmark_pairwise.py`` on CUDA at 16, 64 and 256 instances (target: at least 3x the
-   unfold version, at most 1/3 of its memory).
+4. ``benchmark_pairwise.py`` on CUDA at 16, 64 and 256 instances, centre weights of boxes and
+   dense (target: at least 3x the unfold version, at most 1/3 of its memory).
 
 Each part runs in its own process; a part that fails is reported and the others still run.
 ``--quick`` shrinks every part (a smoke run of the script itself, e.g. on a CPU with
@@ -115,11 +115,12 @@ def pairwise_part(args: argparse.Namespace, scratch: str) -> list[list]:
         return [["pairwise term vs unfold", "-", ">= 3x, <= 1/3 memory", "FAIL", out[-300:]]]
     rows = []
     for r in json.loads(Path(output).read_text()):
-        if r["version"] != ("fused" if args.device == "cuda" else "sliced"):
+        if r["version"] != ("fused" if args.device == "cuda" else "packed"):
             continue
         speedup = float(r["speed-up vs unfold"].rstrip("x"))
         saving = float(r["memory saving vs unfold"].rstrip("x"))
-        rows.append(ratio_row(f"pairwise term ({r['version']}), {r['instances']} instances, {r['map (stride 4)']}", speedup,
+        name = f"pairwise term ({r['version']}), {r['centre weights']}, {r['instances']} instances, {r['map (stride 4)']}"
+        rows.append(ratio_row(name, speedup,
                               ">= 3x, memory <= 1/3", speedup >= 3 and saving >= 3,
                               f"{r['fwd+bwd (ms)']} ms, memory 1/{saving:.1f} of unfold's"))
     return rows

@@ -1,6 +1,6 @@
 """BoxInst's pairwise term as two fused Triton kernels (forward; backward), for CUDA.
 
-At the sizes of a training step the sliced PyTorch version (``pairwise.py``) is a few hundred
+At the sizes of a training step the packed PyTorch version (``pairwise.py``) is a few hundred
 small kernels, and a GPU waits on their launches. Here one kernel computes, for a block of pixels
 of one instance, every neighbour's negative log-likelihood and weight and adds the instance's
 sums atomically; the backward kernel gathers each pixel's gradient from the pairs in which it is
