@@ -408,3 +408,34 @@ def test_masks_are_encoded_one_at_a_time_as_all_at_once():
     for result, rle, mask in zip(results, together, masks):
         assert result["segmentation"] == {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
         assert np.array_equal(mask_util.decode(dict(result["segmentation"], counts=rle["counts"])), mask.numpy())
+
+
+class _EncodingModel(_GTModel):
+    """A model that hands over its masks encoded when given ``encode_masks`` (as CondInst)."""
+
+    def __init__(self, outputs_by_id: dict) -> None:
+        super().__init__(outputs_by_id)
+        self.encode_masks = None
+        self.encoders_seen: list = []
+
+    def forward(self, inputs):
+        self.encoders_seen.append(self.encode_masks)
+        outputs = super().forward(inputs)
+        if self.encode_masks is None:
+            return outputs
+        return [{"instances": dict(out["instances"], masks=self.encode_masks(out["instances"]["masks"]))}
+                for out in outputs]
+
+
+def test_inference_on_dataset_has_a_model_hand_over_its_masks_encoded(tiny):
+    """The COCO evaluator asks for RLEs, which a model encodes a chunk at a time (no (M, H, W)
+    bool output); same AP; the model's own setting is restored after, also inside DDP-like
+    wrappers."""
+    batches = list(_gt_outputs(tiny, [1, 2, 3]))
+    model = _EncodingModel({inp[0]["image_id"]: out[0] for inp, out in batches})
+    loader = [[batches[0][0][0], batches[1][0][0]], [batches[2][0][0]]]
+    evaluator = COCOEvaluator("eval_tiny", distributed=False)
+    results = inference_on_dataset(torch.nn.DataParallel(model), loader, evaluator)
+    assert model.encoders_seen == [COCOEvaluator.encode_masks] * 2
+    assert model.encode_masks is None
+    assert results["segm"]["AP"] == pytest.approx(100.0)

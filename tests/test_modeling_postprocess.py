@@ -91,6 +91,46 @@ def test_peak_memory_of_pasting_many_detections_on_a_large_frame():
     assert growth_mib < output_mib + 300, (growth_mib, output_mib)
 
 
+@pytest.mark.parametrize("chunk_pixels", [1, 4 * 251 * 333, 1 << 24])
+def test_masks_encoded_chunk_by_chunk_equal_the_bool_masks_encoded(chunk_pixels):
+    from boxteacher.evaluation.coco_evaluation import encode_masks
+
+    detections, probs = random_detections(9, (50, 75))
+    chunks = []
+
+    def encode(masks):
+        chunks.append(masks.shape[0])
+        return encode_masks(masks)
+
+    ours = detections_to_output_frame(detections, probs, 4, (50, 75), (251, 333), 0.5, chunk_pixels, encode)
+    plain = detections_to_output_frame(detections, probs, 4, (50, 75), (251, 333), 0.5, chunk_pixels)
+    assert ours["masks"] == encode_masks(plain["masks"]) and len(ours["masks"]) == len(plain["masks"])
+    assert torch.equal(ours["mask_means"], plain["mask_means"])
+    assert max(chunks) == max(1, min(len(plain["masks"]), chunk_pixels // (251 * 333)))
+
+
+def test_peak_memory_of_encoded_masks_does_not_grow_with_the_detections():
+    """60 detections of a 2000x3000 frame encoded chunk by chunk: resident memory grows by far
+    less than their bool masks (360 MB) would take."""
+    script = textwrap.dedent("""
+        import resource, torch
+        from boxteacher.evaluation.coco_evaluation import encode_masks
+        from boxteacher.modeling.postprocess import detections_to_output_frame
+        probs = torch.rand(60, 1, 64, 96)
+        detections = {"boxes": torch.tensor([[0.0, 0.0, 300.0, 200.0]]).repeat(60, 1),
+                      "scores": torch.rand(60), "labels": torch.zeros(60, dtype=torch.int64)}
+        detections_to_output_frame(detections, probs, 4, (200, 300), (20, 30), 0.5, 1 << 24, encode_masks)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        frame = detections_to_output_frame(detections, probs, 4, (200, 300), (2000, 3000), 0.5, 1 << 24, encode_masks)
+        assert len(frame["masks"]) == 60
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    growth_mib = int(out.stdout.split()[-1])
+    assert growth_mib < 200, growth_mib
+
+
 def test_inference_scores_and_masks_match_the_full_resolution_reference():
     torch.manual_seed(0)
     model = build_model(tiny_cfg("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.FCOS.POST_NMS_TOPK_TEST", "6"))

@@ -23,6 +23,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..utils import comm
+from ..utils.comm import unwrap_model
 from .events import EventStorage
 
 __all__ = ["HookBase", "NonFiniteLossError", "TrainerBase", "SimpleTrainer", "unwrap_model"]
@@ -30,13 +31,6 @@ __all__ = ["HookBase", "NonFiniteLossError", "TrainerBase", "SimpleTrainer", "un
 logger = logging.getLogger(__name__)
 
 GradClipper = Callable[[Iterable[nn.Parameter]], None]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
-    return model
 
 
 class HookBase:

@@ -65,7 +65,8 @@ def instances_to_coco_json(
 
     Args:
         instances: ``boxes`` float [N,4] XYXY absolute, ``scores`` [N], ``labels`` int64 [N]
-            contiguous, optional ``masks`` bool [N,H,W]; any device.
+            contiguous, optional ``masks`` bool [N,H,W] (any device) or N COCO RLEs already
+            encoded (``encode_masks``).
         image_id: the image's id in the COCO json.
         contiguous_to_json_id: ``contiguous_to_json_id[label]`` is the json category id.
         tasks: which of ``bbox`` (XYWH list of floats) and ``segmentation`` (RLE with ``counts``
@@ -91,9 +92,15 @@ def instances_to_coco_json(
         for result, box in zip(results, xywh.tolist()):
             result["bbox"] = box
     if "segm" in tasks and "masks" in instances and results:
-        for result, mask in zip(results, instances["masks"].detach().cpu()):
-            result["segmentation"] = mask_to_rle(mask)
+        masks = instances["masks"]
+        for result, mask in zip(results, masks if isinstance(masks, list) else masks.detach().cpu()):
+            result["segmentation"] = mask if isinstance(mask, dict) else mask_to_rle(mask)
     return results
+
+
+def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """COCO RLEs of a chunk of bool (c, H, W) masks on any device, one at a time."""
+    return [mask_to_rle(mask) for mask in masks.cpu()]
 
 
 def mask_to_rle(mask: torch.Tensor) -> dict[str, Any]:
@@ -209,8 +216,11 @@ class COCOEvaluator(DatasetEvaluator):
     from the catalog. Only the processed images are evaluated, with at most
     ``max_dets_per_image`` detections per image and class. Model outputs follow the inference
     contract ``{"instances": {"boxes", "scores", "labels", optional "masks"}}``; a task whose field
-    is missing from some output (a box-only model has no masks) is skipped.
+    is missing from some output (a box-only model has no masks) is skipped. Models that can
+    (``CondInst.encode_masks``) hand over their masks as RLEs, encoded a chunk at a time.
     """
+
+    encode_masks = staticmethod(encode_masks)
 
     def __init__(
         self,

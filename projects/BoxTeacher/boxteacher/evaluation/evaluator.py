@@ -25,7 +25,14 @@ logger = logging.getLogger(__name__)
 
 
 class DatasetEvaluator(abc.ABC):
-    """Accumulates model predictions over a dataset and computes metrics from them."""
+    """Accumulates model predictions over a dataset and computes metrics from them.
+
+    ``encode_masks``: how the evaluator wants a model's output masks, a function from a chunk of
+    bool masks (c, H, W) to c encoded masks, or None for bool tensors. ``inference_on_dataset``
+    hands it to a model that has an ``encode_masks`` attribute (``CondInst``), which then never
+    holds all the masks of an image at full resolution."""
+
+    encode_masks: Callable[[torch.Tensor], list[Any]] | None = None
 
     def reset(self) -> None:
         """Forget everything processed so far (called before each inference run)."""
@@ -40,6 +47,21 @@ class DatasetEvaluator(abc.ABC):
 
         In a distributed run only the main process returns metrics; the others return ``{}``.
         """
+
+
+@contextlib.contextmanager
+def _encoding_masks(model: Callable[..., Any], encode: Callable[[torch.Tensor], list[Any]] | None) -> Iterator[None]:
+    """Give ``encode`` to a model that takes one (``encode_masks``) and restore its own after."""
+    module = comm.unwrap_model(model) if isinstance(model, nn.Module) else model
+    if encode is None or not hasattr(module, "encode_masks"):
+        yield
+        return
+    previous = module.encode_masks
+    module.encode_masks = encode
+    try:
+        yield
+    finally:
+        module.encode_masks = previous
 
 
 @contextlib.contextmanager
@@ -103,7 +125,7 @@ def inference_on_dataset(
     loop_start = last_log = timed_start = time.perf_counter()
     compute_time = 0.0
     timed_images = 0
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model), _encoding_masks(model, evaluator.encode_masks), torch.no_grad():
         for idx, inputs in enumerate(data_loader):
             if idx == num_warmup:
                 timed_start = time.perf_counter()

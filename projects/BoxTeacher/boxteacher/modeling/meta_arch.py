@@ -23,11 +23,14 @@ keys that start with "loss"; any other key is a metric it only logs. A batch wit
 gives zero losses that are still connected to the graph.
 
 Inference output: one dict per image, ``{"instances": {"boxes": (M, 4) XYXY, "scores": (M,),
-"labels": (M,), "masks": bool (M, height, width)}}`` in the original frame.
+"labels": (M,), "masks": bool (M, height, width)}}`` in the original frame (the masks encoded
+when ``CondInst.encode_masks`` is set).
 
 Inputs are never mutated. Normalisation constants are buffers (not saved in checkpoints).
 """
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -71,6 +74,11 @@ class CondInst(nn.Module):
         mask_threshold: probability threshold of the output masks.
         mask_aware_scores: rescore detections as sqrt(score * mean foreground probability of
             the mask), as BoxTeacher does (for box and mask AP alike).
+
+    Attribute ``encode_masks`` (None by default): a function from a chunk of output masks (c, H,
+    W) bool to c encoded masks (e.g. COCO RLEs; an evaluator sets it while it runs, see
+    ``DatasetEvaluator.encode_masks``). When set, inference returns the masks it encoded, a
+    chunk of detections at a time, instead of an (M, H, W) bool tensor.
     """
 
     def __init__(
@@ -119,6 +127,7 @@ class CondInst(nn.Module):
         self.topk_proposals_per_im = topk_proposals_per_im
         self.mask_threshold = mask_threshold
         self.mask_aware_scores = mask_aware_scores
+        self.encode_masks: Callable[[torch.Tensor], list[Any]] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -260,7 +269,8 @@ class CondInst(nn.Module):
         for det, size, sample in zip(detections, sizes, batched_inputs):
             output_size = (int(sample.get("height", size[0])), int(sample.get("width", size[1])))
             result = detections_to_output_frame(
-                det, det["mask_probs"], self.mask_out_stride, size, output_size, self.mask_threshold
+                det, det["mask_probs"], self.mask_out_stride, size, output_size, self.mask_threshold,
+                encode_masks=self.encode_masks,
             )
             if self.mask_aware_scores:
                 result["scores"] = mask_aware_scores(result["scores"], result["mask_means"])[0]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +42,14 @@ def paste_masks(
     output_size: tuple[int, int],
     threshold: float,
     chunk_pixels: int = PASTE_CHUNK_PIXELS,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    encode: Callable[[torch.Tensor], list[Any]] | None = None,
+) -> tuple[torch.Tensor | list[Any], torch.Tensor]:
     """Binary masks at ``output_size`` and mean foreground probabilities of detections, with the
     float probabilities at the output resolution bounded by ``chunk_pixels`` values (or one
-    detection's, if more), not by detections x output pixels.
+    detection's, if more), not by detections x output pixels. With ``encode`` (a chunk's bool
+    masks (c, out_h, out_w) -> c encoded masks, e.g. COCO RLEs), the masks are handed over a
+    chunk at a time and returned encoded, so that nothing at the output resolution outlives its
+    chunk.
 
     ``upsample_mask_probs`` runs on chunks of detections; each chunk's probabilities give its
     masks (probability > ``threshold``) and, zeroed in place outside them, the masks' mean
@@ -53,11 +58,11 @@ def paste_masks(
     Masks are not clipped to boxes (CondInst's masks may extend past their box).
 
     mask_probs: (M, 1, H/stride, W/stride) over the padded input; input_size: its unpadded
-    (h, w). Returns masks (M, out_h, out_w) bool and mean probabilities (M,).
+    (h, w). Returns masks (M, out_h, out_w) bool (or M encoded masks) and mean probabilities (M,).
     """
     out_h, out_w = output_size
     num = mask_probs.shape[0]
-    masks = torch.empty((num, out_h, out_w), dtype=torch.bool, device=mask_probs.device)
+    masks = [] if encode else torch.empty((num, out_h, out_w), dtype=torch.bool, device=mask_probs.device)
     means = mask_probs.new_empty((num,))
     step = max(1, chunk_pixels // max(1, out_h * out_w))
     for start in range(0, num, step):
@@ -65,11 +70,13 @@ def paste_masks(
         probs = upsample_mask_probs(mask_probs[chunk], stride, input_size, output_size)
         if stride == 1 and tuple(input_size) == tuple(output_size):
             probs = probs.clone()  # otherwise a view of mask_probs, zeroed in place below
-        foreground = torch.gt(probs, threshold, out=masks[chunk])
+        foreground = torch.gt(probs, threshold) if encode else torch.gt(probs, threshold, out=masks[chunk])
         # One count per mask: summing the (c, h, w) bools at once first copies them as int64.
         count = torch.stack([torch.count_nonzero(m) for m in foreground]).to(probs.dtype)
         means[chunk] = foreground_mean(probs.masked_fill_(~foreground, 0.0), count)
         del probs
+        if encode:
+            masks.extend(encode(foreground))
     return masks, means
 
 
@@ -92,6 +99,7 @@ def detections_to_output_frame(
     output_size: tuple[int, int],
     mask_threshold: float = 0.5,
     chunk_pixels: int = PASTE_CHUNK_PIXELS,
+    encode_masks: Callable[[torch.Tensor], list[Any]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Rescale one image's detections from the network input frame to ``output_size``.
 
@@ -102,14 +110,17 @@ def detections_to_output_frame(
     Returns:
         ``boxes`` (clipped to the output image; boxes that become empty are dropped),
         ``scores``, ``labels``, ``masks`` (M', height, width) bool (probability >
-        ``mask_threshold``) and ``mask_means`` (M',) the mean foreground probability of each mask
+        ``mask_threshold``; with ``encode_masks``, a list of the masks it encoded, see
+        ``paste_masks``) and ``mask_means`` (M',) the mean foreground probability of each mask
         (``mean_foreground_probability``); ``fpn_levels`` and ``locations`` (input frame) of the
         kept detections when ``detections`` has them. The float probabilities at the output
         resolution are never all held at once (see ``paste_masks``, ``chunk_pixels``).
     """
     boxes = rescale_boxes(detections["boxes"], input_size, output_size)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    masks, means = paste_masks(mask_probs[keep], mask_stride, input_size, output_size, mask_threshold, chunk_pixels)
+    masks, means = paste_masks(
+        mask_probs[keep], mask_stride, input_size, output_size, mask_threshold, chunk_pixels, encode_masks
+    )
     origin = {k: detections[k][keep] for k in ("fpn_levels", "locations") if k in detections}
     return {
         "boxes": boxes[keep],

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 # Set by the launcher: the process group of the processes on this machine.
 _LOCAL_PROCESS_GROUP = None
@@ -96,3 +97,10 @@ def shared_random_seed() -> int:
     """A random integer that is the same in every process (drawn on rank 0)."""
     seed = int(np.random.randint(2**31))
     return all_gather(seed)[0]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
