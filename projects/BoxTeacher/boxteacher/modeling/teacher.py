@@ -124,8 +124,9 @@ def teacher_outputs(
 
     The upsampling weights, the boxes' rows and columns and the scores are computed for the
     whole batch; the probabilities and their foreground sums image by image, a few operators
-    each: probabilities of the whole batch, padded to its largest image, would cost more on a
-    CPU (memory that large is fresh at every step) and no less on a GPU.
+    each. Measured on a CPU, one (M, H, W) tensor for the whole batch (padded to its largest
+    image) cost twice as much: above the allocator's 32 MiB threshold, its memory is mapped
+    afresh, page by page, at every step, where per-image tensors reuse freed memory.
     """
     threshold = -1.0 if settings.float_masks else settings.mask_threshold
     boxes = to_student_frame(detections["boxes"], detections["im_inds"], input_sizes, student_sizes)
