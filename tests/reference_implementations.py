@@ -113,3 +113,36 @@ def detections_to_output_frame_full_resolution(
         "masks": probs > mask_threshold,
         **origin,
     }
+
+
+def teacher_outputs_per_image(detections, input_sizes, student_sizes, mask_stride, settings) -> list[dict]:
+    """``teacher.teacher_outputs`` image by image, as it was before the upsampling became matrix
+    products: ``upsample_mask_probs``, the probabilities multiplied by the boxes' masks, then
+    the mean foreground probability counted with bools."""
+    from boxteacher.modeling.layers import boxes_to_masks, select_rows
+    from boxteacher.modeling.mask_scores import mask_aware_scores
+    from boxteacher.modeling.postprocess import upsample_mask_probs
+    from boxteacher.modeling.teacher import to_student_frame
+
+    threshold = -1.0 if settings.float_masks else settings.mask_threshold
+    boxes = to_student_frame(detections["boxes"], detections["im_inds"], input_sizes, student_sizes)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    fields = select_rows({k: v for k, v in detections.items() if k not in ("boxes", "top_feat")} | {"boxes": boxes}, keep)
+    counts = torch.bincount(fields.pop("im_inds"), minlength=len(input_sizes)).tolist()
+    outputs = []
+    for i, values in enumerate(zip(*(v.split(counts) for v in fields.values()))):
+        det = dict(zip(fields, values))
+        probs = upsample_mask_probs(det["mask_probs"], mask_stride, input_sizes[i], student_sizes[i])
+        if settings.clip_masks_to_boxes:
+            probs = probs * boxes_to_masks(det["boxes"], probs.shape[-2:])
+        foreground = probs > threshold
+        if settings.score_in_box:
+            foreground &= boxes_to_masks(det["boxes"], probs.shape[-2:])
+        count = foreground.sum(dim=(1, 2)).to(probs.dtype)
+        mean = torch.where(foreground, probs, 0.0).sum(dim=(1, 2)) / (count + 1e-6)
+        ranking, weights = mask_aware_scores(det["scores"], mean)
+        outputs.append({
+            "boxes": det["boxes"], "scores": ranking, "mask_scores": weights, "fcos_scores": det["scores"],
+            "labels": det["labels"], "mask_probs": probs, **{k: det[k] for k in ("fpn_levels", "locations") if k in det},
+        })
+    return outputs

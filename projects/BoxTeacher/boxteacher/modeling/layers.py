@@ -120,8 +120,9 @@ def group_indices(counts: list[int]) -> torch.Tensor:
     return torch.tensor([group for group, count in enumerate(counts) for _ in range(count)], dtype=torch.int64)
 
 
-def _inside_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, h) rows and (M, w) columns whose pixel centres lie inside each (M, 4) XYXY box."""
+def inside_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, h) rows and (M, w) columns (bool) whose pixel centres lie inside each (M, 4) XYXY box
+    of an (h, w) frame."""
     ys = torch.arange(size[0], device=boxes.device, dtype=boxes.dtype) + 0.5
     xs = torch.arange(size[1], device=boxes.device, dtype=boxes.dtype) + 0.5
     inside_y = (ys[None] >= boxes[:, 1:2]) & (ys[None] <= boxes[:, 3:4])
@@ -131,12 +132,5 @@ def _inside_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Ten
 
 def boxes_to_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(M, 4) XYXY boxes -> (M, h, w) bool masks of the pixels whose centre is inside the box."""
-    inside_y, inside_x = _inside_boxes(boxes, size)
+    inside_y, inside_x = inside_boxes(boxes, size)
     return inside_y[:, :, None] & inside_x[:, None, :]
-
-
-def zero_outside_boxes(maps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """(M, h, w) float maps with the pixels outside each (M, 4) XYXY box (by their centres, as
-    ``boxes_to_masks``) set to zero, by a row and a column factor (no (M, h, w) mask)."""
-    inside_y, inside_x = _inside_boxes(boxes, maps.shape[-2:])
-    return (maps * inside_y[:, :, None].to(maps.dtype)).mul_(inside_x[:, None, :].to(maps.dtype))

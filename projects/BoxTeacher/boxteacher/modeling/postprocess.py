@@ -1,9 +1,10 @@
-"""Turning one image's detections and stride-4 mask probabilities into output-frame results."""
+"""Turning detections and stride-4 mask probabilities into output-frame results."""
 from __future__ import annotations
 
 import math
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +34,44 @@ def upsample_mask_probs(
     if (h, w) != tuple(output_size):
         probs = F.interpolate(probs, size=tuple(output_size), mode="bilinear", align_corners=False)
     return probs[:, 0]
+
+
+def linear_taps(positions: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The linear interpolation of a sequence of ``length`` values at the float32 ``positions``
+    (P,), as PyTorch's bilinear kernels compute it: the lower and upper indices (P,) and the
+    weight of the upper one (P,)."""
+    low = np.minimum(np.floor(positions).astype(np.int64), length - 1)
+    return low, np.minimum(low + 1, length - 1), np.clip(positions - low.astype(np.float32), 0, 1)
+
+
+def upsampling_matrix(map_length: int, stride: int, input_length: int, output_length: int) -> np.ndarray:
+    """``upsample_mask_probs`` along one axis as a (output_length, map_length) float64 matrix of
+    weights of the map's rows (or columns); equal to it up to float rounding."""
+    rows = min(math.ceil(input_length / stride) + 1, map_length)
+    # Aligned-bilinear: pixel t reads the map, its last row repeated, at max(t - s//2, 0) / s.
+    shifted = np.maximum(np.arange(input_length) - stride // 2, 0).astype(np.float32)
+    low, high, weight = linear_taps(shifted * np.float32(1 / stride), rows + 1)
+    matrix = np.zeros((input_length, map_length))
+    np.add.at(matrix, (np.arange(input_length), np.minimum(low, rows - 1)), 1 - weight)
+    np.add.at(matrix, (np.arange(input_length), np.minimum(high, rows - 1)), weight)
+    if input_length == output_length:
+        return matrix
+    scale = np.float32(input_length) / np.float32(output_length)
+    sources = scale * (np.arange(output_length, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    low, high, weight = linear_taps(np.maximum(sources, np.float32(0)), input_length)
+    return (1 - weight[:, None]) * matrix[low] + weight[:, None] * matrix[high]
+
+
+def upsampling_weights(
+    map_size: tuple[int, int], stride: int, input_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``upsample_mask_probs`` of the images of a batch as matrices (float32, on the host):
+    row weights (sum of heights, map_h) and column weights (map_w, sum of widths), the images'
+    one after the other; with image i's blocks R_i and C_i, R_i @ probs @ C_i upsamples
+    probabilities (map_h, map_w) to its output size."""
+    rows = np.concatenate([upsampling_matrix(map_size[0], stride, h, out_h) for (h, _), (out_h, _) in zip(input_sizes, output_sizes)])
+    cols = np.concatenate([upsampling_matrix(map_size[1], stride, w, out_w) for (_, w), (_, out_w) in zip(input_sizes, output_sizes)])
+    return torch.from_numpy(rows.astype(np.float32)), torch.from_numpy(cols.T.astype(np.float32))
 
 
 def paste_masks(

@@ -18,9 +18,9 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..geometry import resized_shape
-from .layers import batch_images, full_precision, group_indices, select_rows, zero_outside_boxes
-from .mask_scores import mask_aware_scores, mean_foreground_probability
-from .postprocess import upsample_mask_probs
+from .layers import batch_images, full_precision, group_indices, inside_boxes, select_rows
+from .mask_scores import foreground_sums, mask_aware_scores, mean_of_sums
+from .postprocess import upsampling_weights
 
 
 class TeacherProtocol(Protocol):
@@ -93,6 +93,18 @@ def assignable_detections(
     return select_rows(detections, ((iou >= iou_threshold) & same_image).any(dim=1))
 
 
+def image_mask_probs(
+    mask_probs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, inside: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """One image's ``upsample_mask_probs`` as matrix products with its interpolation weights
+    (see ``upsampling_weights``): mask_probs (M, H/s, W/s), rows (h, H/s), cols (W/s, w).
+    inside: the rows (M, h, 1) and columns (M, 1, w) inside each detection's box (0 or 1) to
+    zero the probabilities outside it, or None. Returns (M, h, w)."""
+    if inside is not None:
+        rows, cols = rows * inside[0], cols * inside[1]
+    return torch.matmul(rows, torch.matmul(mask_probs, cols))
+
+
 def teacher_outputs(
     detections: dict[str, torch.Tensor],
     input_sizes: list[tuple[int, int]],
@@ -109,30 +121,36 @@ def teacher_outputs(
     frame, ``im_inds``, ``mask_probs`` (M, 1, H/s, W/s) at ``mask_stride`` over the padded
     batch), grouped by image; input_sizes: the resized sizes. Detections whose box is empty in
     the student frame are dropped. Two host synchronisations per batch.
+
+    The upsampling weights, the boxes' rows and columns and the scores are computed for the
+    whole batch; the probabilities and their foreground sums image by image, a few operators
+    each. Measured on a CPU, one (M, H, W) tensor for the whole batch (padded to its largest
+    image) cost twice as much: above the allocator's 32 MiB threshold, its memory is mapped
+    afresh, page by page, at every step, where per-image tensors reuse freed memory.
     """
     threshold = -1.0 if settings.float_masks else settings.mask_threshold
     boxes = to_student_frame(detections["boxes"], detections["im_inds"], input_sizes, student_sizes)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     fields = select_rows({k: v for k, v in detections.items() if k not in ("boxes", "top_feat")} | {"boxes": boxes}, keep)
     counts = torch.bincount(fields.pop("im_inds"), minlength=len(input_sizes)).tolist()
-    outputs = []
-    for i, values in enumerate(zip(*(v.split(counts) for v in fields.values()))):
-        det = dict(zip(fields, values))
-        probs = upsample_mask_probs(det["mask_probs"], mask_stride, input_sizes[i], student_sizes[i])
-        if settings.clip_masks_to_boxes:
-            probs = zero_outside_boxes(probs, det["boxes"])
-        mean = mean_foreground_probability(probs, threshold, det["boxes"] if settings.score_in_box else None)
-        ranking, weights = mask_aware_scores(det["scores"], mean)
-        outputs.append({
-            "boxes": det["boxes"],
-            "scores": ranking,
-            "mask_scores": weights,
-            "fcos_scores": det["scores"],
-            "labels": det["labels"],
-            "mask_probs": probs,
-            **{k: det[k] for k in ("fpn_levels", "locations") if k in det},
-        })
-    return outputs
+    mask_probs = fields.pop("mask_probs")[:, 0]
+    rows, cols = upsampling_weights(tuple(mask_probs.shape[-2:]), mask_stride, input_sizes, student_sizes)
+    heights, widths = [h for h, _ in student_sizes], [w for _, w in student_sizes]
+    rows, cols = rows.to(mask_probs).split(heights), cols.to(mask_probs).split(widths, dim=1)
+    inside = [None] * len(counts)
+    if settings.clip_masks_to_boxes:
+        in_rows, in_cols = inside_boxes(fields["boxes"], (max(heights), max(widths)))
+        inside = zip(in_rows[:, :, None].to(rows[0].dtype).split(counts), in_cols[:, None].to(rows[0].dtype).split(counts))
+    probs, sums = [], []
+    for p, r, c, box_inside, b in zip(mask_probs.split(counts), rows, cols, inside, fields["boxes"].split(counts)):
+        if box_inside is not None:
+            box_inside = (box_inside[0][:, : r.shape[0]], box_inside[1][:, :, : c.shape[1]])
+        probs.append(image_mask_probs(p, r, c, box_inside))
+        sums.append(foreground_sums(probs[-1], threshold, b if settings.score_in_box else None))
+    ranking, weights = mask_aware_scores(fields["scores"], mean_of_sums(*(torch.cat(s) for s in zip(*sums))))
+    fields |= {"scores": ranking, "mask_scores": weights, "fcos_scores": fields["scores"]}
+    per_image = zip(*(v.split(counts) for v in fields.values()))
+    return [dict(zip(fields, values), mask_probs=p) for values, p in zip(per_image, probs)]
 
 
 class TeacherView:
