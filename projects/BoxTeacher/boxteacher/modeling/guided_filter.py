@@ -84,12 +84,17 @@ def filter_with_statistics(
 ) -> torch.Tensor:
     """The guided filter of N maps, each with its own guide, valid pixels and guide statistics.
 
-    guide, mean: (N, C, H, W); valid: (N, 1, H, W); inverse: (N, P, H, W) packed (see
-    ``guide_statistics``); src: (N, H, W). Returns (N, H, W), meaningful on valid pixels.
+    guide: (N, C, H, W); valid: (N, 1, H, W); src: (N, H, W); mean (N, C, H', W') and inverse
+    (N, P, H', W') packed (see ``guide_statistics``) over the whole maps (H' = H) or over their
+    centre only, ``radius`` pixels in from every side (H' = H - 2 radius): the result then
+    covers that centre. Returns (N, H', W'), meaningful on valid pixels.
     """
     channels = guide.shape[1]
     source = src[:, None].to(guide.dtype) * valid
     sums = window_sum(torch.cat([valid, source, guide * source], dim=1), radius)
+    if mean.shape[-1] < guide.shape[-1]:
+        centre = (Ellipsis, slice(radius, -radius), slice(radius, -radius))
+        sums, guide, valid = sums[centre], guide[centre], valid[centre]
     count = sums[:, :1].clamp(min=1.0)
     mean_p = sums[:, 1:2] / count
     cross = sums[:, 2:] / count - mean * mean_p  # (N, C, H, W)
@@ -217,28 +222,34 @@ class MaskRefinement:
         mean, inverse = guide_statistics(guides, valid, self.radius, self.eps)
 
         # Rows and columns of every tile with its margin, in the frame; a margin may reach past
-        # it: those pixels are read at the border and count as invalid.
+        # it: those pixels are read at the border and count as invalid. The guide statistics
+        # are only read within one radius of the tile.
         span = torch.arange(-margin, tile + margin)
         rows = (tops[:, None] + span)[:, :, None].to(device)
         cols = (lefts[:, None] + span)[:, None, :].to(device)
         in_frame = ((rows >= 0) & (rows < height) & (cols >= 0) & (cols < width))[:, None]
         rows_read, cols_read = rows.clamp(0, height - 1), cols.clamp(0, width - 1)
+        near = slice(self.radius, -self.radius)
 
-        def crops(statistic: torch.Tensor) -> torch.Tensor:  # (B, K, H, W) -> (T, K, tile + 2 margin, same)
-            return statistic[image_of_tile[:, None, None], :, rows_read, cols_read].permute(0, 3, 1, 2)
+        def crops(statistic: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (B, K, H, W) -> (T, K, r, c)
+            return statistic[image_of_tile[:, None, None], :, r, c].permute(0, 3, 1, 2)
 
-        crop_valid = crops(valid) * in_frame
+        crop_valid = crops(valid, rows_read, cols_read) * in_frame
         sources = torch.cat([
             mask[box[:, None, None], r.clamp(0, h - 1), c.clamp(0, w - 1)].float()
             for mask, (h, w), box, r, c in zip(
                 masks, sizes, box_in_image.split(tiles_per_image), rows.split(tiles_per_image), cols.split(tiles_per_image)
             )
         ])
-        refined = filter_with_statistics(crops(guides), crop_valid, crops(mean), crops(inverse), sources, self.radius)
-        centre = slice(margin, margin + tile)
-        rows, cols = rows[:, centre], cols[:, :, centre]
+        rows_near, cols_near = rows_read[:, near], cols_read[:, :, near]
+        refined = filter_with_statistics(
+            crops(guides, rows_read, cols_read), crop_valid, crops(mean, rows_near, cols_near),
+            crops(inverse, rows_near, cols_near), sources, self.radius,
+        )
+        in_crop, in_refined = slice(margin, margin + tile), slice(margin - self.radius, margin - self.radius + tile)
+        rows, cols = rows[:, in_crop], cols[:, :, in_crop]
         box = all_boxes.to(device, torch.float32)[box_of_tile][:, :, None, None]
         centre_y, centre_x = rows + 0.5, cols + 0.5
         inside = (centre_y >= box[:, 1]) & (centre_y <= box[:, 3]) & (centre_x >= box[:, 0]) & (centre_x <= box[:, 2])
-        kept = refined[:, centre, centre].clamp_(0.0, 1.0) * inside * crop_valid[:, 0, centre, centre]
+        kept = refined[:, in_refined, in_refined].clamp_(0.0, 1.0) * inside * crop_valid[:, 0, in_crop, in_crop]
         out[box_of_tile[:, None, None], rows, cols] = kept
