@@ -223,6 +223,35 @@ _C.MODEL.BOX_TEACHER.REFINE_RADIUS = 0
 # Regularisation of the filter for colours in [0, 1] (larger: follows weaker edges less).
 _C.MODEL.BOX_TEACHER.REFINE_EPS = 0.01
 
+# The student's detector (the teacher is the EMA of a network built alike): "CondInst" (the
+# release) or "MaskRCNN" (torchvision's, MODEL.MASK_RCNN.*; its mask head learns from the pseudo
+# masks with Mask R-CNN's cross-entropy and from the boxes with BoxInst's terms on the RoI grid).
+_C.MODEL.BOX_TEACHER.STUDENT = "CondInst"
+
+# ---------------------------------------------------------------------------------------
+# Mask R-CNN (MODEL.META_ARCHITECTURE "MaskRCNN", or BoxTeacher with STUDENT "MaskRCNN"):
+# torchvision's network on MODEL.RESNETS.DEPTH / NORM, MODEL.BACKBONE.FREEZE_AT,
+# MODEL.FPN.OUT_CHANNELS and MODEL.FCOS.NUM_CLASSES (the number of classes of every network).
+# ---------------------------------------------------------------------------------------
+_C.MODEL.MASK_RCNN = CN()
+# 1: maskrcnn_resnet50_fpn's heads; 2: maskrcnn_resnet50_fpn_v2's (BatchNorm in the FPN and
+# the heads, a two-convolution RPN head, a four-convolution box head).
+_C.MODEL.MASK_RCNN.VERSION = 1
+_C.MODEL.RPN = CN()
+# Proposals kept per image after the RPN's NMS.
+_C.MODEL.RPN.POST_NMS_TOPK_TRAIN = 2000
+_C.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
+_C.MODEL.ROI_HEADS = CN()
+# RoIs sampled per image for the box and class losses, and the positives' share of them.
+_C.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 512
+_C.MODEL.ROI_HEADS.POSITIVE_FRACTION = 0.25
+_C.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.05
+_C.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.5
+_C.MODEL.ROI_BOX_HEAD = CN()
+_C.MODEL.ROI_BOX_HEAD.FC_DIM = 1024
+_C.MODEL.ROI_MASK_HEAD = CN()
+_C.MODEL.ROI_MASK_HEAD.CONV_DIM = 256
+
 # ---------------------------------------------------------------------------------------
 # Input
 # ---------------------------------------------------------------------------------------
@@ -319,6 +348,8 @@ _C.SOLVER.AMP.PRECISION = "auto"
 _C.TEST = CN()
 # Evaluate every this many iterations (0 = only after training).
 _C.TEST.EVAL_PERIOD = 0
+# Detections kept per image (Mask R-CNN; CondInst's is MODEL.FCOS.POST_NMS_TOPK_TEST).
+_C.TEST.DETECTIONS_PER_IMAGE = 100
 
 # ---------------------------------------------------------------------------------------
 # Misc

@@ -124,6 +124,15 @@ RANGES: dict[str, Range] = {
     "MODEL.BOXINST.PAIRWISE.COLOR_THRESH": unit(),  # LAB similarity exp(-d / 2) is in (0, 1]
     # BoxTeacher
     "MODEL.BOX_TEACHER.IOU_THR": unit(),
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN": at_least(1),
+    "MODEL.RPN.POST_NMS_TOPK_TEST": at_least(1),
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": at_least(1),
+    "MODEL.ROI_HEADS.POSITIVE_FRACTION": unit(),
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST": unit(),
+    "MODEL.ROI_HEADS.NMS_THRESH_TEST": unit(),
+    "MODEL.ROI_BOX_HEAD.FC_DIM": at_least(1),
+    "MODEL.ROI_MASK_HEAD.CONV_DIM": at_least(1),
+    "TEST.DETECTIONS_PER_IMAGE": at_least(1),
     "MODEL.BOX_TEACHER.SCORE_THR": unit(),
     "MODEL.BOX_TEACHER.MOMENTUM": unit(),
     "MODEL.BOX_TEACHER.EMA_HORIZON": at_least(0),  # 0: off
@@ -168,6 +177,7 @@ CHECKED_ELSEWHERE: dict[str, str] = {
     "MODEL.BOXINST.GT_MASK_FRACTION": "[0, 1]: checked with GT_MASKS in config/supervision.py",
     "MODEL.BOX_TEACHER.REFINE_RADIUS": ">= 0: checked in build.py with REFINE_EPS",
     "MODEL.BOX_TEACHER.REFINE_EPS": "> 0: checked in build.py with REFINE_RADIUS",
+    "MODEL.MASK_RCNN.VERSION": "1 or 2: checked by the Mask R-CNN builder",
     "SEED": "any integer: negative means drawn at random",
 }
 

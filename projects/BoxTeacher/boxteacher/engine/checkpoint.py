@@ -30,7 +30,7 @@ from ..utils import comm
 from ..utils.env import get_rng_state, set_rng_state
 from ..utils.io import atomic_open
 from .train_loop import unwrap_model
-from .weight_files import CheckpointError, read_model_weights
+from .weight_files import RESNET_PREFIX, CheckpointError, read_model_weights
 
 __all__ = [
     "Checkpointer",
@@ -67,20 +67,39 @@ def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return dict(state_dict)
 
 
+#: Where a torchvision detection backbone (``BackboneWithFPN``, e.g. of Mask R-CNN) keeps its ResNet.
+TORCHVISION_RESNET_PREFIX = "backbone.body."
+
+
+def _rehome_resnet(
+    state_dict: dict[str, Any], model_state: Mapping[str, Any], prefix: str
+) -> dict[str, Any]:
+    """A ResNet-only checkpoint (ImageNet weights, read under ``RESNET_PREFIX``) moved under
+    ``TORCHVISION_RESNET_PREFIX`` when the model has none of the checkpoint's keys but has them
+    under that prefix; else ``state_dict`` unchanged. ``prefix`` is the network the checkpoint
+    was placed in ("student." for a one-network checkpoint in BoxTeacher, else "")."""
+    ours, theirs = prefix + RESNET_PREFIX, prefix + TORCHVISION_RESNET_PREFIX
+    if not all(key.startswith(ours) for key in state_dict) or any(key in model_state for key in state_dict):
+        return state_dict
+    moved = {theirs + key[len(ours):]: value for key, value in state_dict.items()}
+    return moved if any(key in model_state for key in moved) else state_dict
+
+
 def _keys_of_model(
     state_dict: dict[str, Any], model_state: Mapping[str, Any], prefix: str, source: str
 ) -> tuple[dict[str, Any], bool]:
     """The checkpoint renamed to the model's keys, and whether it is one network loaded into a
     model of several. A model made of several networks (BoxTeacher) loads a one-network
     checkpoint into the network ``prefix`` names (e.g. "student."); a one-network model takes
-    the teacher of a BoxTeacher checkpoint (the network BoxTeacher evaluates with)."""
+    the teacher of a BoxTeacher checkpoint (the network BoxTeacher evaluates with). ImageNet
+    weights go into the model's ResNet, ours or torchvision's (``_rehome_resnet``)."""
     one_network = bool(prefix) and not any(key in model_state for key in state_dict)
     if one_network:
         state_dict = {prefix + key: value for key, value in state_dict.items()}
     if not any(key in model_state for key in state_dict) and any(k.startswith("teacher.") for k in state_dict):
         logger.info("'%s' is a teacher-student checkpoint: loading its teacher.", source)
         state_dict = {k[len("teacher."):]: v for k, v in state_dict.items() if k.startswith("teacher.")}
-    return state_dict, one_network
+    return _rehome_resnet(state_dict, model_state, prefix if one_network else ""), one_network
 
 
 def _loadable_tensors(
@@ -139,7 +158,8 @@ def load_model_weights(
             every key is removed. A ``MultiNetworkCheckpointing`` model takes a checkpoint of
             one network under its ``single_network_prefix`` and is told which keys were loaded
             (``on_weights_loaded``); another model takes the ``teacher.`` part of a
-            teacher-student checkpoint.
+            teacher-student checkpoint. ImageNet weights (read under ``RESNET_PREFIX``) load
+            into ``TORCHVISION_RESNET_PREFIX`` when the model keeps its ResNet there.
         source: where the weights come from, for the messages.
 
     Tensors whose shape differs from the model's are skipped with a warning; missing and

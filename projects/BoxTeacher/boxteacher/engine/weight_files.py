@@ -12,7 +12,10 @@ project's parameter names.
   that converts a trusted file once: ``tools/convert_weights.py --trust-pickle IN OUT``.
 * detectron2 / AdelaiDet names (``backbone.bottom_up.res2.0.conv1.norm.weight``,
   ``backbone.fpn_lateral3``) are renamed to this project's (torchvision ResNet, torchvision FPN);
-  a file holding only a ResNet (ImageNet weights) is placed under ``backbone.bottom_up.``.
+  a file holding only a ResNet (ImageNet weights) is placed under ``RESNET_PREFIX``
+  (``load_model_weights`` moves it to where a torchvision detection backbone keeps its ResNet).
+* torchvision detection models (Mask R-CNN) keep their names; the FPN and RPN convolutions of
+  files saved by older torchvision (``backbone.fpn.inner_blocks.0.weight``) get today's names.
 """
 from __future__ import annotations
 
@@ -132,15 +135,29 @@ def detectron2_to_project_name(name: str) -> str:
     return name.replace("backbone.top_block.", "backbone.fpn.extra_blocks.")
 
 
+def torchvision_legacy_to_current_name(name: str) -> str:
+    """Name in a torchvision detection model saved by older torchvision -> today's, where the FPN
+    and RPN convolutions are ``Conv2dNormActivation`` blocks (``backbone.fpn.inner_blocks.0.weight``
+    -> ``backbone.fpn.inner_blocks.0.0.weight``, ``rpn.head.conv.bias`` -> ``rpn.head.conv.0.0.bias``).
+    torchvision renames these in ``_load_from_state_dict``, which only sees the keys the model has."""
+    name = re.sub(r"(^|\.)fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(weight|bias)$", r"\1fpn.\2.\3.0.\4", name)
+    return re.sub(r"(^|\.)rpn\.head\.conv\.(weight|bias)$", r"\1rpn.head.conv.0.0.\2", name)
+
+
 _RESNET_ONLY = re.compile(r"^(conv1\.|bn1\.|layer\d\.|fc\d*\.)")
+
+#: Where a ResNet-only state dict (ImageNet weights) is placed: the ResNet of our CondInst backbone.
+RESNET_PREFIX = "backbone.bottom_up."
 
 
 def to_project_names(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Rename to this project's names; a ResNet-only state dict (ImageNet weights) goes under
-    ``backbone.bottom_up.`` and loses its classifier (``fc``)."""
-    renamed = {detectron2_to_project_name(k): v for k, v in state_dict.items()}
+    ``RESNET_PREFIX`` and loses its classifier (``fc``)."""
+    renamed = {
+        torchvision_legacy_to_current_name(detectron2_to_project_name(k)): v for k, v in state_dict.items()
+    }
     if renamed and all(_RESNET_ONLY.match(k) for k in renamed):
-        renamed = {f"backbone.bottom_up.{k}": v for k, v in renamed.items() if not k.startswith("fc")}
+        renamed = {RESNET_PREFIX + k: v for k, v in renamed.items() if not k.startswith("fc")}
     return {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in renamed.items()}
 
 

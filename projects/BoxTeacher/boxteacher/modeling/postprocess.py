@@ -83,32 +83,51 @@ def paste_masks(
     chunk_pixels: int = PASTE_CHUNK_PIXELS,
     encode: Callable[[torch.Tensor], list[Any]] | None = None,
 ) -> tuple[torch.Tensor | list[Any], torch.Tensor]:
-    """Binary masks at ``output_size`` and mean foreground probabilities of detections, with the
-    float probabilities at the output resolution bounded by ``chunk_pixels`` values (or one
-    detection's, if more), not by detections x output pixels. With ``encode`` (a chunk's bool
+    """Binary masks at ``output_size`` and mean foreground probabilities of detections whose
+    probabilities ``mask_probs`` (M, 1, H/stride, W/stride) cover the padded input (unpadded
+    size ``input_size``): ``binarise_in_chunks`` of ``upsample_mask_probs``. Masks are not
+    clipped to boxes (CondInst's masks may extend past their box)."""
+
+    def probabilities(chunk: slice) -> torch.Tensor:
+        probs = upsample_mask_probs(mask_probs[chunk], stride, input_size, output_size)
+        # Without resampling, a view of mask_probs, which binarise_in_chunks zeroes in place.
+        return probs.clone() if stride == 1 and tuple(input_size) == tuple(output_size) else probs
+
+    return binarise_in_chunks(mask_probs.shape[0], probabilities, output_size, threshold, chunk_pixels, encode,
+                              mask_probs.device, mask_probs.dtype)
+
+
+def binarise_in_chunks(
+    num: int,
+    probabilities: Callable[[slice], torch.Tensor],
+    output_size: tuple[int, int],
+    threshold: float,
+    chunk_pixels: int = PASTE_CHUNK_PIXELS,
+    encode: Callable[[torch.Tensor], list[Any]] | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor | list[Any], torch.Tensor]:
+    """Binary masks at ``output_size`` and mean foreground probabilities of ``num`` detections,
+    with the float probabilities at the output resolution bounded by ``chunk_pixels`` values (or
+    one detection's, if more), not by detections x output pixels. With ``encode`` (a chunk's bool
     masks (c, out_h, out_w) -> c encoded masks, e.g. COCO RLEs), the masks are handed over a
     chunk at a time and returned encoded, so that nothing at the output resolution outlives its
     chunk.
 
-    ``upsample_mask_probs`` runs on chunks of detections; each chunk's probabilities give its
-    masks (probability > ``threshold``) and, zeroed in place outside them, the masks' mean
-    probabilities (as ``mean_foreground_probability`` with no box), then are freed. The results
-    equal those of upsampling all the detections at once.
-    Masks are not clipped to boxes (CondInst's masks may extend past their box).
-
-    mask_probs: (M, 1, H/stride, W/stride) over the padded input; input_size: its unpadded
-    (h, w). Returns masks (M, out_h, out_w) bool (or M encoded masks) and mean probabilities (M,).
+    probabilities: the (c, out_h, out_w) probabilities of a slice of the detections (a fresh
+    tensor: it is zeroed in place). Each chunk's probabilities give its masks (probability >
+    ``threshold``) and, zeroed outside them, the masks' mean probabilities (as
+    ``mean_foreground_probability`` with no box), then are freed. The results equal those of all
+    the detections at once. Returns masks (num, out_h, out_w) bool (or num encoded masks) and
+    mean probabilities (num,).
     """
     out_h, out_w = output_size
-    num = mask_probs.shape[0]
-    masks = [] if encode else torch.empty((num, out_h, out_w), dtype=torch.bool, device=mask_probs.device)
-    means = mask_probs.new_empty((num,))
+    masks = [] if encode else torch.empty((num, out_h, out_w), dtype=torch.bool, device=device)
+    means = torch.empty((num,), dtype=dtype, device=device)
     step = max(1, chunk_pixels // max(1, out_h * out_w))
     for start in range(0, num, step):
         chunk = slice(start, start + step)
-        probs = upsample_mask_probs(mask_probs[chunk], stride, input_size, output_size)
-        if stride == 1 and tuple(input_size) == tuple(output_size):
-            probs = probs.clone()  # otherwise a view of mask_probs, zeroed in place below
+        probs = probabilities(chunk)
         foreground = torch.gt(probs, threshold) if encode else torch.gt(probs, threshold, out=masks[chunk])
         # One count per mask: summing the (c, h, w) bools at once first copies them as int64.
         count = torch.stack([torch.count_nonzero(m) for m in foreground]).to(probs.dtype)

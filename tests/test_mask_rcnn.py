@@ -1,0 +1,151 @@
+"""torchvision's Mask R-CNN as a detector of the project and as BoxTeacher's student and teacher:
+the RoI-grid losses, the pasting of RoI masks, the teacher protocol, training steps, checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.roi_heads import maskrcnn_loss, project_masks_on_boxes
+
+from boxteacher.build import build_model
+from boxteacher.engine.checkpoint import load_model_weights
+from boxteacher.modeling.boxteacher import with_pseudo_labels
+from boxteacher.modeling.mask_rcnn import MaskRCNN, MaskRCNNTeacherView
+from boxteacher.modeling.roi_masks import RoIMaskSupervision, box_masks_in_rois, paste_roi_maps
+from boxteacher.modeling.teacher import TeacherPass
+from tiny_models import sample, tiny_cfg, two_view_batch
+
+MASK_RCNN = [
+    "MODEL.META_ARCHITECTURE", "MaskRCNN",
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", "64", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.FPN.OUT_CHANNELS", "16", "MODEL.ROI_BOX_HEAD.FC_DIM", "32", "MODEL.ROI_MASK_HEAD.CONV_DIM", "16",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.RPN.POST_NMS_TOPK_TEST", "32",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+]
+BOXTEACHER = MASK_RCNN + [
+    "MODEL.META_ARCHITECTURE", "BoxTeacher", "MODEL.BOX_TEACHER.STUDENT", "MaskRCNN", "MODEL.BOXINST.ENABLED", "True",
+]
+
+
+def masked_batch() -> list[dict]:
+    return [sample(64, 64, [(8, 8, 40, 40), (30, 30, 60, 60)], [0, 2], seed=1), sample(48, 64, [(4, 4, 30, 40)], [1], seed=2)]
+
+
+def test_pasted_roi_maps_fill_their_box_and_nothing_beyond_one_cell():
+    boxes = torch.tensor([[10.0, 20.0, 38.0, 48.0]])
+    pasted = paste_roi_maps(torch.ones(1, 28, 28), boxes, (64, 64))[0]
+    assert torch.allclose(pasted[21:47, 11:37], torch.ones(26, 26))  # inside: one cell per pixel here
+    assert pasted[:19].abs().max() == 0 and pasted[:, 39:].abs().max() == 0
+    ramp = torch.arange(28.0).repeat(28, 1)  # value = column index
+    pasted = paste_roi_maps(ramp[None], boxes, (64, 64))[0]
+    assert torch.allclose(pasted[30, 11:37], torch.arange(11, 37) - 10 + 0.5 - 0.5)
+
+
+def test_box_masks_on_the_roi_grid():
+    rois = torch.tensor([[0.0, 0.0, 28.0, 28.0]])
+    inside = box_masks_in_rois(rois, torch.tensor([[0.0, 0.0, 14.0, 28.0]]), 28)[0]
+    assert inside[:, :14].all() and not inside[:, 14:].any()
+
+
+def test_mask_loss_with_every_instance_masked_is_torchvisions():
+    torch.manual_seed(0)
+    masks = [torch.rand(2, 40, 50) > 0.5, torch.rand(1, 30, 30) > 0.5]
+    rois = [torch.tensor([[2.0, 3.0, 30.0, 35.0], [0.0, 0.0, 49.0, 39.0], [5.0, 5.0, 20.0, 20.0]]),
+            torch.tensor([[1.0, 1.0, 25.0, 28.0]])]
+    matched = [torch.tensor([0, 1, 1]), torch.tensor([0])]
+    logits = torch.randn(4, 3, 28, 28)
+    labels = [torch.tensor([1, 2, 2]), torch.tensor([1])]  # of the matched instances
+    expected = maskrcnn_loss(logits, rois, masks, [torch.tensor([1, 2]), torch.tensor([1])], matched)
+    instances = [{"boxes": torch.zeros(2, 4), "masks": masks[0]}, {"boxes": torch.zeros(1, 4), "masks": masks[1]}]
+    ours = RoIMaskSupervision(mask_key="masks").losses(
+        logits[torch.arange(4), torch.cat(labels)], torch.cat(rois), [0, 0, 0, 1], torch.cat(matched), instances, [], 0
+    )
+    assert torch.allclose(ours["loss_mask"], expected)
+
+
+def test_pseudo_mask_loss_is_weighted_per_instance_and_skips_instances_without_one():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 28, 28)
+    rois = torch.tensor([[0.0, 0.0, 28.0, 28.0]] * 3)
+    pseudo = torch.zeros(2, 28, 28)
+    pseudo[0, 5:20, 5:20] = 1
+    pseudo[1, :, :10] = 1
+    instances = [{"boxes": torch.tensor([[0.0, 0.0, 28.0, 28.0]] * 2), "pseudo_masks": pseudo,
+                  "pseudo_weights": torch.tensor([0.25, 0.0])}]
+    supervision = RoIMaskSupervision(mask_key="pseudo_masks")
+    losses = supervision.losses(logits, rois, [0, 0, 0], torch.tensor([0, 0, 1]), instances, [], 0)
+    targets = project_masks_on_boxes(pseudo, rois[:2], torch.tensor([0, 0]), 28)  # as torchvision samples masks
+    per_roi = F.binary_cross_entropy_with_logits(logits[:2], targets, reduction="none").mean(dim=(1, 2))
+    assert torch.allclose(losses["loss_mask"], 0.25 * per_roi.sum() / 2)
+    instances[0]["pseudo_masks"] = torch.stack([pseudo[0], 1 - pseudo[1]])  # the weight-0 instance changes
+    again = supervision.losses(logits, rois, [0, 0, 0], torch.tensor([0, 0, 1]), instances, [], 0)
+    assert torch.equal(again["loss_mask"], losses["loss_mask"])
+
+
+def test_supervision_refuses_to_learn_nothing():
+    with pytest.raises(ValueError, match="mask targets or the box terms"):
+        RoIMaskSupervision(mask_key=None)
+
+
+def test_mask_rcnn_trains_evaluates_and_round_trips_a_checkpoint():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(*MASK_RCNN))
+    assert isinstance(model, MaskRCNN)
+    model.train()
+    losses = model(masked_batch(), iteration=0)
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+    sum(losses.values()).backward()
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.weight.grad.abs().sum() > 0
+    model.eval()
+    batch = [{**s, "height": 96, "width": 128} for s in masked_batch()]
+    out = model(batch)[0]["instances"]
+    assert out["masks"].shape[1:] == (96, 128) and out["masks"].dtype == torch.bool
+    assert out["labels"].max() < 3 and len(out["boxes"]) == len(out["scores"]) > 0
+    torch.manual_seed(1)
+    other = build_model(tiny_cfg(*MASK_RCNN)).eval()
+    load_model_weights(other, {"model": model.state_dict()}, "memory")
+    again = other(batch)[0]["instances"]
+    assert torch.equal(again["boxes"], out["boxes"]) and torch.equal(again["masks"], out["masks"])
+
+
+def test_mask_rcnn_from_boxes_learns_from_the_box_terms():
+    model = build_model(tiny_cfg(*MASK_RCNN, "MODEL.BOXINST.ENABLED", "True")).train()
+    batch = [{**s, "instances": {k: v for k, v in s["instances"].items() if k != "masks"}} for s in masked_batch()]
+    losses = model(batch, iteration=0)
+    assert {"loss_prj", "loss_pairwise"} <= set(losses) and "loss_mask" not in losses
+    assert losses["loss_prj"] > 0
+
+
+def test_mask_rcnn_teacher_view_follows_the_protocol():
+    torch.manual_seed(0)
+    detector = build_model(tiny_cfg(*MASK_RCNN))
+    detector.train()
+    view = MaskRCNNTeacherView(detector, TeacherPass(min_size=64, max_size=64, post_nms_topk=10))
+    batch = two_view_batch()
+    outputs = view.forward_teacher(batch)
+    assert detector.training  # its mode is restored
+    for out, s in zip(outputs, batch):
+        m = out["boxes"].shape[0]
+        assert 0 < m <= 10
+        assert out["mask_probs"].shape == (m, *s["image"].shape[-2:])
+        assert out["scores"].shape == out["mask_scores"].shape == (m,)
+        h, w = s["image"].shape[-2:]
+        assert (out["boxes"][:, 2] <= w).all() and (out["boxes"][:, 3] <= h).all()
+        assert (out["mask_probs"] >= 0).all() and (out["mask_probs"] <= 1 + 1e-6).all()
+
+
+def test_boxteacher_with_a_mask_rcnn_student_trains_on_its_pseudo_masks():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(*BOXTEACHER))
+    assert isinstance(model.student, MaskRCNN) and isinstance(model.teacher, MaskRCNN)
+    assert isinstance(model.teacher_view, MaskRCNNTeacherView)
+    model.train()
+    batch = two_view_batch()
+    labels = model.pseudo_label(batch)
+    assert [tuple(x["masks"].shape) for x in labels] == [(2, 64, 64), (1, 48, 64)]
+    losses = model.student(with_pseudo_labels(batch, labels), iteration=10000)
+    assert {"loss_mask", "loss_mask_affinity", "loss_prj", "loss_pairwise"} <= set(losses)
+    total = model(batch, iteration=0)
+    sum(v for k, v in total.items() if k.startswith("loss")).backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
