@@ -149,3 +149,57 @@ def test_boxteacher_with_a_mask_rcnn_student_trains_on_its_pseudo_masks():
     total = model(batch, iteration=0)
     sum(v for k, v in total.items() if k.startswith("loss")).backward()
     assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def trained_network_files(tmp_path, overrides: list[str], name: str) -> tuple[str, str, torch.nn.Module]:
+    """A config file and a weight file of a network of ``overrides`` (as a trained one would
+    leave), and the network."""
+    cfg = tiny_cfg(*overrides)
+    network = build_model(cfg)
+    config_file, weights = tmp_path / f"{name}.yaml", tmp_path / f"{name}.pth"
+    config_file.write_text(cfg.dump())
+    torch.save({"model": network.state_dict()}, weights)
+    return str(config_file), str(weights), network
+
+
+@pytest.mark.parametrize("teacher, student", [("CondInst", "MaskRCNN"), ("MaskRCNN", "CondInst")])
+def test_a_frozen_teacher_of_another_detector_teaches_a_student(tmp_path, teacher, student):
+    from boxteacher.build import architecture_spec
+    from boxteacher.modeling.meta_arch import CondInst
+
+    torch.manual_seed(0)
+    teacher_overrides = MASK_RCNN if teacher == "MaskRCNN" else ["MODEL.META_ARCHITECTURE", "CondInst"]
+    config_file, weights, trained = trained_network_files(tmp_path, teacher_overrides, teacher)
+    student_overrides = MASK_RCNN if student == "MaskRCNN" else []
+    cfg = tiny_cfg(*student_overrides, "MODEL.META_ARCHITECTURE", "BoxTeacher", "MODEL.BOXINST.ENABLED", "True",
+                   "MODEL.BOX_TEACHER.STUDENT", student, "MODEL.BOX_TEACHER.TEACHER_CONFIG", config_file,
+                   "MODEL.BOX_TEACHER.TEACHER_WEIGHTS", weights, "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64")
+    assert not architecture_spec(cfg).ema_teacher  # no EMA hook
+    model = build_model(cfg)
+    kinds = {"CondInst": CondInst, "MaskRCNN": MaskRCNN}
+    assert isinstance(model.teacher, kinds[teacher]) and isinstance(model.student, kinds[student])
+    for name, value in trained.state_dict().items():
+        assert torch.equal(model.teacher.state_dict()[name], value), name
+    model.train()
+    losses = model(two_view_batch(), iteration=5000)
+    sum(v for k, v in losses.items() if k.startswith("loss")).backward()
+    assert "loss_mask" in losses and all(p.grad is None for p in model.teacher.parameters())
+    model.on_weights_loaded(["student.x"])  # a one-network checkpoint does not overwrite the teacher
+    assert all(torch.equal(model.teacher.state_dict()[k], v) for k, v in trained.state_dict().items())
+    model.eval()
+    assert not model.use_teacher_inference  # the frozen teacher is not what trains: the student is evaluated
+    again = build_model(cfg)
+    load_model_weights(again, {"model": model.state_dict()}, "memory")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_frozen_teacher_needs_its_weights(tmp_path):
+    config_file, _, _ = trained_network_files(tmp_path, ["MODEL.META_ARCHITECTURE", "CondInst"], "teacher")
+    cfg = tiny_cfg(*BOXTEACHER, "MODEL.BOX_TEACHER.TEACHER_CONFIG", config_file)
+    with pytest.raises(ValueError, match="MODEL.BOX_TEACHER.TEACHER_WEIGHTS"):
+        build_model(cfg)
+
+
+def test_an_unknown_student_names_the_key():
+    with pytest.raises(ValueError, match="MODEL.BOX_TEACHER.STUDENT"):
+        build_model(tiny_cfg(*BOXTEACHER, "MODEL.BOX_TEACHER.STUDENT", "YOLO"))

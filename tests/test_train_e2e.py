@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from boxteacher.build import build_model
 from boxteacher.config import load_config
 from boxteacher.config.defaults import _C
 from boxteacher.data.catalog import get_dataset_records
@@ -22,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs/quickstart/condinst_shapes.yaml")
 QUICKSTART_BOXINST = str(REPO / "configs/quickstart/boxinst_shapes.yaml")
 QUICKSTART_BOXTEACHER = str(REPO / "configs/quickstart/boxteacher_shapes.yaml")
+QUICKSTART_BOXTEACHER_MASKRCNN = str(REPO / "configs/maskrcnn/boxteacher_maskrcnn_shapes.yaml")
 SMALL_RUN = ["MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "4"]
 
 
@@ -80,8 +82,31 @@ def test_boxteacher_training_lowers_the_loss_evaluates_and_reads_every_config_ke
     assert any("param_diff" in line for line in lines) and any("loss_avg" in line for line in lines)
     assert (tmp_path / "inference/shapes_val/coco_instances_results.json").is_file()
 
+    # The keys of the other detector and of a frozen teacher: read when one is built.
+    teacher_cfg = load_config(QUICKSTART, ["MODEL.DEVICE", "cpu"])
+    (tmp_path / "teacher.yaml").write_text(teacher_cfg.dump())
+    torch.save(build_model(teacher_cfg).state_dict(), tmp_path / "teacher.pth")
+    cfg = RecordingCfgNode(load_config(QUICKSTART_BOXTEACHER_MASKRCNN, [
+        "MODEL.DEVICE", "cpu", "MODEL.BOX_TEACHER.TEACHER_CONFIG", str(tmp_path / "teacher.yaml"),
+        "MODEL.BOX_TEACHER.TEACHER_WEIGHTS", str(tmp_path / "teacher.pth"),
+    ]))
+    cfg.freeze()
+    build_model(cfg)
+
     unread = sorted(set(leaf_keys(_C)) - RECORDED_READS)
     assert not unread, f"config keys that no code reads: {unread}"
+
+
+def test_boxteacher_with_a_mask_rcnn_student_trains_and_evaluates(tmp_path):
+    trainer = make_trainer(SMALL_RUN + ["SOLVER.MAX_ITER", "30", "SEED", "0", "OUTPUT_DIR", str(tmp_path)],
+                           QUICKSTART_BOXTEACHER_MASKRCNN)
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    first, last = mean_losses(trainer, "loss_prj")
+    assert last < 0.8 * first, (first, last)
+    assert set(results) == {"bbox", "segm"} and 0 <= results["segm"]["AP"] <= 100
+    lines = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert any("ema_momentum" in line for line in lines)  # the EMA teacher of a Mask R-CNN
 
 
 class StopAfter(HookBase):

@@ -39,7 +39,7 @@ from .modeling.pairwise import neighbour_offsets
 from .modeling.pseudo_labels import PseudoLabeler
 from .modeling.roi_masks import RoIMaskSupervision
 from .modeling.supervision import LossWeights, MaskSupervision, Route, SupervisionKind
-from .modeling.teacher import TeacherPass, TeacherView
+from .modeling.teacher import TeacherPass, TeacherProtocol, TeacherView
 from .utils.env import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -301,7 +301,8 @@ def _boxteacher_spec(cfg: CfgNode) -> ArchitectureSpec:
             "student is BoxInst, trained from boxes (and the teacher's pseudo masks), never from "
             "mask annotations alone."
         )
-    return ArchitectureSpec(box_supervised=True, student_view=True, teacher_student=True)
+    return ArchitectureSpec(box_supervised=True, student_view=True, teacher_student=True,
+                            ema_teacher=not cfg.MODEL.BOX_TEACHER.TEACHER_CONFIG)
 
 
 @register_architecture(_boxteacher_spec)
@@ -312,19 +313,54 @@ def BoxTeacher(cfg: CfgNode) -> boxteacher.BoxTeacher:  # noqa: N802 (registered
 
 def _boxteacher(cfg: CfgNode, teacher_eval_mode: bool | None = None) -> boxteacher.BoxTeacher:
     t = cfg.MODEL.BOX_TEACHER
-    if t.STUDENT not in _BOXTEACHER_NETWORKS:
-        raise ValueError(f"MODEL.BOX_TEACHER.STUDENT must be one of {sorted(_BOXTEACHER_NETWORKS)}, got {t.STUDENT!r}")
-    network, view = _BOXTEACHER_NETWORKS[t.STUDENT]
-    teacher = network(cfg)
+    network, view = _boxteacher_network_kind(cfg, "MODEL.BOX_TEACHER.STUDENT", t.STUDENT)
+    if t.TEACHER_CONFIG:
+        teacher, teacher_view = _frozen_teacher(cfg)
+    else:
+        teacher = network(cfg)  # first, as the release: the same initialisations from a seed
+        teacher_view = view(teacher, teacher_pass(cfg))
     student = network(cfg)
+    frozen = bool(t.TEACHER_CONFIG)
     return boxteacher.BoxTeacher(
         student,
         teacher,
-        teacher_view=view(teacher, teacher_pass(cfg)),
+        teacher_view=teacher_view,
         labeler=pseudo_labeler(cfg),
-        teacher_eval_mode=t.TEACHER_EVAL if teacher_eval_mode is None else teacher_eval_mode,
-        use_teacher_inference=t.USE_TEACHER_INFERENCE,
+        teacher_eval_mode=frozen or (t.TEACHER_EVAL if teacher_eval_mode is None else teacher_eval_mode),
+        use_teacher_inference=t.USE_TEACHER_INFERENCE and not frozen,
+        frozen_teacher=frozen,
     )
+
+
+def _boxteacher_network_kind(cfg: CfgNode, key: str, name: str) -> tuple[Callable[[CfgNode], nn.Module], Callable]:
+    """The network builder and teacher view of a BoxTeacher network named ``name`` (the value of
+    ``key``); ValueError naming the key for another name."""
+    if name not in _BOXTEACHER_NETWORKS:
+        raise ValueError(f"{key} must be one of {sorted(_BOXTEACHER_NETWORKS)}, got {name!r}")
+    return _BOXTEACHER_NETWORKS[name]
+
+
+def _frozen_teacher(cfg: CfgNode) -> tuple[nn.Module, TeacherProtocol]:
+    """The network of ``MODEL.BOX_TEACHER.TEACHER_CONFIG`` (a CondInst / BoxInst, BoxTeacher or
+    MaskRCNN config: the detector it trains) with the weights of ``TEACHER_WEIGHTS``, and its
+    teacher view with this config's teacher pass."""
+    from .config import load_config
+    from .engine.checkpoint import load_model_weights
+    from .engine.weight_files import read_model_weights
+
+    t = cfg.MODEL.BOX_TEACHER
+    if not t.TEACHER_WEIGHTS:
+        raise ValueError(
+            f"MODEL.BOX_TEACHER.TEACHER_WEIGHTS is empty: the frozen teacher of TEACHER_CONFIG "
+            f"'{t.TEACHER_CONFIG}' needs the weights of a trained network."
+        )
+    teacher_cfg = load_config(t.TEACHER_CONFIG, ["MODEL.DEVICE", cfg.MODEL.DEVICE])
+    m = teacher_cfg.MODEL
+    name = m.BOX_TEACHER.STUDENT if m.META_ARCHITECTURE == "BoxTeacher" else m.META_ARCHITECTURE
+    network, view = _boxteacher_network_kind(teacher_cfg, f"MODEL.META_ARCHITECTURE of '{t.TEACHER_CONFIG}'", name)
+    teacher = network(teacher_cfg)
+    load_model_weights(teacher, read_model_weights(t.TEACHER_WEIGHTS), t.TEACHER_WEIGHTS)
+    return teacher, view(teacher, teacher_pass(cfg))
 
 
 def _torchvision_backbone(cfg: CfgNode, fpn_norm: Callable[[int], nn.Module] | None) -> nn.Module:
@@ -340,11 +376,12 @@ def _torchvision_backbone(cfg: CfgNode, fpn_norm: Callable[[int], nn.Module] | N
         )
     widths = (r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS, r.NUM_GROUPS, r.WIDTH_PER_GROUP)
     standard = (64, 64 if r.DEPTH < 50 else 256, 1, 64)
-    if widths != standard or any(r.DEFORM_ON_PER_STAGE):
+    if widths != standard or any(r.DEFORM_ON_PER_STAGE) or (r.DEPTH >= 50 and r.STRIDE_IN_1X1):
         raise ValueError(
             "Mask R-CNN's torchvision ResNet has the standard widths: MODEL.RESNETS.STEM_OUT_CHANNELS, "
             f"RES2_OUT_CHANNELS, NUM_GROUPS, WIDTH_PER_GROUP must be {standard} at depth {r.DEPTH} (got "
-            f"{widths}), and DEFORM_ON_PER_STAGE all False."
+            f"{widths}), DEFORM_ON_PER_STAGE all False, and STRIDE_IN_1X1 False at depth >= 50 (its "
+            "stride is in the 3x3 convolution)."
         )
     body = getattr(torchvision.models, f"resnet{r.DEPTH}")(weights=None, norm_layer=norms[r.NORM])
     # detectron2's FREEZE_AT: 0 nothing, 1 the stem, k >= 2 the stem and stages res2..res<k>.

@@ -31,8 +31,12 @@ class ArchitectureSpec:
             trainer adds the ``EMAHook`` (the teacher is the moving average of the student), the
             training pictures show the student's predictions and the pseudo labels (see
             ``engine/visualization.py``), and the tools analyse the student.
+        ema_teacher: with ``teacher_student``, the teacher is the moving average of the student
+            (the trainer adds the ``EMAHook``); False: a frozen teacher, possibly of another
+            architecture, loaded from a checkpoint.
     """
 
     box_supervised: bool = False
     student_view: bool = False
     teacher_student: bool = False
+    ema_teacher: bool = True

@@ -227,6 +227,12 @@ _C.MODEL.BOX_TEACHER.REFINE_EPS = 0.01
 # release) or "MaskRCNN" (torchvision's, MODEL.MASK_RCNN.*; its mask head learns from the pseudo
 # masks with Mask R-CNN's cross-entropy and from the boxes with BoxInst's terms on the RoI grid).
 _C.MODEL.BOX_TEACHER.STUDENT = "CondInst"
+# A frozen teacher instead of the EMA: the config file of a trained network (a CondInst, BoxInst,
+# BoxTeacher or MaskRCNN config; its MODEL keys build the teacher, of any architecture) and its
+# weights. The pseudo-labelling settings (MODEL.BOX_TEACHER.*) are this config's; evaluation
+# uses the student.
+_C.MODEL.BOX_TEACHER.TEACHER_CONFIG = ""
+_C.MODEL.BOX_TEACHER.TEACHER_WEIGHTS = ""
 
 # ---------------------------------------------------------------------------------------
 # Mask R-CNN (MODEL.META_ARCHITECTURE "MaskRCNN", or BoxTeacher with STUDENT "MaskRCNN"):

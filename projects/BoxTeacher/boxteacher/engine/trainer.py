@@ -160,7 +160,7 @@ class Trainer(SimpleTrainer):
             ))
         if comm.is_main_process():
             result.append(hooks.PeriodicWriter(self.build_writers(), period=20))
-        if self.spec.teacher_student:
+        if self.spec.teacher_student and self.spec.ema_teacher:
             result.append(hooks.EMAHook(ema_max_momentum(cfg), norm_stats=cfg.MODEL.BOX_TEACHER.TEACHER_EVAL))
         return result
 

@@ -37,6 +37,9 @@ class BoxTeacher(nn.Module):
         teacher_eval_mode: run the teacher pass in eval mode. The original runs it in train
             mode (mask-branch BN with batch statistics), the default here too.
         use_teacher_inference: evaluate with the teacher.
+        frozen_teacher: the teacher is a trained network, possibly of another architecture,
+            whose weights stay as loaded (no EMA): a checkpoint of one network loads into the
+            student alone.
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class BoxTeacher(nn.Module):
         labeler: PseudoLabeler = PseudoLabeler(),
         teacher_eval_mode: bool = False,
         use_teacher_inference: bool = True,
+        frozen_teacher: bool = False,
     ):
         super().__init__()
         self.teacher = teacher
@@ -58,6 +62,7 @@ class BoxTeacher(nn.Module):
         self.labeler = labeler
         self.teacher_eval_mode = teacher_eval_mode
         self.use_teacher_inference = use_teacher_inference
+        self.frozen_teacher = frozen_teacher
 
     @property
     def device(self) -> torch.device:
@@ -120,7 +125,10 @@ class BoxTeacher(nn.Module):
 
     def on_weights_loaded(self, loaded_keys: list[str]) -> None:
         """Without teacher weights in the checkpoint, the teacher starts as a copy of the
-        student (so that evaluating a one-network checkpoint with the teacher works)."""
+        student (so that evaluating a one-network checkpoint with the teacher works); a frozen
+        teacher keeps its own."""
+        if self.frozen_teacher:
+            return
         if loaded_keys and not any(k.startswith("teacher.") for k in loaded_keys):
             logger.warning("No teacher weights were loaded: the teacher starts as a copy of the student.")
             self.teacher.load_state_dict(self.student.state_dict())
