@@ -19,7 +19,14 @@ a canvas of the instances' regions (issue 14): its sums are taken in another ord
 and gradients change in their last bits from the first step (iteration 1 is unchanged to 7
 digits, the losses agree to 6 digits up to iterations 4-6), then this tiny run's drift takes
 over (it sits on the edge of collapse: its pairwise losses fall to about 0 by iteration 10). The
-term itself is checked against the unfold oracle to 1e-10 in float64 (test_modeling_boxinst)."""
+term itself is checked against the unfold oracle to 1e-10 in float64 (test_modeling_boxinst).
+
+The iteration-10 values depend on the CPU as well: the same code and PyTorch build (2.14.1) give
+the pinned iteration-1 values to 7 digits on an AMD EPYC with AVX512 kernels but iteration-10
+values up to 2x apart from those of the machine the pins were first taken on (its kernels sum in
+another order, and the drift above does the rest). Iteration 1 is pinned everywhere; iteration
+10 against the values of the machine's CPU (``PLATFORM_ITERATION_10``), the first machine's
+values elsewhere."""
 from pathlib import Path
 
 import pytest
@@ -83,6 +90,40 @@ PINNED = {
 }
 
 
+# Iteration-10 values of other CPUs: (model name prefix, torch CPU capability) -> name -> loss -> value.
+PLATFORM_ITERATION_10 = {
+    ("AMD EPYC", "AVX512"): {
+        "condinst": {"loss_fcos_cls": 2.192502, "loss_fcos_ctr": 0.6977593, "loss_fcos_loc": 0.5044063, "loss_mask": 0.8361145},
+        "boxinst": {"loss_fcos_cls": 1.707781, "loss_fcos_ctr": 0.6736514, "loss_fcos_loc": 0.8001225,
+                    "loss_pairwise": 2.407879e-10, "loss_prj": 1.259774},
+        "boxteacher": {"loss_fcos_cls": 0.8375036, "loss_fcos_ctr": 0.7067607, "loss_fcos_loc": 0.656459, "loss_mask": 0.3398397,
+                       "loss_mask_affinity": 2.273367e-07, "loss_pairwise": 0.004960919, "loss_prj": 1.245874},
+        "boxinst_mixed": {"loss_fcos_cls": 1.258162, "loss_fcos_ctr": 0.6814294, "loss_fcos_loc": 0.5513483,
+                          "loss_gt_mask": 0.792591, "loss_pairwise": 0.0, "loss_prj": 0.0},
+        "boxteacher_mixed": {"loss_fcos_cls": 0.915468, "loss_fcos_ctr": 0.6656998, "loss_fcos_loc": 0.5578482,
+                             "loss_gt_mask": 0.8341256, "loss_mask": 0.4170628, "loss_mask_affinity": 0.03292289,
+                             "loss_pairwise": 0.0, "loss_prj": 0.0},
+    },
+}
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def iteration_10_values(name: str) -> dict[str, float]:
+    """The pinned iteration-10 losses of run ``name`` on this machine's CPU."""
+    model, capability = cpu_model_name(), torch.backends.cpu.get_cpu_capability()
+    for (prefix, platform_capability), values in PLATFORM_ITERATION_10.items():
+        if model.startswith(prefix) and capability == platform_capability:
+            return values[name]
+    return {loss: last for loss, (_, last) in PINNED[name][2].items()}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def datasets_root(tmp_path_factory):
     with builtin_datasets_under(str(tmp_path_factory.mktemp("datasets"))) as root:
@@ -115,6 +156,7 @@ def test_losses_at_iterations_1_and_10_are_pinned(name, tmp_path, one_thread):
     config, extra, pinned = PINNED[name]
     measured = losses_at_iterations_1_and_10(config, extra, tmp_path)
     assert set(measured) == set(pinned), f"{name}: {sorted(measured)}"
-    for loss, (first, last) in pinned.items():
+    last = iteration_10_values(name)
+    for loss, (first, _) in pinned.items():
         assert measured[loss][0] == pytest.approx(first, rel=1e-5, abs=1e-7), (name, loss, measured[loss])
-        assert measured[loss][1] == pytest.approx(last, rel=1e-4, abs=1e-7), (name, loss, measured[loss])
+        assert measured[loss][1] == pytest.approx(last[loss], rel=1e-4, abs=1e-7), (name, loss, measured[loss])
