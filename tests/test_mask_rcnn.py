@@ -39,7 +39,7 @@ def test_pasted_roi_maps_fill_their_box_and_nothing_beyond_one_cell():
     assert pasted[:19].abs().max() == 0 and pasted[:, 39:].abs().max() == 0
     ramp = torch.arange(28.0).repeat(28, 1)  # value = column index
     pasted = paste_roi_maps(ramp[None], boxes, (64, 64))[0]
-    assert torch.allclose(pasted[30, 11:37], torch.arange(11, 37) - 10 + 0.5 - 0.5)
+    assert torch.allclose(pasted[30, 11:37], torch.arange(1.0, 27.0))  # pixel x reads cell x - 10
 
 
 def test_box_masks_on_the_roi_grid():
