@@ -107,6 +107,9 @@ def test_boxteacher_with_a_mask_rcnn_student_trains_and_evaluates(tmp_path):
     assert set(results) == {"bbox", "segm"} and 0 <= results["segm"]["AP"] <= 100
     lines = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
     assert any("ema_momentum" in line for line in lines)  # the EMA teacher of a Mask R-CNN
+    # Its pass runs in eval mode, so only the EMA moves its BN statistics off the initial 0 / 1.
+    teacher_bn = trainer.model.teacher.backbone.body.bn1
+    assert teacher_bn.running_mean.abs().max() > 1e-3 and (teacher_bn.running_var - 1).abs().max() > 1e-3
 
 
 class StopAfter(HookBase):

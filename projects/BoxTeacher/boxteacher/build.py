@@ -321,12 +321,14 @@ def _boxteacher(cfg: CfgNode, teacher_eval_mode: bool | None = None) -> boxteach
         teacher_view = view(teacher, teacher_pass(cfg))
     student = network(cfg)
     frozen = bool(t.TEACHER_CONFIG)
+    if teacher_eval_mode is None:
+        teacher_eval_mode = t.TEACHER_EVAL or t.STUDENT in _EVAL_MODE_TEACHERS
     return boxteacher.BoxTeacher(
         student,
         teacher,
         teacher_view=teacher_view,
         labeler=pseudo_labeler(cfg),
-        teacher_eval_mode=frozen or (t.TEACHER_EVAL if teacher_eval_mode is None else teacher_eval_mode),
+        teacher_eval_mode=frozen or teacher_eval_mode,
         use_teacher_inference=t.USE_TEACHER_INFERENCE and not frozen,
         frozen_teacher=frozen,
     )
@@ -463,6 +465,9 @@ _BOXTEACHER_NETWORKS = {
     "CondInst": (_boxteacher_network, TeacherView),
     "MaskRCNN": (_boxteacher_mask_rcnn, MaskRCNNTeacherView),
 }
+# The networks whose teacher pass runs in eval mode whatever MODEL.BOX_TEACHER.TEACHER_EVAL says
+# (torchvision's heads sample proposals in train mode): their EMA averages the BN statistics too.
+_EVAL_MODE_TEACHERS = {"MaskRCNN"}
 
 
 @register_architecture(_condinst_spec)

@@ -195,7 +195,8 @@ _C.MODEL.BOX_TEACHER.FIX_REDUCTION = True
 _C.MODEL.BOX_TEACHER.USE_TEACHER_INFERENCE = True
 # Run the teacher pass in eval mode. The original runs it in train mode (the mask branch's BN
 # then uses batch statistics). In eval mode the teacher never updates its BN running
-# statistics, so the EMA averages them too (the original left them at iteration 0's).
+# statistics, so the EMA averages them too (the original left them at iteration 0's). A Mask R-CNN
+# teacher always runs in eval mode (torchvision's heads sample proposals in train mode).
 _C.MODEL.BOX_TEACHER.TEACHER_EVAL = False
 # Pseudo masks as probabilities instead of binary masks (the mask-aware score then averages
 # over the whole image, which the original does too).

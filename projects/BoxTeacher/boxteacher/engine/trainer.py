@@ -17,6 +17,7 @@ from ..data.catalog import get_metadata
 from ..evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
 from ..modeling.ema import momentum_for_horizon
 from ..utils import comm
+from ..utils.comm import unwrap_model
 from ..utils.io import remove_stale_temporary_files
 from . import hooks
 from .checkpoint import Checkpointer, RNGState
@@ -161,7 +162,9 @@ class Trainer(SimpleTrainer):
         if comm.is_main_process():
             result.append(hooks.PeriodicWriter(self.build_writers(), period=20))
         if self.spec.teacher_student and self.spec.ema_teacher:
-            result.append(hooks.EMAHook(ema_max_momentum(cfg), norm_stats=cfg.MODEL.BOX_TEACHER.TEACHER_EVAL))
+            # A teacher run in eval mode never updates its BN statistics itself.
+            norm_stats = unwrap_model(self.model).teacher_eval_mode
+            result.append(hooks.EMAHook(ema_max_momentum(cfg), norm_stats=norm_stats))
         return result
 
     def _next_batch(self) -> Any:
