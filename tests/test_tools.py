@@ -29,8 +29,52 @@ def test_benchmark_accuracy_trains_and_tabulates_the_three_methods(tmp_path):
     results = json.loads((tmp_path / "bench/results.json").read_text())["results"]
     assert [r["method"] for r in results] == ["CondInst", "BoxInst", "BoxTeacher"]
     assert all(0 <= r["AP"] <= 100 and r["wall_minutes"] >= 0 for r in results)
-    assert "MODEL.BOX_TEACHER.WARMUP_ITERS 1" in results[2]["command"]
+    runs = json.loads((tmp_path / "bench/results.json").read_text())["runs"]
+    assert "MODEL.BOX_TEACHER.WARMUP_ITERS 1" in runs[2]["command"]
     assert (tmp_path / "bench/results.md").read_text().startswith("| method")
+
+
+def test_benchmark_accuracy_of_mask_rcnn_over_seeds(tmp_path):
+    """Mask R-CNN with masks and as BoxTeacher's student, two seeds each: a row per method with the
+    mean and spread, the ratio to the same detector with masks."""
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
+    out = run_tool(
+        "benchmark_accuracy.py", "--methods", "maskrcnn", "boxteacher_maskrcnn", "--seeds", "1", "2", "--iters", "2",
+        "--batch", "2", "--device", "cpu", "--min-size-train", "64", "--min-size-test", "64",
+        "--output-dir", tmp_path / "bench", "DATALOADER.NUM_WORKERS", "0", env=env,
+    )
+    assert "| Mask R-CNN " in out and "| BoxTeacher, Mask R-CNN student" in out
+    saved = json.loads((tmp_path / "bench/results.json").read_text())
+    assert [(r["key"], r["seed"]) for r in saved["runs"]] == [
+        ("maskrcnn", 1), ("boxteacher_maskrcnn", 1), ("maskrcnn", 2), ("boxteacher_maskrcnn", 2)]
+    assert [r["seeds"] for r in saved["results"]] == [[1, 2], [1, 2]]
+    for row in saved["results"]:
+        runs = [r for r in saved["runs"] if r["key"] == row["key"]]
+        assert row["seed_APs"] == [r["AP"] for r in runs]
+        assert row["AP"] == pytest.approx(sum(r["AP"] for r in runs) / 2, abs=0.051) and row["AP_std"] >= 0
+    assert all(f"SEED {r['seed']}" in r["command"] for r in saved["runs"])
+    assert (tmp_path / "bench/boxteacher_maskrcnn/seed2/model_final.pth").is_file()
+
+
+def test_benchmark_accuracy_tables_mean_spread_and_ratio_to_the_same_detector():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import benchmark_accuracy as bench
+    finally:
+        sys.path.pop(0)
+    runs = [
+        {"key": key, "method": bench.METHODS[key][0], "supervision": bench.METHODS[key][1], "seed": seed,
+         "AP": ap, "AP50": 2 * ap, "AP75": ap / 2, "box_AP": ap + 1, "wall_minutes": 1.0}
+        for key, seed, ap in [("maskrcnn", 1, 40.0), ("maskrcnn", 2, 42.0), ("boxteacher_maskrcnn", 1, 30.0),
+                              ("boxteacher_maskrcnn", 2, 33.0), ("boxinst", 1, 10.0), ("boxinst", 2, 12.0)]
+    ]
+    rows = bench.summarise(runs)
+    assert [(r["key"], r["AP"], r["AP_std"], r["seed_APs"]) for r in rows] == [
+        ("maskrcnn", 41.0, 1.4, [40.0, 42.0]), ("boxteacher_maskrcnn", 31.5, 2.1, [30.0, 33.0]),
+        ("boxinst", 11.0, 1.4, [10.0, 12.0])]
+    lines = bench.markdown(rows).splitlines()
+    assert "| 31.5 ± 2.1 " in lines[3] and "| 30.0 / 33.0 " in lines[3] and f"| {31.5 / 41.0:.2f} " in lines[3]
+    assert "| 1.00 " in lines[2] and "| - " in lines[4]  # BoxInst's reference, CondInst, did not run
 
 
 def test_benchmark_accuracy_with_a_fraction_of_the_masks(tmp_path):
@@ -41,7 +85,7 @@ def test_benchmark_accuracy_with_a_fraction_of_the_masks(tmp_path):
         "DATALOADER.NUM_WORKERS", "0", env=env,
     )
     assert "| BoxInst" in out and "boxes + 50% masks" in out
-    result = json.loads((tmp_path / "bench/results.json").read_text())["results"][0]
+    result = json.loads((tmp_path / "bench/results.json").read_text())["runs"][0]
     assert "MODEL.BOXINST.GT_MASKS fraction MODEL.BOXINST.GT_MASK_FRACTION 0.5" in result["command"]
     assert (tmp_path / "bench/boxinst/mask_image_ids.json").is_file()
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Train and evaluate CondInst (masks: the upper bound), BoxInst and BoxTeacher (boxes) with the
-same network, schedule, input size and seed on one dataset; print a markdown table of mask AP,
-AP50, AP75, box AP, the ratio to CondInst's mask AP and the wall time, and write it with the raw
-results to ``OUTPUT/results.json`` and ``OUTPUT/results.md``.
+same network, schedule, input size and seeds on one dataset; print a markdown table of mask AP,
+AP50, AP75, box AP, the ratio to the mask AP of the same detector trained with masks and the wall
+time (means over the seeds, mask AP with its standard deviation and the value of every seed), and
+write it with the raw results to ``OUTPUT/results.json`` and ``OUTPUT/results.md``. Torchvision's
+Mask R-CNN trains with masks (``maskrcnn``) or as BoxTeacher's student (``boxteacher_maskrcnn``).
 
     # the built-in shapes set on CPU (the quick-start network, 1000 iterations)
     python tools/benchmark_accuracy.py --dataset shapes --device cpu
@@ -13,10 +15,13 @@ results to ``OUTPUT/results.json`` and ``OUTPUT/results.md``.
         --weights detectron2://ImageNetPretrained/MSRA/R-50.pkl [KEY VALUE ...]
     # mixed supervision: BoxInst and BoxTeacher also learn from the masks of 10 % of the images
     python tools/benchmark_accuracy.py --dataset shapes --device cpu --mask-fraction 0.1
+    # Mask R-CNN from boxes and pseudo masks vs with masks vs CondInst BoxTeacher, 3 seeds
+    python tools/benchmark_accuracy.py --methods maskrcnn boxteacher_maskrcnn boxteacher --seeds 1 2 3
 
-Every run is ``train_net.py`` on the quick-start configs of the three methods
-(``configs/quickstart/{condinst,boxinst,boxteacher}_shapes.yaml``) with the options turned into
-config overrides; trailing ``KEY VALUE`` pairs are passed to every run (e.g.
+Every run is ``train_net.py`` on the quick-start configs of the methods
+(``configs/quickstart/{condinst,boxinst,boxteacher}_shapes.yaml``,
+``configs/maskrcnn/{maskrcnn,boxteacher_maskrcnn}_shapes.yaml``) with the options turned into
+config overrides, in ``OUTPUT/METHOD`` (one seed) or ``OUTPUT/METHOD/seedN`` (several); trailing ``KEY VALUE`` pairs are passed to every run (e.g.
 ``DATASETS.FLIP_CLASS_PAIRS`` for datasets with left/right classes). The warm-ups that the
 configs scale with the schedule (LR 10 %, BoxInst pairwise 20 %, BoxTeacher pseudo losses 40 %,
 LR drop at 80 %, BoxTeacher EMA horizon 10 %) follow ``--iters``. With ``--mask-fraction F`` the
@@ -29,6 +34,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -39,11 +45,16 @@ from tabulate import tabulate
 from boxteacher.engine.checkpoint import atomic_open
 
 REPO = Path(__file__).resolve().parents[1]
+# name, supervision, config, and the method of the same detector trained with masks (the ratio's reference)
 METHODS = {
-    "condinst": ("CondInst", "masks", "configs/quickstart/condinst_shapes.yaml"),
-    "boxinst": ("BoxInst", "boxes", "configs/quickstart/boxinst_shapes.yaml"),
-    "boxteacher": ("BoxTeacher", "boxes", "configs/quickstart/boxteacher_shapes.yaml"),
+    "condinst": ("CondInst", "masks", "configs/quickstart/condinst_shapes.yaml", "condinst"),
+    "boxinst": ("BoxInst", "boxes", "configs/quickstart/boxinst_shapes.yaml", "condinst"),
+    "boxteacher": ("BoxTeacher", "boxes", "configs/quickstart/boxteacher_shapes.yaml", "condinst"),
+    "maskrcnn": ("Mask R-CNN", "masks", "configs/maskrcnn/maskrcnn_shapes.yaml", "maskrcnn"),
+    "boxteacher_maskrcnn": ("BoxTeacher, Mask R-CNN student", "boxes",
+                            "configs/maskrcnn/boxteacher_maskrcnn_shapes.yaml", "maskrcnn"),
 }
+DEFAULT_METHODS = ["condinst", "boxinst", "boxteacher"]
 logger = logging.getLogger("boxteacher.benchmark_accuracy")
 
 
@@ -67,8 +78,7 @@ def schedule_overrides(args: argparse.Namespace) -> list[str]:
         "SOLVER.MAX_ITER", str(n), "SOLVER.STEPS", f"({int(0.8 * n)},)", "SOLVER.WARMUP_ITERS", str(max(1, n // 10)),
         "SOLVER.CHECKPOINT_PERIOD", str(n), "SOLVER.IMS_PER_BATCH", str(args.batch),
         "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", str(max(1, n // 5)),
-        "MODEL.RESNETS.DEPTH", str(args.depth), "MODEL.WEIGHTS", args.weights, "SEED", str(args.seed),
-        "MODEL.DEVICE", args.device,
+        "MODEL.RESNETS.DEPTH", str(args.depth), "MODEL.WEIGHTS", args.weights, "MODEL.DEVICE", args.device,
     ]
     if args.depth != 18 or args.weights:  # standard widths instead of the quick start's narrow R-18
         res2 = 256 if args.depth >= 50 else 64
@@ -84,9 +94,9 @@ def schedule_overrides(args: argparse.Namespace) -> list[str]:
 
 def method_overrides(method: str, args: argparse.Namespace) -> list[str]:
     opts = []
-    if method == "boxteacher":
+    if method in ("boxteacher", "boxteacher_maskrcnn"):
         opts += ["MODEL.BOX_TEACHER.WARMUP_ITERS", str(max(1, int(0.4 * args.iters)))]
-    if args.mask_fraction is not None and method != "condinst":
+    if args.mask_fraction is not None and METHODS[method][1] == "boxes":
         opts += ["MODEL.BOXINST.GT_MASKS", "fraction", "MODEL.BOXINST.GT_MASK_FRACTION", str(args.mask_fraction)]
     return opts
 
@@ -94,7 +104,7 @@ def method_overrides(method: str, args: argparse.Namespace) -> list[str]:
 def supervision(method: str, args: argparse.Namespace) -> str:
     """The table's supervision column: "masks", "boxes" or e.g. "boxes + 10% masks"."""
     kind = METHODS[method][1]
-    if args.mask_fraction is None or method == "condinst":
+    if args.mask_fraction is None or kind == "masks":
         return kind
     return f"{kind} + {args.mask_fraction:.0%} masks"
 
@@ -112,31 +122,56 @@ def final_results(output_dir: Path) -> dict[str, float]:
     return results
 
 
-def run_method(method: str, args: argparse.Namespace, common: list[str]) -> dict:
-    name, _, config = METHODS[method]
-    output_dir = Path(args.output_dir) / method
+def run_method(method: str, seed: int, args: argparse.Namespace, common: list[str]) -> dict:
+    """One training and evaluation; its results (rounded to 0.1) and its command."""
+    name, _, config, _ = METHODS[method]
+    run_name = method if len(args.seeds) == 1 else f"{method}/seed{seed}"
+    output_dir = Path(args.output_dir) / run_name
     command = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(REPO / config),
-               "--num-gpus", str(args.num_gpus), *common, *method_overrides(method, args),
+               "--num-gpus", str(args.num_gpus), *common, *method_overrides(method, args), "SEED", str(seed),
                "OUTPUT_DIR", str(output_dir), *args.opts]
-    logger.info("%s: %s", name, " ".join(command))
+    logger.info("%s, seed %d: %s", name, seed, " ".join(command))
+    output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(Path(args.output_dir) / f"{method}.log", "w", encoding="utf-8") as log:
+    with open(output_dir / "train.log", "w", encoding="utf-8") as log:
         subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
     minutes = (time.perf_counter() - start) / 60
     metrics = final_results(output_dir)
     return {
-        "method": name, "supervision": supervision(method, args), "wall_minutes": round(minutes, 1),
-        **{key: round(metrics[f"segm/{key}"], 1) for key in ("AP", "AP50", "AP75")},
+        "key": method, "method": name, "supervision": supervision(method, args), "seed": seed,
+        "wall_minutes": round(minutes, 1), **{key: round(metrics[f"segm/{key}"], 1) for key in ("AP", "AP50", "AP75")},
         "box_AP": round(metrics["bbox/AP"], 1), "command": " ".join(command),
     }
 
 
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per method: the means over its seeds, the standard deviation of mask AP (0 for one
+    seed) and the mask AP of every seed."""
+    rows = []
+    for method in dict.fromkeys(r["key"] for r in runs):
+        mine = [r for r in runs if r["key"] == method]
+        mean = {key: round(statistics.fmean(r[key] for r in mine), 1)
+                for key in ("AP", "AP50", "AP75", "box_AP", "wall_minutes")}
+        spread = round(statistics.stdev(r["AP"] for r in mine), 1) if len(mine) > 1 else 0.0
+        rows.append({"key": method, "method": mine[0]["method"], "supervision": mine[0]["supervision"], **mean,
+                     "AP_std": spread, "seed_APs": [r["AP"] for r in mine], "seeds": [r["seed"] for r in mine]})
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
-    upper = next((r["AP"] for r in rows if r["supervision"] == "masks"), None)
-    table = [[r["method"], r["supervision"], r["AP"], r["AP50"], r["AP75"], r["box_AP"],
-              f"{r['AP'] / upper:.2f}" if upper else "-", r["wall_minutes"]] for r in rows]
-    headers = ["method", "supervision", "mask AP", "AP50", "AP75", "box AP", "mask AP / CondInst", "minutes"]
-    return tabulate(table, headers=headers, tablefmt="github")
+    """The table of ``summarise``'s rows; the ratio divides by the mask AP of the row of the same
+    detector trained with masks ("-" when that method did not run)."""
+    by_key = {r["key"]: r for r in rows}
+    table = []
+    for r in rows:
+        reference = by_key.get(METHODS[r["key"]][3])
+        ratio = f"{r['AP'] / reference['AP']:.2f}" if reference and reference["AP"] > 0 else "-"
+        seeds = " / ".join(str(ap) for ap in r["seed_APs"])
+        table.append([r["method"], r["supervision"], f"{r['AP']} ± {r['AP_std']}", seeds, r["AP50"], r["AP75"],
+                      r["box_AP"], ratio, r["wall_minutes"]])
+    headers = ["method", "supervision", "mask AP (mean ± sd)", "mask AP per seed", "AP50", "AP75", "box AP",
+               "mask AP / same detector with masks", "minutes per run"]
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--train-images")
     data.add_argument("--test-json")
     data.add_argument("--test-images")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--depth", type=int, default=18, choices=(18, 34, 50, 101), help="ResNet depth")
     parser.add_argument("--weights", default="", help="MODEL.WEIGHTS (default: from scratch)")
     parser.add_argument("--iters", type=int, default=1000)
@@ -155,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-size-train", type=int, nargs="+", help="shortest-edge sizes of training")
     parser.add_argument("--min-size-test", type=int)
     parser.add_argument("--max-size", type=int, help="longest-edge cap, training and test")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seeds", "--seed", type=int, nargs="+", default=[1], help="SEED of the runs of every method")
     parser.add_argument("--mask-fraction", type=float, metavar="F",
                         help="BoxInst and BoxTeacher also learn from the masks of this fraction of the "
                              "training images (MODEL.BOXINST.GT_MASKS fraction); CondInst keeps all")
@@ -167,20 +202,33 @@ def main(argv: list[str] | None = None) -> int:
     by_path = [args.train_json, args.train_images, args.test_json, args.test_images]
     if any(by_path) and not all(by_path):
         parser.error("a dataset by path needs --train-json, --train-images, --test-json and --test-images")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must differ, got {args.seeds}")
     if args.mask_fraction is not None and not 0.0 <= args.mask_fraction <= 1.0:
         parser.error(f"--mask-fraction must be in [0, 1], not {args.mask_fraction}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     os.makedirs(args.output_dir, exist_ok=True)
     common = dataset_overrides(args) + schedule_overrides(args)
-    rows = [run_method(method, args, common) for method in args.methods]
-    table = markdown(rows)
+    runs = []
+    for seed in args.seeds:  # every method once before the next seed; the results so far written after each run
+        for method in args.methods:
+            runs.append(run_method(method, seed, args, common))
+            table = write_results(args, runs)
     print(table)
+    return 0
+
+
+def write_results(args: argparse.Namespace, runs: list[dict]) -> str:
+    """``results.json`` (settings, summary rows, runs) and ``results.md`` (the table) of the runs so
+    far; the table."""
+    rows = summarise(runs)
+    table = markdown(rows)
     with atomic_open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"settings": vars(args), "results": rows}, f, indent=2)
+        json.dump({"settings": vars(args), "results": rows, "runs": runs}, f, indent=2)
     with atomic_open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(table + "\n")
-    return 0
+    return table
 
 
 if __name__ == "__main__":
