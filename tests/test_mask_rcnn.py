@@ -2,6 +2,8 @@
 the RoI-grid losses, the pasting of RoI masks, the teacher protocol, training steps, checkpoints."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,3 +205,80 @@ def test_a_frozen_teacher_needs_its_weights(tmp_path):
 def test_an_unknown_student_names_the_key():
     with pytest.raises(ValueError, match="MODEL.BOX_TEACHER.STUDENT"):
         build_model(tiny_cfg(*BOXTEACHER, "MODEL.BOX_TEACHER.STUDENT", "YOLO"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tools, with no case of their own for Mask R-CNN
+# ---------------------------------------------------------------------------------------------
+def write_shapes(folder) -> dict:
+    """Two images with a filled rectangle each and their COCO json (category id 5)."""
+    import cv2
+    import numpy as np
+
+    folder.mkdir()
+    images, annotations = [], []
+    for image_id, (h, w, box) in enumerate([(64, 80, (10, 12, 40, 44)), (72, 64, (20, 8, 56, 40))], start=1):
+        pixels = np.full((h, w, 3), 30, np.uint8)
+        x0, y0, x1, y1 = box
+        pixels[y0:y1, x0:x1] = (0, 180, 240)
+        cv2.imwrite(str(folder / f"{image_id}.png"), pixels)
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "height": h, "width": w})
+        annotations.append({"id": 10 * image_id, "image_id": image_id, "category_id": 5, "iscrowd": 0,
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+    return {"images": images, "annotations": annotations, "categories": [{"id": 5, "name": "box"}]}
+
+
+def test_a_mask_rcnn_config_exports_pseudo_masks_with_its_own_network(tmp_path):
+    """A one-network Mask R-CNN config labels with a Mask R-CNN teacher (in eval mode) holding the
+    checkpoint's weights, through the exporter every detector uses."""
+    from boxteacher.build import build_pseudo_labelling_model
+    from boxteacher.engine.checkpoint import Checkpointer
+    from boxteacher.pseudo_export import ExportSettings, PseudoMaskExporter
+
+    torch.manual_seed(0)
+    _, weights, trained = trained_network_files(tmp_path, MASK_RCNN, "maskrcnn")
+    # A low assignment IoU: the randomly initialised teacher's detections then match the boxes.
+    model = build_pseudo_labelling_model(tiny_cfg(*MASK_RCNN, "MODEL.BOX_TEACHER.IOU_THR", "0.05"))
+    assert isinstance(model.teacher, MaskRCNN) and isinstance(model.teacher_view, MaskRCNNTeacherView)
+    assert model.teacher_eval_mode
+    Checkpointer(model).load(weights, checkpointables=[])
+    assert all(torch.equal(model.teacher.state_dict()[k], v) for k, v in trained.state_dict().items())
+    data = write_shapes(tmp_path / "images")
+    result = PseudoMaskExporter(model, ExportSettings()).export(data, str(tmp_path / "images"))
+    exported = result.data["annotations"]
+    assert [a["id"] for a in exported] == [10, 20] and all(a["pseudo_mask_matched"] for a in exported)
+    for ann, image in zip(exported, data["images"]):
+        assert ann["segmentation"]["size"] == [image["height"], image["width"]]
+
+
+def test_the_demo_and_the_training_pictures_of_a_mask_rcnn(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from boxteacher.build import architecture_spec
+    from boxteacher.engine.visualization import draw_training_picture, network_outputs, preserved_model_state
+
+    spec = importlib.util.spec_from_file_location(
+        "tools_demo", Path(__file__).resolve().parents[1] / "tools" / "demo.py")
+    if "tools_demo" not in sys.modules:  # the demo's dataclasses look their module up there
+        sys.modules["tools_demo"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["tools_demo"])
+    demo = sys.modules["tools_demo"]
+    config_file, weights, _ = trained_network_files(tmp_path, [*MASK_RCNN, "DATASETS.TEST", "()"], "maskrcnn")
+    write_shapes(tmp_path / "images")
+    assert demo.main(["--config-file", config_file, "--input", str(tmp_path / "images" / "1.png"), "--output",
+                      str(tmp_path / "out"), "--confidence-threshold", "0.0", "MODEL.WEIGHTS", weights]) == 0
+    recorded = json.loads((tmp_path / "out/results.json").read_text())
+    assert recorded and all(r["segmentation"]["size"] == [64, 80] for r in recorded)
+    assert (tmp_path / "out/1.png").is_file()
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(*BOXTEACHER)
+    model = build_model(cfg).train()
+    batch = two_view_batch()
+    with torch.no_grad(), preserved_model_state(model):
+        outputs = network_outputs(model, batch, 0.0, architecture_spec(cfg))
+    picture = draw_training_picture(batch[0], outputs, ["a", "b", "c"], "BGR")
+    assert picture.shape[1] == 3 * batch[0]["image"].shape[-1]  # ground truth, pseudo labels, predictions
+    assert outputs["pseudo_labels"]["masks"].shape[0] == len(batch[0]["instances"]["boxes"])

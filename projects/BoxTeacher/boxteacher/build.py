@@ -313,7 +313,8 @@ def BoxTeacher(cfg: CfgNode) -> boxteacher.BoxTeacher:  # noqa: N802 (registered
 
 def _boxteacher(cfg: CfgNode, teacher_eval_mode: bool | None = None) -> boxteacher.BoxTeacher:
     t = cfg.MODEL.BOX_TEACHER
-    network, view = _boxteacher_network_kind(cfg, "MODEL.BOX_TEACHER.STUDENT", t.STUDENT)
+    key, name = _trained_network(cfg)
+    network, view = _boxteacher_network_kind(cfg, key, name)
     if t.TEACHER_CONFIG:
         teacher, teacher_view = _frozen_teacher(cfg)
     else:
@@ -322,7 +323,7 @@ def _boxteacher(cfg: CfgNode, teacher_eval_mode: bool | None = None) -> boxteach
     student = network(cfg)
     frozen = bool(t.TEACHER_CONFIG)
     if teacher_eval_mode is None:
-        teacher_eval_mode = t.TEACHER_EVAL or t.STUDENT in _EVAL_MODE_TEACHERS
+        teacher_eval_mode = t.TEACHER_EVAL or name in _EVAL_MODE_TEACHERS
     return boxteacher.BoxTeacher(
         student,
         teacher,
@@ -332,6 +333,14 @@ def _boxteacher(cfg: CfgNode, teacher_eval_mode: bool | None = None) -> boxteach
         use_teacher_inference=t.USE_TEACHER_INFERENCE and not frozen,
         frozen_teacher=frozen,
     )
+
+
+def _trained_network(cfg: CfgNode) -> tuple[str, str]:
+    """The key naming the network a config trains, and its value: ``MODEL.BOX_TEACHER.STUDENT``
+    for BoxTeacher, otherwise the architecture (CondInst, also as BoxInst, or MaskRCNN)."""
+    if cfg.MODEL.META_ARCHITECTURE == "BoxTeacher":
+        return "MODEL.BOX_TEACHER.STUDENT", cfg.MODEL.BOX_TEACHER.STUDENT
+    return "MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE
 
 
 def _boxteacher_network_kind(cfg: CfgNode, key: str, name: str) -> tuple[Callable[[CfgNode], nn.Module], Callable]:
@@ -357,9 +366,8 @@ def _frozen_teacher(cfg: CfgNode) -> tuple[nn.Module, TeacherProtocol]:
             f"'{t.TEACHER_CONFIG}' needs the weights of a trained network."
         )
     teacher_cfg = load_config(t.TEACHER_CONFIG, ["MODEL.DEVICE", cfg.MODEL.DEVICE])
-    m = teacher_cfg.MODEL
-    name = m.BOX_TEACHER.STUDENT if m.META_ARCHITECTURE == "BoxTeacher" else m.META_ARCHITECTURE
-    network, view = _boxteacher_network_kind(teacher_cfg, f"MODEL.META_ARCHITECTURE of '{t.TEACHER_CONFIG}'", name)
+    key, name = _trained_network(teacher_cfg)
+    network, view = _boxteacher_network_kind(teacher_cfg, f"{key} of '{t.TEACHER_CONFIG}'", name)
     teacher = network(teacher_cfg)
     load_model_weights(teacher, read_model_weights(t.TEACHER_WEIGHTS), t.TEACHER_WEIGHTS)
     return teacher, view(teacher, teacher_pass(cfg))
@@ -495,8 +503,8 @@ def pseudo_labeler(cfg: CfgNode) -> PseudoLabeler:
 
 def build_pseudo_labelling_model(cfg: CfgNode) -> boxteacher.BoxTeacher:
     """The BoxTeacher of ``cfg``'s networks, whether ``cfg`` is a BoxTeacher config or one of a
-    single network (CondInst / BoxInst, whose checkpoint then loads into the student and the
-    teacher alike): the pseudo-mask export labels through ``BoxTeacher.pseudo_label`` as
+    single network (CondInst / BoxInst or MaskRCNN, whose checkpoint then loads into the student
+    and the teacher alike): the pseudo-mask export labels through ``BoxTeacher.pseudo_label`` as
     training does, with the teacher in eval mode (the labels of an image do not depend on the
     other images of its batch). On ``MODEL.DEVICE``."""
     model = _boxteacher(cfg, teacher_eval_mode=True)
