@@ -75,6 +75,8 @@ def test_benchmark_accuracy_tables_mean_spread_and_ratio_to_the_same_detector():
     lines = bench.markdown(rows).splitlines()
     assert "| 31.5 ± 2.1 " in lines[3] and "| 30.0 / 33.0 " in lines[3] and f"| {31.5 / 41.0:.2f} " in lines[3]
     assert "| 1.00 " in lines[2] and "| - " in lines[4]  # BoxInst's reference, CondInst, did not run
+    one_seed = bench.summarise(runs[:1])
+    assert one_seed[0]["AP_std"] is None and "| 40.0 " in bench.markdown(one_seed).splitlines()[2]
 
 
 def test_benchmark_accuracy_with_a_fraction_of_the_masks(tmp_path):

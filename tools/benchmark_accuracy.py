@@ -145,14 +145,14 @@ def run_method(method: str, seed: int, args: argparse.Namespace, common: list[st
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """One row per method: the means over its seeds, the standard deviation of mask AP (0 for one
-    seed) and the mask AP of every seed."""
+    """One row per method: the means over its seeds, the standard deviation of mask AP (None for
+    one seed) and the mask AP of every seed."""
     rows = []
     for method in dict.fromkeys(r["key"] for r in runs):
         mine = [r for r in runs if r["key"] == method]
         mean = {key: round(statistics.fmean(r[key] for r in mine), 1)
                 for key in ("AP", "AP50", "AP75", "box_AP", "wall_minutes")}
-        spread = round(statistics.stdev(r["AP"] for r in mine), 1) if len(mine) > 1 else 0.0
+        spread = round(statistics.stdev(r["AP"] for r in mine), 1) if len(mine) > 1 else None
         rows.append({"key": method, "method": mine[0]["method"], "supervision": mine[0]["supervision"], **mean,
                      "AP_std": spread, "seed_APs": [r["AP"] for r in mine], "seeds": [r["seed"] for r in mine]})
     return rows
@@ -167,7 +167,8 @@ def markdown(rows: list[dict]) -> str:
         reference = by_key.get(METHODS[r["key"]][3])
         ratio = f"{r['AP'] / reference['AP']:.2f}" if reference and reference["AP"] > 0 else "-"
         seeds = " / ".join(str(ap) for ap in r["seed_APs"])
-        table.append([r["method"], r["supervision"], f"{r['AP']} ± {r['AP_std']}", seeds, r["AP50"], r["AP75"],
+        ap = r["AP"] if r["AP_std"] is None else f"{r['AP']} ± {r['AP_std']}"
+        table.append([r["method"], r["supervision"], ap, seeds, r["AP50"], r["AP75"],
                       r["box_AP"], ratio, r["wall_minutes"]])
     headers = ["method", "supervision", "mask AP (mean ± sd)", "mask AP per seed", "AP50", "AP75", "box AP",
                "mask AP / same detector with masks", "minutes per run"]
