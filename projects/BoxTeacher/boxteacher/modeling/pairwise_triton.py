@@ -68,7 +68,6 @@ def _pairwise_backward(logits, weights, index, centre, dys, dxs, grad_sums, grad
     row = tl.load(index + k)
     base = logits + k * num_pixels
     log_fg, log_bg = _log_sigmoid(value), _log_sigmoid(-value)
-    one_minus_2p = 1.0 - 2.0 / (1.0 + tl.exp(-value))
     acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     for n in tl.static_range(NUM_OFFSETS):
         dy, dx = tl.load(dys + n), tl.load(dxs + n)
