@@ -369,6 +369,7 @@ def _dist_worker(rank: int, world_size: int, init_file: str, json_file: str, ima
         evaluator = COCOEvaluator("eval_dist")
         results = _run(evaluator, _gt_outputs(coco, image_ids[rank::world_size], shift=0.25))
         Path(f"{out_file}.{rank}").write_text(json.dumps(results))
+        dist.barrier()  # rank 1, done first, tearing gloo down while rank 0 evaluates can abort it
     finally:
         dist.destroy_process_group()
 

@@ -111,6 +111,8 @@ def _worker(
     )
     _finish_setup(world_size // num_gpus_per_machine, num_gpus_per_machine)
     main_func(*args)
+    # Together: a process that tears gloo down while another still runs can be aborted by it.
+    comm.synchronize()
     dist.destroy_process_group()
 
 
@@ -129,6 +131,7 @@ def _run_under_torchrun(
         _finish_setup(world_size // per_machine, per_machine)
     main_func(*args)
     if init_here:
+        comm.synchronize()
         dist.destroy_process_group()
 
 
