@@ -4,10 +4,8 @@ the frame their json entry describes (EXIF orientation ignored or applied, never
 and a truncated JPEG or PNG is unreadable, named in a warning or an error."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import struct
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -15,19 +13,14 @@ import cv2
 import numpy as np
 import pytest
 
-from boxteacher import pseudo_export
 from boxteacher.data import DatasetMapper
 from boxteacher.data.image_io import (
     ImageSizeError,
     UnreadableImageError,
     read_image,
+    read_image_or_warn,
     truncation_problem,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("tools_demo", REPO / "tools" / "demo.py")
-demo = sys.modules.setdefault("tools_demo", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(demo)
 
 STORED_H, STORED_W = 40, 64
 ROTATE_90_CW = 6  # EXIF orientation: the stored picture is shown rotated 90 degrees clockwise
@@ -83,7 +76,7 @@ def _via_mapper(is_train: bool) -> Callable[[Path, int, int], np.ndarray | None]
 
 
 def _via_export(path: Path, height: int, width: int) -> np.ndarray | None:
-    return pseudo_export.read_image(str(path), height, width)
+    return read_image_or_warn(str(path), (height, width), consequence="its boxes get no pseudo mask")
 
 
 READERS = {"train mapper": _via_mapper(True), "test mapper": _via_mapper(False), "export": _via_export}
@@ -140,7 +133,7 @@ def test_a_truncated_image_is_an_error_in_evaluation(truncated):
 def test_a_truncated_image_gets_no_pseudo_mask_and_the_demo_skips_it(truncated, caplog):
     with caplog.at_level(logging.WARNING):
         assert _via_export(truncated, 480, 640) is None
-        assert demo.read_image(str(truncated)) is None
+        assert read_image_or_warn(str(truncated)) is None
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2 and all(f"{truncated.name}' is truncated" in m for m in messages)
 
@@ -173,4 +166,20 @@ def test_an_end_marker_inside_a_header_segment_does_not_hide_a_truncation():
 
 def test_the_demo_applies_the_exif_orientation_as_viewers_do(rotated_jpeg):
     path, stored = rotated_jpeg
-    np.testing.assert_array_equal(demo.read_image(str(path)), cv2.rotate(stored, cv2.ROTATE_90_CLOCKWISE))
+    np.testing.assert_array_equal(read_image_or_warn(str(path)), cv2.rotate(stored, cv2.ROTATE_90_CLOCKWISE))
+
+
+@pytest.mark.parametrize("kind", ["grey", "rgba", "16-bit"])
+def test_grey_alpha_and_16_bit_images_come_out_as_8_bit_bgr(tmp_path, kind):
+    """One rule for every reader: uint8, three channels, alpha dropped, 16 bits scaled to 8."""
+    grey = np.arange(30, dtype=np.uint8).reshape(5, 6) * 8
+    stored, expected = {
+        "grey": (grey, np.repeat(grey[:, :, None], 3, axis=2)),
+        "rgba": (np.dstack([grey, grey + 1, grey + 2, np.full_like(grey, 7)]), np.dstack([grey, grey + 1, grey + 2])),
+        "16-bit": (np.repeat(grey[:, :, None].astype(np.uint16) * 256 + 255, 3, axis=2),
+                   np.repeat(grey[:, :, None], 3, axis=2)),
+    }[kind]
+    path = tmp_path / f"{kind}.png"
+    cv2.imwrite(str(path), stored)
+    np.testing.assert_array_equal(read_image(str(path), (5, 6)), expected)
+    np.testing.assert_array_equal(read_image(str(path), image_format="RGB"), expected[:, :, ::-1])

@@ -22,6 +22,7 @@ from boxteacher.data import (
     generate_shapes_dataset,
     get_train_metadata,
     get_train_records,
+    register_datasets_from_config,
 )
 from boxteacher.data.build import TrainingBatches
 from boxteacher.data.mapper import DatasetMapper
@@ -144,6 +145,7 @@ def _cfg(json_file: str, image_root: str, workers: int = 0):
     cfg.INPUT.MAX_SIZE_TEST = 200
     cfg.SOLVER.IMS_PER_BATCH = 4
     cfg.DATALOADER.NUM_WORKERS = workers
+    register_datasets_from_config(cfg)
     return cfg
 
 
@@ -214,6 +216,7 @@ def test_train_metadata_must_agree(messy_dataset, tmp_path):
     assert get_train_metadata(cfg).thing_classes == ["circle", "triangle", "square"]
     cfg.DATASETS.REGISTER.append(["test_loader_other", str(other), image_root])
     cfg.DATASETS.TRAIN = ("test_loader_messy", "test_loader_other")
+    register_datasets_from_config(cfg)
     with pytest.raises(ValueError, match="'test_loader_messy' and 'test_loader_other' have different"):
         get_train_metadata(cfg)
 
@@ -230,6 +233,7 @@ def test_test_loader_yields_every_image_once(messy_dataset, tmp_path):
     val_json.write_text(json.dumps(data))
     cfg = _cfg(json_file, image_root)
     cfg.DATASETS.REGISTER = [["test_loader_val", str(val_json), str(kept)]]
+    register_datasets_from_config(cfg)
     batches = list(build_test_loader(cfg, "test_loader_val"))
     assert [b[0]["image_id"] for b in batches] == [im["id"] for im in data["images"]]
     for (out,), info in zip(batches, data["images"]):

@@ -2,7 +2,6 @@
 the RoI-grid losses, the pasting of RoI masks, the teacher protocol, training steps, checkpoints."""
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import maskrcnn_loss, project_masks_on_boxes
 
 from boxteacher.build import build_model
+from boxteacher.config import load_config
 from boxteacher.engine.checkpoint import load_model_weights
 from boxteacher.modeling.boxteacher import with_pseudo_labels
 from boxteacher.modeling.mask_rcnn import MaskRCNN, MaskRCNNTeacherView
@@ -252,23 +252,17 @@ def test_a_mask_rcnn_config_exports_pseudo_masks_with_its_own_network(tmp_path):
 
 
 def test_the_demo_and_the_training_pictures_of_a_mask_rcnn(tmp_path):
-    import importlib.util
     import json
-    from pathlib import Path
 
     from boxteacher.build import architecture_spec
+    from boxteacher.demo import run_demo
+    from boxteacher.engine import Predictor
     from boxteacher.engine.visualization import draw_training_picture, network_outputs, preserved_model_state
 
-    spec = importlib.util.spec_from_file_location(
-        "tools_demo", Path(__file__).resolve().parents[1] / "tools" / "demo.py")
-    if "tools_demo" not in sys.modules:  # the demo's dataclasses look their module up there
-        sys.modules["tools_demo"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["tools_demo"])
-    demo = sys.modules["tools_demo"]
     config_file, weights, _ = trained_network_files(tmp_path, [*MASK_RCNN, "DATASETS.TEST", "()"], "maskrcnn")
     write_shapes(tmp_path / "images")
-    assert demo.main(["--config-file", config_file, "--input", str(tmp_path / "images" / "1.png"), "--output",
-                      str(tmp_path / "out"), "--confidence-threshold", "0.0", "MODEL.WEIGHTS", weights]) == 0
+    predictor = Predictor(load_config(config_file, ["MODEL.WEIGHTS", weights]))
+    assert run_demo(predictor, [str(tmp_path / "images" / "1.png")], str(tmp_path / "out"), 0.0)[0] == 1
     recorded = json.loads((tmp_path / "out/results.json").read_text())
     assert recorded and all(r["segmentation"]["size"] == [64, 80] for r in recorded)
     assert (tmp_path / "out/1.png").is_file()

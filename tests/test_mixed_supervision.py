@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from boxteacher.build import architecture_spec, build_model
-from boxteacher.config import ArchitectureSpec, load_config
+from boxteacher.config import ArchitectureSpec
 from boxteacher.config.supervision import gt_mask_mode
 from boxteacher.data import DatasetMapper
 from boxteacher.data.catalog import get_dataset_records
 from boxteacher.data.mask_subset import keep_masks_of, restrict_masks_to_fraction, select_mask_images
+from boxteacher.engine import setup_config
 from boxteacher.engine.trainer import Trainer
 from boxteacher.modeling.losses import dice_loss
 from boxteacher.modeling.supervision import SupervisionKind
@@ -278,7 +279,7 @@ def datasets_root(tmp_path_factory):
 
 def train_a_few_iterations(config, opts):
     seed_all_rng(0)
-    trainer = Trainer(load_config(config, [
+    trainer = Trainer(setup_config(config, [
         "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "4",
         "SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()", "SEED", "5", *opts,
     ]))

@@ -93,7 +93,7 @@ def test_peak_memory_of_pasting_many_detections_on_a_large_frame():
 
 @pytest.mark.parametrize("chunk_pixels", [1, 4 * 251 * 333, 1 << 24])
 def test_masks_encoded_chunk_by_chunk_equal_the_bool_masks_encoded(chunk_pixels):
-    from boxteacher.evaluation.coco_evaluation import encode_masks
+    from boxteacher.data.rle import encode_rle as encode_masks
 
     detections, probs = random_detections(9, (50, 75))
     chunks = []
@@ -114,7 +114,7 @@ def test_peak_memory_of_encoded_masks_does_not_grow_with_the_detections():
     less than their bool masks (360 MB) would take."""
     script = textwrap.dedent("""
         import resource, torch
-        from boxteacher.evaluation.coco_evaluation import encode_masks
+        from boxteacher.data.rle import encode_rle as encode_masks
         from boxteacher.modeling.postprocess import detections_to_output_frame
         probs = torch.rand(60, 1, 64, 96)
         detections = {"boxes": torch.tensor([[0.0, 0.0, 300.0, 200.0]]).repeat(60, 1),

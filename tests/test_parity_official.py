@@ -1,28 +1,27 @@
 """Parity with the official BoxTeacher / AdelaiDet implementation on the fixtures of
 ``$BOXTEACHER_FIXTURES`` (default ``../shared/fixtures``): every folder holding ``expected.pt``
 runs, every recorded quantity must be within the tolerance of the fixtures' README (section
-10). The comparisons are those of ``tools/parity_report.py``, which prints them as a table
-(fixture reading and tolerances: ``tools/parity_fixtures.py``)."""
-import sys
+10). The comparisons are those of ``boxteacher.evaluation.parity``, which ``tools/parity_report.py``
+prints as a table (fixture reading and tolerances: ``boxteacher.evaluation.parity_fixtures``)."""
 from pathlib import Path
 
 import pytest
 import torch
 
+from boxteacher.evaluation.parity import compare_adelaidet, compare_inference, compare_training, format_table
+from boxteacher.evaluation.parity_fixtures import Fixture, fixture_folders, fixtures_root
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-from parity_fixtures import Fixture, fixture_folders, fixtures_root  # noqa: E402
-from parity_report import compare_adelaidet, compare_inference, compare_training, format_table  # noqa: E402
+ROOT = fixtures_root(REPO.parent / "shared" / "fixtures")
+FOLDERS = fixture_folders(ROOT)
 
-FOLDERS = fixture_folders(fixtures_root())
-
-pytestmark = pytest.mark.skipif(not FOLDERS, reason=f"no parity fixture in {fixtures_root()}")
+pytestmark = pytest.mark.skipif(not FOLDERS, reason=f"no parity fixture in {ROOT}")
 
 
 @pytest.fixture(scope="module", params=FOLDERS, ids=lambda folder: folder.name)
 def fixture(request):
     torch.set_num_threads(2)
-    return Fixture.load(request.param)
+    return Fixture.load(request.param, REPO / "configs" / "Base-BoxTeacher.yaml")
 
 
 def assert_within_tolerance(rows, required):

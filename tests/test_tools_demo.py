@@ -1,5 +1,5 @@
-"""The picture helpers (``boxteacher.utils.visualizer``) and ``tools/demo.py`` on tiny models."""
-import importlib.util
+"""The picture helpers (``boxteacher.utils.visualizer``), ``Predictor``, ``boxteacher.demo`` and
+``tools/demo.py`` on tiny models."""
 import json
 import os
 import subprocess
@@ -16,13 +16,12 @@ from pycocotools.coco import COCO
 from boxteacher.build import build_model
 from boxteacher.config import load_config
 from boxteacher.data import DatasetMapper
+from boxteacher.demo import ClassNames, expand_inputs, run_demo, unique_output_names
+from boxteacher.engine import Predictor
 from boxteacher.utils.visualizer import draw_instances, instance_colors, save_png, side_by_side
 from tiny_models import tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("tools_demo", REPO / "tools" / "demo.py")
-demo = sys.modules.setdefault("tools_demo", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(demo)
 
 # Few detections at a small test size, and class names and json ids (1, 3, 7) from shapes_val,
 # whose metadata needs no file.
@@ -179,10 +178,9 @@ def test_demo_with_boxteacher_predicts_with_the_teacher_at_the_test_size(tmp_pat
     images = write_images(tmp_path / "images")
     out_dir = tmp_path / "out"
     path = str(tmp_path / "images" / "first.png")
-    assert demo.main(["--config-file", str(config_file), "--input", path, "--output", str(out_dir),
-                      "--confidence-threshold", "0.3", "MODEL.WEIGHTS", str(weights)]) == 0
+    cfg = load_config(str(config_file), ["MODEL.WEIGHTS", str(weights)])
+    assert run_demo(Predictor(cfg), [path], str(out_dir), 0.3)[0] == 1
 
-    cfg = load_config(str(config_file))
     height, width = images["first.png"].shape[:2]
     record = {"file_name": path, "image_id": 1, "height": height, "width": width}
     sample = DatasetMapper.from_config(cfg, is_train=False)(record)
@@ -198,41 +196,41 @@ def test_demo_draws_nothing_below_the_threshold_and_numbers_unknown_classes(tmp_
     config_file, weights, _ = write_tiny_setup(tmp_path, "DATASETS.TEST", "()")
     images = write_images(tmp_path / "images")
     out_dir = tmp_path / "out"
-    demo.main(["--config-file", str(config_file), "--input", str(tmp_path / "images/*.png"),
-               str(tmp_path / "images/first.png"), "--output", str(out_dir), "--confidence-threshold", "1.01",
-               "MODEL.WEIGHTS", str(weights)])
+    predictor = Predictor(load_config(str(config_file), ["MODEL.WEIGHTS", str(weights)]))
+    inputs = [str(tmp_path / "images/*.png"), str(tmp_path / "images/first.png")]
+    assert run_demo(predictor, inputs, str(out_dir), 1.01) == (1, 0, 0)
     assert sorted(p.name for p in out_dir.iterdir()) == ["first.png", "results.json"]
     np.testing.assert_array_equal(cv2.imread(str(out_dir / "first.png")), images["first.png"])
     assert json.loads((out_dir / "results.json").read_text()) == []
-    cfg = load_config(str(config_file))
-    assert demo.ClassNames.from_config(cfg) == demo.ClassNames(["0", "1", "2"], [0, 1, 2])
+    assert ClassNames.from_config(predictor.cfg) == ClassNames(["0", "1", "2"], [0, 1, 2])
 
 
 def test_demo_fails_when_no_image_can_be_read(tmp_path):
     config_file, weights, _ = write_tiny_setup(tmp_path)
     (tmp_path / "broken.png").write_bytes(b"garbage")
-    with pytest.raises(SystemExit, match="could be read"):
-        demo.main(["--config-file", str(config_file), "--input", str(tmp_path / "broken.png"),
-                   str(tmp_path / "missing.jpg"), "--output", str(tmp_path / "out"), "MODEL.WEIGHTS", str(weights)])
+    predictor = Predictor(load_config(str(config_file), ["MODEL.WEIGHTS", str(weights)]))
+    with pytest.raises(FileNotFoundError, match="could be read"):
+        run_demo(predictor, [str(tmp_path / "broken.png"), str(tmp_path / "missing.jpg")], str(tmp_path / "out"), 0.5)
     assert not (tmp_path / "out" / "results.json").exists()
 
 
 def test_output_names_are_unique_and_inputs_are_expanded_once(tmp_path):
-    names = demo.unique_output_names(["a/x.jpg", "b/x.png", "x.png", "y.jpg"])
+    names = unique_output_names(["a/x.jpg", "b/x.png", "x.png", "y.jpg"])
     assert names == ["x.png", "x_1.png", "x_2.png", "y.png"]
     write_images(tmp_path / "images")
     folder = str(tmp_path / "images")
-    expanded = demo.expand_inputs([folder, f"{folder}/*.jpg", f"{folder}/first.png", "missing.png"])
+    expanded = expand_inputs([folder, f"{folder}/*.jpg", f"{folder}/first.png", "missing.png"])
     assert [Path(p).name for p in expanded] == ["broken.jpg", "first.png", "second.jpg", "missing.png"]
 
 
-def test_demo_reports_config_overrides_given_as_inputs_and_missing_weights(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        demo.parse_args(["--config-file", "c.yaml", "--output", "o", "--input", "a.jpg", "MODEL.WEIGHTS", "w.pth"])
-    assert "put config overrides after --output" in capsys.readouterr().err
+def test_demo_reports_config_overrides_given_as_inputs_and_missing_weights(tmp_path):
+    misplaced = subprocess.run(
+        [sys.executable, str(REPO / "tools/demo.py"), "--config-file", "c.yaml", "--output", "o", "--input",
+         "a.jpg", "MODEL.WEIGHTS", "w.pth"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert misplaced.returncode == 2 and "put config overrides after --output" in misplaced.stderr
     config_file, _, _ = write_tiny_setup(tmp_path)
-    with pytest.raises(SystemExit, match="MODEL.WEIGHTS is empty"):
-        demo.main(["--config-file", str(config_file), "--input", "a.jpg", "--output", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
+        Predictor(load_config(str(config_file)))
 
 
 def test_demo_runs_on_the_checkpoint_of_a_short_training_run(tmp_path):

@@ -12,9 +12,11 @@ import torch
 from boxteacher.build import build_model
 from boxteacher.config import load_config
 from boxteacher.config.defaults import _C
+from boxteacher.data import register_datasets_from_config
 from boxteacher.data.catalog import get_dataset_records
 from boxteacher.engine import Checkpointer, default_argument_parser, default_setup
 from boxteacher.engine.hooks import HookBase
+from boxteacher.engine import setup_config
 from boxteacher.engine.trainer import Trainer
 from boxteacher.utils.env import seed_all_rng
 from tiny_models import RECORDED_READS, RecordingCfgNode, builtin_datasets_under, leaf_keys
@@ -36,7 +38,7 @@ def datasets_root(tmp_path_factory):
 
 def make_trainer(opts, config=QUICKSTART):
     seed_all_rng(0)
-    return Trainer(load_config(config, opts))
+    return Trainer(setup_config(config, opts))
 
 
 def mean_losses(trainer, name, count=10):
@@ -63,6 +65,7 @@ def test_boxteacher_training_lowers_the_loss_evaluates_and_reads_every_config_ke
     RECORDED_READS.clear()
     cfg = RecordingCfgNode(load_config(QUICKSTART_BOXTEACHER, opts))
     cfg.freeze()
+    register_datasets_from_config(cfg)  # as setup_config does
     default_setup(cfg, default_argument_parser().parse_args([]))
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)

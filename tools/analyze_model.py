@@ -14,7 +14,6 @@ network: the tables are of one of them (the student); the model holds two copies
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 
@@ -24,8 +23,8 @@ from fvcore.nn.jit_handles import bmm_flop_jit
 from torch import nn
 
 from boxteacher.build import architecture_spec, build_model
-from boxteacher.config import ArchitectureSpec, load_config
-from boxteacher.engine import Checkpointer
+from boxteacher.config import ArchitectureSpec
+from boxteacher.engine import build_trained_model, default_argument_parser, setup_config, setup_tool_logging
 
 
 class InferenceOnImage(nn.Module):
@@ -90,18 +89,14 @@ def summary_lines(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True)
+    parser = default_argument_parser(description=__doc__, config="required", training=False)
     parser.add_argument("--short-side", type=int, default=800, help="short side S of the image (S x 4S/3)")
     parser.add_argument("--max-depth", type=int, default=3, help="module depth of the table")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    setup_tool_logging(logging.WARNING)
 
-    cfg = load_config(args.config_file, args.opts)
-    model = build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        Checkpointer(model, save_to_disk=False).load(cfg.MODEL.WEIGHTS, checkpointables=[])
+    cfg = setup_config(args.config_file, args.opts)
+    model = build_trained_model(cfg) if cfg.MODEL.WEIGHTS else build_model(cfg)
     # BoxTeacher's teacher and student are the same network: analyse one.
     network = network_to_analyze(model, architecture_spec(cfg))
     height, width = args.short_side, math.ceil(args.short_side * 4 / 3)

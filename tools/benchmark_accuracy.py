@@ -34,15 +34,13 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tabulate import tabulate
-
-from boxteacher.engine.checkpoint import atomic_open
+from boxteacher.engine import atomic_open, default_argument_parser, setup_tool_logging
+from boxteacher.evaluation.seed_summary import seed_table, summarise_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 # name, supervision, config, and the method of the same detector trained with masks (the ratio's reference)
@@ -140,43 +138,13 @@ def run_method(method: str, seed: int, args: argparse.Namespace, common: list[st
     return {
         "key": method, "method": name, "supervision": supervision(method, args), "seed": seed,
         "wall_minutes": round(minutes, 1), **{key: round(metrics[f"segm/{key}"], 1) for key in ("AP", "AP50", "AP75")},
-        "box_AP": round(metrics["bbox/AP"], 1), "command": " ".join(command),
+        "box_AP": round(metrics["bbox/AP"], 1), "reference": METHODS[method][3],
+        "command": " ".join(command),
     }
 
 
-def summarise(runs: list[dict]) -> list[dict]:
-    """One row per method: the means over its seeds, the standard deviation of mask AP (None for
-    one seed) and the mask AP of every seed."""
-    rows = []
-    for method in dict.fromkeys(r["key"] for r in runs):
-        mine = [r for r in runs if r["key"] == method]
-        mean = {key: round(statistics.fmean(r[key] for r in mine), 1)
-                for key in ("AP", "AP50", "AP75", "box_AP", "wall_minutes")}
-        spread = round(statistics.stdev(r["AP"] for r in mine), 1) if len(mine) > 1 else None
-        rows.append({"key": method, "method": mine[0]["method"], "supervision": mine[0]["supervision"], **mean,
-                     "AP_std": spread, "seed_APs": [r["AP"] for r in mine], "seeds": [r["seed"] for r in mine]})
-    return rows
-
-
-def markdown(rows: list[dict]) -> str:
-    """The table of ``summarise``'s rows; the ratio divides by the mask AP of the row of the same
-    detector trained with masks ("-" when that method did not run)."""
-    by_key = {r["key"]: r for r in rows}
-    table = []
-    for r in rows:
-        reference = by_key.get(METHODS[r["key"]][3])
-        ratio = f"{r['AP'] / reference['AP']:.2f}" if reference and reference["AP"] > 0 else "-"
-        seeds = " / ".join(str(ap) for ap in r["seed_APs"])
-        ap = r["AP"] if r["AP_std"] is None else f"{r['AP']} ± {r['AP_std']}"
-        table.append([r["method"], r["supervision"], ap, seeds, r["AP50"], r["AP75"],
-                      r["box_AP"], ratio, r["wall_minutes"]])
-    headers = ["method", "supervision", "mask AP (mean ± sd)", "mask AP per seed", "AP50", "AP75", "box AP",
-               "mask AP / same detector with masks", "minutes per run"]
-    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = default_argument_parser(description=__doc__, config="none", training=False)
     data = parser.add_argument_group("dataset: a registered name, or a COCO json + image folder per split")
     data.add_argument("--dataset", default="shapes", help="name with _train / _val splits (default: shapes)")
     data.add_argument("--train-json")
@@ -198,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="MODEL.DEVICE")
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--output-dir", default="output/benchmark_accuracy")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args(argv)
     by_path = [args.train_json, args.train_images, args.test_json, args.test_images]
     if any(by_path) and not all(by_path):
@@ -207,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seeds must differ, got {args.seeds}")
     if args.mask_fraction is not None and not 0.0 <= args.mask_fraction <= 1.0:
         parser.error(f"--mask-fraction must be in [0, 1], not {args.mask_fraction}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_tool_logging()
 
     os.makedirs(args.output_dir, exist_ok=True)
     common = dataset_overrides(args) + schedule_overrides(args)
@@ -223,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
 def write_results(args: argparse.Namespace, runs: list[dict]) -> str:
     """``results.json`` (settings, summary rows, runs) and ``results.md`` (the table) of the runs so
     far; the table."""
-    rows = summarise(runs)
-    table = markdown(rows)
+    rows = summarise_seeds(runs)
+    table = seed_table(rows)
     with atomic_open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"settings": vars(args), "results": rows, "runs": runs}, f, indent=2)
     with atomic_open(os.path.join(args.output_dir, "results.md"), "w") as f:

@@ -19,7 +19,6 @@ above what the inputs occupy.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import statistics
@@ -28,7 +27,7 @@ import time
 import torch
 from tabulate import tabulate
 
-from boxteacher.engine.checkpoint import atomic_open
+from boxteacher.engine import atomic_open, default_argument_parser
 from boxteacher.modeling.pairwise import neighbour_offsets, pairwise_loss, pairwise_loss_reference
 
 VARIANTS = {"cpu": ("packed", "unfold"), "cuda": ("fused", "packed", "unfold")}
@@ -127,7 +126,7 @@ def measure_peak_mb(variant: str, instances: int, h: int, w: int, device: str, c
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = default_argument_parser(description=__doc__, config="none", overrides=False, training=False)
     parser.add_argument("--instances", type=int, nargs="+", default=[64])
     parser.add_argument("--size", type=int, nargs=2, action="append", metavar=("H", "W"),
                         help="stride-4 map size (default 200 336, i.e. an 800 x 1344 input)")

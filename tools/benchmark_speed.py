@@ -32,10 +32,9 @@ from tabulate import tabulate
 from torch import nn
 
 from boxteacher.build import architecture_spec, build_model, method_name
-from boxteacher.config import ArchitectureSpec, load_config
+from boxteacher.config import ArchitectureSpec
 from boxteacher.data.build import build_train_loader
-from boxteacher.data.builtin import register_builtin_datasets
-from boxteacher.engine.checkpoint import atomic_open
+from boxteacher.engine import atomic_open, default_argument_parser, setup_config, setup_tool_logging
 from boxteacher.engine.solver import build_optimizer
 from boxteacher.engine.train_loop import unwrap_model
 from boxteacher.engine.trainer import amp_dtype
@@ -143,7 +142,7 @@ def breakdown(seconds: dict[str, float], step_seconds: float) -> dict[str, float
 
 
 def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
-    cfg = load_config(config_file, [*args.opts, "SOLVER.AMP.ENABLED", str(args.amp)])
+    cfg = setup_config(config_file, [*args.opts, "SOLVER.AMP.ENABLED", str(args.amp)])
     spec = architecture_spec(cfg)
     model = build_model(cfg)
     device = next(model.parameters()).device
@@ -200,18 +199,15 @@ def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", nargs="+", required=True, help="one or more configs, same settings")
+    parser = default_argument_parser(description=__doc__, config="many", training=False)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--short-side", type=int, default=512)
     parser.add_argument("--iters", type=int, default=10, help="timed iterations (after 2 warm-up)")
     parser.add_argument("--with-data", action="store_true", help="also time steps with the real data loader")
     parser.add_argument("--amp", action="store_true", help="mixed precision (SOLVER.AMP, PRECISION from the config)")
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every config")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    register_builtin_datasets()
+    setup_tool_logging(logging.WARNING)
 
     rows, share_rows = [], []
     for config_file in args.config_file:

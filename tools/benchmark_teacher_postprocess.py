@@ -24,6 +24,7 @@ import time
 import torch
 from tabulate import tabulate
 
+from boxteacher.engine import default_argument_parser
 from boxteacher.modeling.guided_filter import MaskRefinement
 from boxteacher.modeling.pseudo_labels import PseudoLabeler
 from boxteacher.modeling.teacher import TeacherPass, assignable_detections, teacher_outputs, to_student_frame
@@ -90,7 +91,7 @@ def refinement_table(args: argparse.Namespace, outputs: list[dict], gt_boxes: li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = default_argument_parser(description=__doc__, config="none", overrides=False, training=False)
     parser.add_argument("--teacher-size", type=int, nargs=2, default=[800, 1066], metavar=("H", "W"))
     parser.add_argument("--student-size", type=int, nargs=2, default=[720, 960], metavar=("H", "W"))
     parser.add_argument("--images", type=int, default=2, help="images per batch")

@@ -46,9 +46,7 @@ from tabulate import tabulate
 from torch.overrides import TorchFunctionMode
 
 from boxteacher.build import method_name
-from boxteacher.config import load_config
-from boxteacher.engine import hooks
-from boxteacher.engine.checkpoint import atomic_open
+from boxteacher.engine import atomic_open, default_argument_parser, hooks, setup_config, setup_tool_logging
 from boxteacher.engine.trainer import Trainer
 
 logger = logging.getLogger("boxteacher.benchmark_training")
@@ -187,7 +185,7 @@ def config(config_file: str, args: argparse.Namespace, output_dir: str, extra: l
                                       "SOLVER.CHECKPOINT_PERIOD", "1000000", "VIS_PERIOD", "0"]
     if args.amp:
         opts += ["SOLVER.AMP.ENABLED", "True"]
-    return load_config(config_file, opts + list(args.opts) + extra)
+    return setup_config(config_file, opts + list(args.opts) + extra)
 
 
 def pretrain(config_file: str, args: argparse.Namespace, output_dir: str) -> str:
@@ -234,8 +232,7 @@ def tables(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", nargs="+", required=True, help="configs trained alike (e.g. BoxInst, BoxTeacher)")
+    parser = default_argument_parser(description=__doc__, config="many", training=False)
     parser.add_argument("--train-json", help="a COCO json to train on instead of the configs' DATASETS.TRAIN")
     parser.add_argument("--train-images", help="the image folder of --train-json")
     parser.add_argument("--weights", help="MODEL.WEIGHTS of every config (a checkpoint whose network detects)")
@@ -248,15 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="SEED (the data seed of every config)")
     parser.add_argument("--output-dir", help="where the runs write (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every config")
     args = parser.parse_args(argv)
     if bool(args.train_json) != bool(args.train_images):
         parser.error("--train-json and --train-images go together")
     if min(args.iters, args.profile_iters) < 1 or args.warmup < 1:
         parser.error("--warmup, --iters and --profile-iters must be at least 1")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("bt", "boxteacher", "fvcore"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    setup_tool_logging(logging.WARNING)
 
     with tempfile.TemporaryDirectory() as scratch:
         root = args.output_dir or scratch

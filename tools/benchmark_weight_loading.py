@@ -10,7 +10,6 @@ to a temporary folder and times loading that.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import statistics
@@ -21,8 +20,7 @@ import torch
 from tabulate import tabulate
 
 from boxteacher.build import build_model
-from boxteacher.config import load_config
-from boxteacher.engine.checkpoint import Checkpointer
+from boxteacher.engine import Checkpointer, default_argument_parser, setup_config, setup_tool_logging
 
 logger = logging.getLogger("boxteacher.benchmark_weight_loading")
 
@@ -37,15 +35,13 @@ def time_loading(model: torch.nn.Module, path: str, repeats: int) -> list[float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True)
+    parser = default_argument_parser(description=__doc__, config="required", training=False)
     parser.add_argument("--weights", nargs="*", default=[], help="files to load (default: a checkpoint of the model)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    setup_tool_logging(logging.WARNING)
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = load_config(args.config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *args.opts])
+    cfg = setup_config(args.config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *args.opts])
     model = build_model(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         files = args.weights

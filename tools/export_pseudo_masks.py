@@ -30,19 +30,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
 from boxteacher.build import build_pseudo_labelling_model
-from boxteacher.config import CfgNode, load_config
+from boxteacher.config import CfgNode
 from boxteacher.data.coco import load_coco_json
-from boxteacher.engine.checkpoint import Checkpointer, atomic_open
+from boxteacher.engine import (
+    atomic_open,
+    build_trained_model,
+    default_argument_parser,
+    setup_config,
+    setup_tool_logging,
+)
 from boxteacher.evaluation.pseudo_mask_iou import pseudo_mask_report, report_table
 from boxteacher.pseudo_export import ExportSettings, PseudoMaskExporter
-from boxteacher.utils.logger import setup_logger
-
-logger = logging.getLogger("boxteacher.export_pseudo_masks")
 
 
 def export_settings(cfg: CfgNode, args: argparse.Namespace) -> ExportSettings:
@@ -60,8 +62,7 @@ def report_path(output: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser = default_argument_parser(description=__doc__, config="required", training=False)
     parser.add_argument("--json", required=True, help="COCO instances json whose boxes are labelled")
     parser.add_argument("--images", required=True, help="folder of its images (file_name is relative to it)")
     parser.add_argument("--output", required=True, help="COCO json to write")
@@ -69,7 +70,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="boxes whose pseudo-mask score is below this are unmatched (default 0)")
     parser.add_argument("--box-fallback", action="store_true", help="unmatched boxes get the mask of their box")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ..., e.g. MODEL.WEIGHTS")
     args = parser.parse_args(argv)
     if os.path.realpath(args.output) == os.path.realpath(args.json):
         parser.error("--output must differ from --json (the input is kept as it is)")
@@ -82,16 +82,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logger()
-    cfg = load_config(args.config_file, args.opts)
+    setup_tool_logging()
+    cfg = setup_config(args.config_file, args.opts)
     if not cfg.MODEL.WEIGHTS:
         raise SystemExit("No weights: add MODEL.WEIGHTS path/to/model_final.pth to the command line.")
     load_coco_json(args.json, args.images)  # errors name the file and the bad entry
     with open(args.json, "rb") as f:
         data = json.load(f)
 
-    model = build_pseudo_labelling_model(cfg)
-    Checkpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
+    model = build_trained_model(cfg, build_pseudo_labelling_model)
     result = PseudoMaskExporter(model, export_settings(cfg, args)).export(data, args.images, args.batch_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with atomic_open(args.output, "w") as f:

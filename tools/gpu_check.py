@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from boxteacher.engine.checkpoint import atomic_open
+from boxteacher.engine import atomic_open, default_argument_parser
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = ["configs/quickstart/boxinst_shapes.yaml", "configs/quickstart/boxteacher_shapes.yaml"]
@@ -127,7 +127,7 @@ def pairwise_part(args: argparse.Namespace, scratch: str) -> list[list]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = default_argument_parser(description=__doc__, config="none", training=False)
     parser.add_argument("--train-json", help="COCO json of the training data of the speed table")
     parser.add_argument("--train-images", help="its image folder")
     parser.add_argument("--weights", help="a checkpoint whose network detects (default: trains one, 300 iterations)")
@@ -137,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny settings (a smoke run of this script)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["pytest", "training", "amp", "pairwise"])
     parser.add_argument("--output", help="also write the table's rows to this JSON file")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of the real-data table")
     args = parser.parse_args(argv)
     if bool(args.train_json) != bool(args.train_images):
         parser.error("--train-json and --train-images go together")

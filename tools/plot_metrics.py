@@ -18,7 +18,6 @@ the earlier ones from the iteration it starts at. Malformed lines are skipped wi
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import logging
@@ -27,6 +26,8 @@ import os
 from typing import Iterable, Mapping, Sequence
 
 from matplotlib.figure import Figure
+
+from boxteacher.engine import default_argument_parser, setup_tool_logging
 
 logger = logging.getLogger("boxteacher.plot_metrics")
 
@@ -221,12 +222,12 @@ def write_plots(records: Sequence[Record], output_dir: str, keys: Sequence[str] 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = default_argument_parser(description=__doc__, config="none", overrides=False, training=False)
     parser.add_argument("output_dir", help="the OUTPUT_DIR of a training run (holds metrics.json)")
     parser.add_argument("--output", help="folder of the plots (default: OUTPUT_DIR/plots)")
     parser.add_argument("--keys", nargs="+", metavar="KEY", help="plot only these scalars (names or patterns)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    setup_tool_logging()
 
     try:
         records = read_metrics(os.path.join(args.output_dir, "metrics.json"))

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 from torch import nn
 
 from .data import image_io
+from .data.rle import encode_rle
 from .modeling.layers import boxes_to_masks
 
 logger = logging.getLogger(__name__)
@@ -73,33 +73,16 @@ def box_labels(labels: dict[str, torch.Tensor], settings: ExportSettings) -> dic
     return {"masks": masks, "scores": scores, "matched": matched}
 
 
-def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
-    """bool (N, h, w) -> N COCO RLEs with ``counts`` as str (JSON-serialisable)."""
-    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    return [{"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in rles]
-
-
 def box_mask_rle(box_xyxy: np.ndarray, height: int, width: int) -> dict[str, Any]:
     """RLE of the pixels whose centre is inside an XYXY box (the project's box masks)."""
     mask = boxes_to_masks(torch.as_tensor(box_xyxy, dtype=torch.float64)[None], (height, width))
-    return encode_masks(mask.numpy())[0]
+    return encode_rle(mask)[0]
 
 
 def clipped_xyxy(bbox: list[float], height: int, width: int) -> np.ndarray:
     """COCO [x, y, w, h] -> XYXY clipped to the image (float64 (4,))."""
     x, y, w, h = (float(v) for v in bbox)
     return np.clip([x, y, x + w, y + h], 0.0, [width, height, width, height])
-
-
-def read_image(path: str, height: int, width: int, image_format: str = "BGR") -> np.ndarray | None:
-    """uint8 (height, width, 3) in ``image_format``, read in the frame of its json entry as the
-    data loader reads it (``boxteacher.data.image_io.read_image``). None, after a warning naming
-    the file, when it is missing, truncated, cannot be decoded or has another size."""
-    try:
-        return image_io.read_image(path, (height, width), image_format)
-    except (image_io.UnreadableImageError, image_io.ImageSizeError) as e:
-        logger.warning("%s: its boxes get no pseudo mask.", e)
-        return None
 
 
 class BoxLabel(NamedTuple):
@@ -179,7 +162,7 @@ class PseudoMaskExporter:
         labels = self.model.pseudo_label([sample for sample, _ in batch])
         for (_, positions), label in zip(batch, labels):
             out = box_labels(label, self.settings)
-            rles = iter(encode_masks(out["masks"][out["matched"]].cpu().numpy()))
+            rles = iter(encode_rle(out["masks"][out["matched"]]))
             for position, score, matched in zip(positions, out["scores"].tolist(), out["matched"].tolist()):
                 yield position, BoxLabel(next(rles) if matched else None, float(score), bool(matched))
 
@@ -208,7 +191,8 @@ class _ImageReader:
 
     def read(self, image: dict) -> np.ndarray | None:
         path = os.path.join(self.image_root, image["file_name"])
-        pixels = read_image(path, int(image["height"]), int(image["width"]), self.image_format)
+        size = (int(image["height"]), int(image["width"]))
+        pixels = image_io.read_image_or_warn(path, size, self.image_format, "its boxes get no pseudo mask")
         if pixels is not None:
             self._failures_in_a_row = 0
             return pixels

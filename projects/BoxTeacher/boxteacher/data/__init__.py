@@ -12,7 +12,8 @@ from .catalog import (
     register_dataset,
     registered_names,
 )
-from .coco import load_coco_json, register_coco_instances, segmentation_to_mask
+from .coco import load_coco_json, register_coco_instances
+from .coco_segmentation import segmentation_to_mask
 from .mapper import DatasetMapper, build_flip_class_map
 from .samplers import InferenceSampler, TrainingBatchSampler
 from .shapes import ensure_shapes_dataset, generate_shapes_dataset

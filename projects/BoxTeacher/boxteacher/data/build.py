@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, Dataset
 from ..config.architecture import ArchitectureSpec
 from ..config.supervision import gt_mask_mode
 from ..utils.comm import get_rank, get_world_size
-from .builtin import register_datasets_from_config
 from .catalog import Metadata, get_dataset_records, get_metadata
 from .mapper import DatasetMapper
 from .mask_subset import restrict_masks_to_fraction
@@ -35,7 +34,6 @@ _LISTED_FILES = 5
 def get_train_metadata(cfg) -> Metadata:
     """Metadata of ``cfg.DATASETS.TRAIN`` (``thing_classes`` etc.); the datasets must have the
     same classes."""
-    register_datasets_from_config(cfg)
     names = list(cfg.DATASETS.TRAIN)
     if not names:
         raise ValueError("DATASETS.TRAIN is empty: name at least one registered dataset.")
@@ -111,7 +109,6 @@ def build_train_loader(
 def build_test_loader(cfg, dataset_name: str) -> DataLoader:
     """Batches of one mapped test image (a list of one dict) of ``dataset_name``, this
     process's contiguous shard of the dataset, in order."""
-    register_datasets_from_config(cfg)
     records = get_dataset_records(dataset_name)
     dataset = MappedRecords(records, DatasetMapper.from_config(cfg, is_train=False))
     return DataLoader(

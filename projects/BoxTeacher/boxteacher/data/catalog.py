@@ -81,7 +81,8 @@ def _check(name: str) -> None:
         raise KeyError(
             f"Dataset '{name}' is not registered. Registered datasets: {known}. A COCO-format "
             "dataset can be registered from the config with DATASETS.REGISTER "
-            "[[name, annotation_json, image_folder]]."
+            "[[name, annotation_json, image_folder]] (train_net.py and the tools register them; "
+            "a script calls boxteacher.data.register_datasets_from_config(cfg))."
         )
 
 

@@ -24,8 +24,8 @@ import numpy as np
 import pycocotools.mask as mask_util
 
 from .catalog import get_metadata, is_registered, register_dataset
-# segmentation_to_mask is re-exported: the mapper and the shapes generator import it from here.
-from .coco_segmentation import clean_segmentation, segmentation_to_mask, segmentation_to_rle  # noqa: F401
+from .coco_segmentation import clean_segmentation
+from .rle import segmentation_to_rle
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_util
 
+from .rle import segmentation_to_rle
+
 # Why a mask was dropped, as written in the loader's summary warnings.
 DROPPED_POLYGON = "polygon(s) with fewer than 3 points were dropped"
 DROPPED_RLE_SIZE = "RLE mask(s) whose size is not their image's (height, width) were dropped"
@@ -50,17 +52,12 @@ def clean_segmentation(
 
 def segmentation_to_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
     """Rasterise COCO polygons (list of flat [x, y, ...] lists, merged) or an RLE dict
-    (compressed or uncompressed ``counts``) to a bool mask [height, width]."""
-    return mask_util.decode(segmentation_to_rle(segmentation, height, width)).astype(bool)
-
-
-def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> dict:
-    """A compressed RLE of a valid segmentation (polygons merged)."""
-    if isinstance(segmentation, dict):
-        if isinstance(segmentation["counts"], list):
-            return mask_util.frPyObjects(segmentation, height, width)
-        return segmentation
-    return mask_util.merge(mask_util.frPyObjects(list(segmentation), height, width))
+    (compressed or uncompressed ``counts``) to a bool mask [height, width]; all False when
+    there is no usable polygon."""
+    rle = segmentation_to_rle(segmentation, height, width)
+    if rle is None:
+        return np.zeros((height, width), dtype=bool)
+    return mask_util.decode(rle).astype(bool)
 
 
 def _clean_polygons(polygons: list) -> tuple[list | None, str | None]:

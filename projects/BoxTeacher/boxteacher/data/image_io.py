@@ -14,9 +14,12 @@ Rules of ``read_image`` (the README's "Bad input" table):
   applied when that rotated size matches (the only case decoded twice); any other size is an
   ``ImageSizeError``. An image is never transposed to fit.
 - Without an expected size (the demo), the EXIF orientation is applied, as image viewers do.
+- Every image comes out as uint8 with 3 channels: a grey image is repeated over the channels,
+  an alpha channel is dropped, a 16-bit image is scaled to 8 bits (divided by 256).
 """
 from __future__ import annotations
 
+import logging
 import os
 import struct
 
@@ -29,6 +32,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xDA)])
 _SOS, _EOI = 0xDA, b"\xff\xd9"
 IMAGE_FORMATS = ("BGR", "RGB")
+
+logger = logging.getLogger(__name__)
 
 
 class UnreadableImageError(OSError):
@@ -61,6 +66,22 @@ def read_image(
     if image_format == "RGB":
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return image
+
+
+def read_image_or_warn(
+    path: str,
+    expected_size: tuple[int, int] | None = None,
+    image_format: str = "BGR",
+    consequence: str = "skipping it",
+) -> np.ndarray | None:
+    """``read_image``, but an image that cannot be read (missing, truncated, undecodable, of
+    another size than ``expected_size``) is None after a warning naming the file and saying
+    what follows (``consequence``)."""
+    try:
+        return read_image(path, expected_size, image_format)
+    except (UnreadableImageError, ImageSizeError) as e:
+        logger.warning("%s; %s.", e, consequence)
+        return None
 
 
 def truncation_problem(data: bytes) -> str | None:

@@ -22,7 +22,7 @@ from ..config.architecture import ArchitectureSpec
 from ..config.supervision import gt_mask_mode
 from ..geometry import resized_shape
 from .catalog import get_metadata
-from .coco import segmentation_to_mask
+from .coco_segmentation import segmentation_to_mask
 from .color_augment import AUG_TYPES, perturb_colors
 from .image_io import UnreadableImageError, read_image
 from .transforms import ResizeFlip, clip_boxes, sample_short_edge
@@ -157,6 +157,17 @@ class DatasetMapper:
         if self.is_train:
             out["instances"] = self._instances(record, transform)
         return out
+
+    def map_image(self, image: np.ndarray) -> dict:
+        """The test-time model input of an image in memory, uint8 (H, W, 3) in
+        ``image_format``: ``{"image": uint8 (3, h, w) resized as ``__call__`` resizes,
+        "height": H, "width": W}``."""
+        if self.is_train:
+            raise ValueError("map_image is test-time mapping; this DatasetMapper is a training one.")
+        height, width = image.shape[:2]
+        new_size = resized_shape(height, width, self.min_sizes[0], self.max_size)
+        resized = ResizeFlip(height, width, *new_size).apply_image(image)
+        return {"image": _to_tensor(resized), "height": height, "width": width}
 
     def _read_image(self, record: dict) -> np.ndarray | None:
         """uint8 [height, width, 3] in ``image_format``, in the frame of the record

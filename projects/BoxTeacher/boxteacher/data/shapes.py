@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
-from .coco import segmentation_to_mask
+from .coco_segmentation import segmentation_to_mask
+from .rle import encode_rle
 
 logger = logging.getLogger(__name__)
 
@@ -136,15 +137,14 @@ def _draw_image(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
         if np.array_equal(full, visible):
             segmentation = [polygon]
         else:
-            segmentation = mask_util.encode(np.asfortranarray(visible.astype(np.uint8)))
-            segmentation["counts"] = segmentation["counts"].decode("ascii")
+            segmentation = encode_rle(visible[None])[0]
         mask = segmentation_to_mask(segmentation, height, width)
         colours.append(_colour(rng, background[mask].mean(axis=0), colours))
         image[mask] = colours[-1]
         objects.append({
             "category_id": category,
             "segmentation": segmentation,
-            "bbox": mask_util.toBbox(mask_util.encode(np.asfortranarray(mask, np.uint8))).tolist(),
+            "bbox": mask_util.toBbox(encode_rle(mask[None])).tolist()[0],
             "area": int(mask.sum()),
             "iscrowd": 0,
         })

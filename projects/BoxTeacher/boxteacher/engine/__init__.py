@@ -6,6 +6,8 @@ from .defaults import (
     default_setup,
     resolve_data_seed,
     resolve_device,
+    setup_config,
+    setup_tool_logging,
 )
 from .events import (
     CommonMetricPrinter,
@@ -23,6 +25,7 @@ from .hooks import (
     PeriodicWriter,
 )
 from .launch import DEFAULT_TIMEOUT, launch, started_by_torchrun
+from .predictor import Predictor, build_trained_model
 from .solver import (
     LRMultiplier,
     build_grad_clipper,
@@ -53,6 +56,10 @@ __all__ = [
     "default_setup",
     "resolve_data_seed",
     "resolve_device",
+    "setup_config",
+    "setup_tool_logging",
+    "Predictor",
+    "build_trained_model",
     "CommonMetricPrinter",
     "EventStorage",
     "EventWriter",

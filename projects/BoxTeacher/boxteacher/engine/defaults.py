@@ -6,12 +6,14 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from fvcore.common.config import CfgNode
 from torch import nn
 
+from ..config import load_config
+from ..data import register_datasets_from_config
 from ..utils import comm
 from ..utils.env import collect_env_info, resolve_device, seed_all_rng
 from ..utils.logger import setup_logger
@@ -20,6 +22,8 @@ from .checkpoint import atomic_open
 __all__ = [
     "default_argument_parser",
     "default_setup",
+    "setup_config",
+    "setup_tool_logging",
     "resolve_device",
     "resolve_data_seed",
     "create_ddp_model",
@@ -28,20 +32,60 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def default_argument_parser(epilog: str | None = None) -> argparse.ArgumentParser:
-    """detectron2's flags: ``--config-file``, ``--resume``, ``--eval-only``, ``--num-gpus``,
-    ``--num-machines``, ``--machine-rank``, ``--dist-url`` and trailing ``KEY VALUE`` overrides."""
-    parser = argparse.ArgumentParser(
-        epilog=epilog
-        or (
+_CONFIG_FILE_FLAGS = {
+    "optional": {"default": "", "metavar": "FILE", "help": "path to a YAML config"},
+    "required": {"required": True, "metavar": "FILE", "help": "path to a YAML config"},
+    "many": {"required": True, "nargs": "+", "metavar": "FILE",
+             "help": "paths to YAML configs, run with the same overrides"},
+}
+
+
+def default_argument_parser(
+    epilog: str | None = None,
+    *,
+    description: str | None = None,
+    config: str = "optional",
+    overrides: bool = True,
+    training: bool = True,
+) -> argparse.ArgumentParser:
+    """The command line of ``train_net.py`` and of every tool, which adds its own flags.
+
+    Args:
+        epilog, description: the help's text after and before the flags (a tool passes its
+            module docstring as ``description``); ``train_net.py`` gets example commands.
+        config: ``--config-file``: "optional" (``train_net.py``, detectron2's), "required",
+            "many" (``--config-file A.yaml B.yaml``: tools that compare configs) or "none".
+        overrides: trailing ``KEY VALUE`` config overrides (``opts``).
+        training: detectron2's training flags: ``--resume``, ``--eval-only``, ``--num-gpus``,
+            ``--num-machines``, ``--machine-rank``, ``--dist-url``.
+    """
+    if config != "none" and config not in _CONFIG_FILE_FLAGS:
+        raise ValueError(f"config must be one of {[*_CONFIG_FILE_FLAGS, 'none']}, not '{config}'.")
+    if epilog is None and training:
+        epilog = (
             "Examples:\n"
             f"  {sys.argv[0]} --config-file cfg.yaml --num-gpus 8\n"
             f"  {sys.argv[0]} --config-file cfg.yaml --eval-only MODEL.WEIGHTS model.pth\n"
             f"  torchrun --nproc-per-node 8 {sys.argv[0]} --config-file cfg.yaml\n"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    parser = argparse.ArgumentParser(
+        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config-file", default="", metavar="FILE", help="path to a YAML config")
+    if config != "none":
+        parser.add_argument("--config-file", **_CONFIG_FILE_FLAGS[config])
+    if training:
+        _add_training_flags(parser)
+    if overrides:
+        parser.add_argument(
+            "opts",
+            default=None,
+            nargs=argparse.REMAINDER,
+            help="config overrides as KEY VALUE pairs at the end, e.g. SOLVER.IMS_PER_BATCH 8",
+        )
+    return parser
+
+
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -56,13 +100,24 @@ def default_argument_parser(epilog: str | None = None) -> argparse.ArgumentParse
         default="auto",
         help="tcp://host:port of machine 0; 'auto' picks a free local port (one machine only)",
     )
-    parser.add_argument(
-        "opts",
-        default=None,
-        nargs=argparse.REMAINDER,
-        help="config overrides as KEY VALUE pairs, e.g. SOLVER.IMS_PER_BATCH 8",
-    )
-    return parser
+
+
+def setup_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
+    """The config of a command line (``load_config``: the file, then the ``KEY VALUE``
+    overrides ``opts``), with the datasets it names by path (``DATASETS.REGISTER``) registered.
+
+    The one set-up of ``train_net.py`` and the tools; a script that builds a config itself
+    registers them with ``boxteacher.data.register_datasets_from_config(cfg)``."""
+    cfg = load_config(config_file, list(opts))
+    register_datasets_from_config(cfg)
+    return cfg
+
+
+def setup_tool_logging(level: int = logging.INFO) -> None:
+    """Logging of a command-line tool: the project's loggers (``boxteacher.*``) on the
+    console at ``level`` and above, on ``sys.stderr``, so that ``sys.stdout`` holds only the
+    tool's tables."""
+    setup_logger(name="boxteacher", console_level=level, stream=sys.stderr)
 
 
 def default_setup(cfg: CfgNode, args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 and writers, assembled as detectron2's ``DefaultTrainer`` assembles them."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from typing import Any
@@ -12,7 +13,6 @@ from torch import nn
 from ..build import architecture_spec, build_model
 from ..config import CfgNode
 from ..data.build import build_test_loader, build_train_loader, get_train_metadata
-from ..data.builtin import register_datasets_from_config
 from ..data.catalog import get_metadata
 from ..evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
 from ..modeling.ema import momentum_for_horizon
@@ -21,7 +21,7 @@ from ..utils.comm import unwrap_model
 from ..utils.io import remove_stale_temporary_files
 from . import hooks
 from .checkpoint import Checkpointer, RNGState
-from .defaults import create_ddp_model, resolve_data_seed
+from .defaults import create_ddp_model, default_setup, resolve_data_seed, setup_config
 from .events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from .solver import build_grad_clipper, build_lr_scheduler, build_optimizer
 from .train_loop import SimpleTrainer
@@ -44,7 +44,6 @@ def evaluate(cfg: CfgNode, model: nn.Module) -> dict[str, Any]:
     Returns, on the main process, ``{task: {metric: value}}`` for a single test dataset and
     ``{dataset: {task: {metric: value}}}`` for several; ``{}`` on the other processes.
     """
-    register_datasets_from_config(cfg)
     results = {}
     for name in cfg.DATASETS.TEST:
         result = inference_on_dataset(model, build_test_loader(cfg, name), build_evaluator(cfg, name))
@@ -111,8 +110,7 @@ class Trainer(SimpleTrainer):
     def __init__(self, cfg: CfgNode):
         if comm.is_main_process():  # before this run writes anything there
             remove_stale_temporary_files(cfg.OUTPUT_DIR)
-        register_datasets_from_config(cfg)
-        check_num_classes(cfg)
+            check_num_classes(cfg)
         self.spec = architecture_spec(cfg)
         model = build_model(cfg)
         optimizer = build_optimizer(cfg, model)
@@ -192,3 +190,21 @@ class Trainer(SimpleTrainer):
         self.data_loader = build_train_loader(self.cfg, self.spec, seed=self.data_seed, start_iter=self.start_iter)
         super().train(self.start_iter, self.max_iter)
         return self.last_results
+
+
+def train_or_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``train_net.py`` runs in every process: the config of the command line
+    (``default_argument_parser``), set up (``setup_config``, ``default_setup``), then training
+    (resumed with ``--resume``) or, with ``--eval-only``, the evaluation of ``MODEL.WEIGHTS``
+    (or of the last checkpoint with ``--resume``). Returns the evaluation results."""
+    cfg = setup_config(args.config_file, args.opts)
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = build_model(cfg)
+        if not cfg.MODEL.WEIGHTS and not args.resume:
+            logger.warning("--eval-only without MODEL.WEIGHTS: evaluating randomly initialised weights.")
+        Checkpointer(model, cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return evaluate(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ..utils.io import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -230,3 +231,47 @@ def read_model_weights(path: str) -> dict[str, Any]:
     if isinstance(checkpoint.get("model"), Mapping):
         return {**checkpoint, "model": to_project_names(checkpoint["model"])}
     return {"model": to_project_names(checkpoint)}
+
+
+# A converted file must hold at least this many backbone tensors (a network, not a fragment).
+MIN_BACKBONE_TENSORS = 20
+_BACKBONE_NAME = re.compile(r"(^|\.)backbone\.")
+
+
+def convert_weight_file(src: str, dst: str, trust_pickle: bool = False) -> int:
+    """Write the model weights of ``src`` (anything ``read_model_weights`` reads; with
+    ``trust_pickle``, any pickle) to ``dst`` atomically as this project's checkpoint format, so
+    that loading it later needs no conversion and no unpickling; returns the number of tensors.
+
+    Raises CheckpointError, and writes nothing, when ``src`` gives too few backbone tensors.
+    """
+    checkpoint = load_trusted_checkpoint_file(src) if trust_pickle else read_model_weights(src)
+    state = {k: v for k, v in checkpoint["model"].items() if isinstance(v, torch.Tensor)}
+    dropped = sorted(set(checkpoint["model"]) - set(state))
+    if dropped:
+        logger.warning("Entries that are not tensors are left out: %s", dropped)
+    check_has_network(src, state)
+    with atomic_open(dst) as f:
+        torch.save({"model": state, "__author__": f"converted from {src}"}, f)
+    return len(state)
+
+
+def check_has_network(src: str, state: dict[str, torch.Tensor]) -> None:
+    """Raises CheckpointError naming ``src`` unless ``state`` holds at least
+    ``MIN_BACKBONE_TENSORS`` backbone tensors."""
+    backbone = [k for k in state if _BACKBONE_NAME.search(k)]
+    if len(backbone) >= MIN_BACKBONE_TENSORS:
+        return
+    found = f"{len(state)} tensors ({_sample(state)})" if state else "no tensors"
+    raise CheckpointError(
+        f"'{src}' gives {found}, {len(backbone)} of them backbone weights; expected a network's "
+        f"state dict with at least {MIN_BACKBONE_TENSORS} backbone tensors (a ResNet, or a "
+        "detectron2 / AdelaiDet / BoxTeacher detector). Nothing was written."
+    )
+
+
+def _sample(names: dict[str, torch.Tensor], count: int = 5) -> str:
+    """The first ``count`` names, and how many more."""
+    shown = list(names)[:count]
+    more = len(names) - len(shown)
+    return ", ".join(shown) + (f", ... {more} more" if more else "")

@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -31,6 +30,7 @@ from tabulate import tabulate
 
 from ..data.catalog import get_metadata
 from ..data.coco import load_coco_ground_truth
+from ..data.rle import encode_rle
 from ..utils import comm
 from .evaluator import DatasetEvaluator
 
@@ -66,7 +66,7 @@ def instances_to_coco_json(
     Args:
         instances: ``boxes`` float [N,4] XYXY absolute, ``scores`` [N], ``labels`` int64 [N]
             contiguous, optional ``masks`` bool [N,H,W] (any device) or N COCO RLEs already
-            encoded (``encode_masks``).
+            encoded (``encode_rle``).
         image_id: the image's id in the COCO json.
         contiguous_to_json_id: ``contiguous_to_json_id[label]`` is the json category id.
         tasks: which of ``bbox`` (XYWH list of floats) and ``segmentation`` (RLE with ``counts``
@@ -93,22 +93,9 @@ def instances_to_coco_json(
             result["bbox"] = box
     if "segm" in tasks and "masks" in instances and results:
         masks = instances["masks"]
-        for result, mask in zip(results, masks if isinstance(masks, list) else masks.detach().cpu()):
-            result["segmentation"] = mask if isinstance(mask, dict) else mask_to_rle(mask)
+        for result, rle in zip(results, masks if isinstance(masks, list) else encode_rle(masks)):
+            result["segmentation"] = rle
     return results
-
-
-def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
-    """COCO RLEs of a chunk of bool (c, H, W) masks on any device, one at a time."""
-    return [mask_to_rle(mask) for mask in masks.cpu()]
-
-
-def mask_to_rle(mask: torch.Tensor) -> dict[str, Any]:
-    """COCO RLE (``counts`` as str) of a bool (H, W) mask. Encoding the masks one at a time
-    copies one (H, W) mask (Fortran order), not all of them: 1 GB for 10 masks of 12000x9000."""
-    rle = mask_util.encode(np.asfortranarray(mask.numpy().view(np.uint8)[:, :, None]))[0]
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
 
 
 def _load_results(coco_gt: COCO, results: list[dict[str, Any]], drop_key: str) -> COCO:
@@ -220,7 +207,7 @@ class COCOEvaluator(DatasetEvaluator):
     (``CondInst.encode_masks``) hand over their masks as RLEs, encoded a chunk at a time.
     """
 
-    encode_masks = staticmethod(encode_masks)
+    encode_masks = staticmethod(encode_rle)
 
     def __init__(
         self,

@@ -18,19 +18,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 from tabulate import tabulate
 
-
-def segmentation_rle(segmentation: Any, height: int, width: int) -> dict | None:
-    """The RLE of a COCO segmentation (polygons, merged, or an RLE with compressed or list
-    ``counts``); None when there is none or no polygon has 3 points."""
-    if isinstance(segmentation, dict):
-        if isinstance(segmentation.get("counts"), list):
-            return mask_util.frPyObjects(segmentation, height, width)
-        return segmentation
-    if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
-        if polygons:
-            return mask_util.merge(mask_util.frPyObjects(polygons, height, width))
-    return None
+from ..data.rle import segmentation_to_rle
 
 
 def _mask_iou(a: dict | None, b: dict) -> float:
@@ -65,9 +53,9 @@ def pseudo_mask_report(original: dict[str, Any], exported: dict[str, Any]) -> di
     iou = np.full(len(pairs), np.nan)
     for i, (a, b) in enumerate(pairs):
         size = sizes[a["image_id"]]
-        truth = segmentation_rle(a.get("segmentation"), *size)
+        truth = segmentation_to_rle(a.get("segmentation"), *size)
         if truth is not None:
-            iou[i] = _mask_iou(segmentation_rle(b.get("segmentation"), *size), truth)
+            iou[i] = _mask_iou(segmentation_to_rle(b.get("segmentation"), *size), truth)
     per_category = []
     for category in sorted(original["categories"], key=lambda c: c["id"]):
         selected = categories == category["id"]

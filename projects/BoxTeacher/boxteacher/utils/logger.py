@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TextIO
 
 from termcolor import colored
 
@@ -48,6 +49,8 @@ def setup_logger(
     *,
     abbrev_name: str | None = None,
     color: bool = True,
+    console_level: int = logging.INFO,
+    stream: TextIO | None = None,
 ) -> logging.Logger:
     """Configure the logger ``name`` (and so all of its children) and return it.
 
@@ -55,11 +58,13 @@ def setup_logger(
         output: a directory (the log goes to ``output/log.txt``) or a file path ending in
             ``.txt`` / ``.log``. ``None``: no file. Processes of rank N > 0 write to
             ``<file>.rankN``.
-        distributed_rank: rank of this process; only rank 0 logs to the console (INFO and
-            above; the file gets DEBUG too).
+        distributed_rank: rank of this process; only rank 0 logs to the console.
         name: the logger to configure.
         abbrev_name: shorter name shown on the console (default "bt" for "boxteacher").
         color: colour WARNING / ERROR on the console.
+        console_level: the least level shown on the console (the file gets DEBUG too).
+        stream: where the console lines go (default ``sys.stdout``; the tools use
+            ``sys.stderr``, so that their tables alone are on ``sys.stdout``).
 
     Calling it again replaces the handlers it installed before, so it is idempotent.
     """
@@ -75,8 +80,8 @@ def setup_logger(
     plain = logging.Formatter(_FORMAT, datefmt=_DATE_FORMAT)
     handlers: list[logging.Handler] = []
     if distributed_rank == 0:
-        console = logging.StreamHandler(stream=sys.stdout)
-        console.setLevel(logging.INFO)  # debug details (e.g. pycocotools' output) go to the file
+        console = logging.StreamHandler(stream=sys.stdout if stream is None else stream)
+        console.setLevel(console_level)  # debug details (e.g. pycocotools' output) go to the file
         if color:
             console.setFormatter(
                 _ConsoleFormatter(

@@ -1,5 +1,5 @@
-"""The parity fixtures of the official BoxTeacher / AdelaiDet implementation (see
-``tools/parity_report.py``): where they are, how one is read and run, the tolerances of their
+"""The parity fixtures of the official BoxTeacher / AdelaiDet implementation (compared by
+``evaluation/parity.py``, printed by ``tools/parity_report.py``): where they are, how one is read and run, the tolerances of their
 README (section 10), and the bookkeeping of the largest difference of each compared quantity."""
 from __future__ import annotations
 
@@ -13,12 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from boxteacher.build import build_model
-from boxteacher.config import get_cfg
-from boxteacher.engine import load_model_weights, read_model_weights
+from ..build import build_model
+from ..config import get_cfg
+from ..engine import load_model_weights, read_model_weights
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_FIXTURES = REPO.parent / "shared" / "fixtures"
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 
 # Tolerances of the fixtures' README (section 10).
@@ -27,8 +25,9 @@ BOXES, SCORES, LOSSES, GRAD_TOTAL, GRAD_PARAM = 5e-3, 1e-4, 1e-4, 1e-4, 1e-2
 MASK_DISAGREEMENT = 1e-3
 
 
-def fixtures_root() -> Path:
-    return Path(os.environ.get("BOXTEACHER_FIXTURES", DEFAULT_FIXTURES))
+def fixtures_root(default: Path) -> Path:
+    """``$BOXTEACHER_FIXTURES`` if set, else ``default``."""
+    return Path(os.environ.get("BOXTEACHER_FIXTURES", default))
 
 
 def fixture_folders(root: Path) -> list[Path]:
@@ -38,14 +37,18 @@ def fixture_folders(root: Path) -> list[Path]:
 
 @dataclass
 class Fixture:
+    """One fixture folder; ``base_config`` is the repository's ``configs/Base-BoxTeacher.yaml``,
+    under the fixture's ``config.yaml``."""
+
     folder: Path
     inputs: dict[str, Any]
     expected: dict[str, torch.Tensor]
+    base_config: Path
 
     @classmethod
-    def load(cls, folder: Path) -> "Fixture":
+    def load(cls, folder: Path, base_config: Path) -> "Fixture":
         read = lambda name: torch.load(folder / name, map_location="cpu", weights_only=True)  # noqa: E731
-        return cls(folder, read("inputs.pt"), read("expected.pt"))
+        return cls(folder, read("inputs.pt"), read("expected.pt"), base_config)
 
     @property
     def num_images(self) -> int:
@@ -71,7 +74,7 @@ class Fixture:
         """The fixture's model (Base-BoxTeacher.yaml + its config.yaml + ``overrides``) with its
         official weights; ``network`` ("student.") loads that network into a one-network model."""
         cfg = get_cfg()
-        cfg.merge_from_file(str(REPO / "configs/Base-BoxTeacher.yaml"))
+        cfg.merge_from_file(str(self.base_config))
         cfg.merge_from_file(str(self.folder / "config.yaml"))
         cfg.merge_from_list(list(overrides))
         model = build_model(cfg)
