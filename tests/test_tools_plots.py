@@ -1,6 +1,5 @@
 """tools/plot_metrics.py (training curves from metrics.json) and tools/analyze_model.py
 (parameters and FLOPs)."""
-import importlib.util
 import json
 import re
 import subprocess
@@ -11,6 +10,7 @@ import pytest
 
 from boxteacher.build import build_model
 from boxteacher.config import load_config
+from boxteacher.utils.training_curves import MetricsError, read_metrics, series, write_plots
 from tiny_models import TINY_MODEL_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,13 +22,6 @@ def run_tool(name, *args):
         [sys.executable, str(REPO / "tools" / name), *map(str, args)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def train_line(iteration, **extra):
@@ -73,24 +66,22 @@ def test_plot_metrics_errors_and_selected_keys(tmp_path):
     proc = run_tool("plot_metrics.py", tmp_path / "nothing")
     assert proc.returncode != 0 and str(tmp_path / "nothing/metrics.json") in proc.stderr
 
-    plot_metrics = load_tool("plot_metrics")
     write_metrics(tmp_path, [train_line(19), train_line(39)])
-    records = plot_metrics.read_metrics(str(tmp_path / "metrics.json"))
-    paths = plot_metrics.write_plots(records, str(tmp_path / "sel"), keys=["time", "loss_*"])
+    records = read_metrics(str(tmp_path / "metrics.json"))
+    paths = write_plots(records, str(tmp_path / "sel"), keys=["time", "loss_*"])
     assert [Path(p).name for p in paths] == ["selected_keys.png"]
-    with pytest.raises(plot_metrics.MetricsError, match="loss_fcos_cls"):
-        plot_metrics.write_plots(records, str(tmp_path / "sel"), keys=["segm/AP"])
+    with pytest.raises(MetricsError, match="loss_fcos_cls"):
+        write_plots(records, str(tmp_path / "sel"), keys=["segm/AP"])
 
 
 def test_read_metrics_keeps_the_records_of_a_resumed_run(tmp_path):
-    plot_metrics = load_tool("plot_metrics")
     write_metrics(tmp_path, [
         train_line(19), train_line(39), train_line(59),  # crashed after iteration 59
         train_line(39, loss_prj=0.25), "[1, 2]", {"iteration": "79"}, train_line(79),  # resumed at 20
     ])
-    records = plot_metrics.read_metrics(str(tmp_path / "metrics.json"))
+    records = read_metrics(str(tmp_path / "metrics.json"))
     assert [r["iteration"] for r in records] == [19, 39, 79]
-    assert plot_metrics.series(records, "loss_prj") == ([19, 39, 79], [0.5, 0.25, 0.5])
+    assert series(records, "loss_prj") == ([19, 39, 79], [0.5, 0.25, 0.5])
 
 
 def test_analyze_model_counts_flops_and_the_parameters_of_one_boxteacher_network():

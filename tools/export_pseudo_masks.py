@@ -34,7 +34,6 @@ import os
 import sys
 
 from boxteacher.build import build_pseudo_labelling_model
-from boxteacher.config import CfgNode
 from boxteacher.data.coco import load_coco_json
 from boxteacher.engine import (
     atomic_open,
@@ -45,15 +44,6 @@ from boxteacher.engine import (
 )
 from boxteacher.evaluation.pseudo_mask_iou import pseudo_mask_report, report_table
 from boxteacher.pseudo_export import ExportSettings, PseudoMaskExporter
-
-
-def export_settings(cfg: CfgNode, args: argparse.Namespace) -> ExportSettings:
-    return ExportSettings(
-        mask_threshold=cfg.MODEL.BOX_TEACHER.TEACHER_MASK_THRESHOLD,
-        min_score=args.score_threshold,
-        box_fallback=args.box_fallback,
-        image_format=cfg.INPUT.FORMAT,
-    )
 
 
 def report_path(output: str) -> str:
@@ -91,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         data = json.load(f)
 
     model = build_trained_model(cfg, build_pseudo_labelling_model)
-    result = PseudoMaskExporter(model, export_settings(cfg, args)).export(data, args.images, args.batch_size)
+    result = PseudoMaskExporter(model, ExportSettings.from_config(cfg, args.score_threshold, args.box_fallback)).export(data, args.images, args.batch_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with atomic_open(args.output, "w") as f:
         json.dump(result.data, f)

@@ -60,6 +60,16 @@ class ExportSettings:
     image_format: str = "BGR"
     log_period_s: float = 30.0
 
+    @classmethod
+    def from_config(cls, cfg: Any, min_score: float = 0.0, box_fallback: bool = False) -> "ExportSettings":
+        """The settings of training's pseudo labels in ``cfg`` (mask threshold, image format)."""
+        return cls(
+            mask_threshold=cfg.MODEL.BOX_TEACHER.TEACHER_MASK_THRESHOLD,
+            min_score=min_score,
+            box_fallback=box_fallback,
+            image_format=cfg.INPUT.FORMAT,
+        )
+
 
 def box_labels(labels: dict[str, torch.Tensor], settings: ExportSettings) -> dict[str, torch.Tensor]:
     """What the export writes of one image's pseudo labels (``BoxTeacher.pseudo_label``: ``masks``
