@@ -56,8 +56,11 @@ def forward_teacher_per_image(view, batched_inputs: list[dict]) -> list[dict]:
     from torchvision.ops import box_iou
 
     from boxteacher.modeling.layers import batch_images, boxes_to_masks
+    from boxteacher.modeling.mask_scores import (
+        mask_aware_scores,
+        mean_foreground_probability,
+    )
     from boxteacher.modeling.postprocess import rescale_boxes
-    from boxteacher.modeling.mask_scores import mask_aware_scores, mean_foreground_probability
     from boxteacher.modeling.teacher import resize_to_test_size
 
     model, settings = view.detector, view.settings

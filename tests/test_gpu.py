@@ -6,6 +6,7 @@ import torch
 
 from boxteacher.build import build_model
 from boxteacher.modeling.pairwise import neighbour_offsets, pairwise_loss
+
 from tiny_models import tiny_cfg
 from tiny_models import two_view_batch as batch
 

@@ -1,14 +1,22 @@
-"""Tiny configs and inputs for fast model tests (not a test module)."""
+"""Tiny configs and inputs for fast model tests, and the paths of the repository and of the
+shared test data (not a test module; ``conftest.py`` hands them to tests as fixtures)."""
 from __future__ import annotations
 
 import contextlib
 import os
+import random
+from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
+from torch import nn
 
 from boxteacher.config import CfgNode, get_cfg
 from boxteacher.data.builtin import register_builtin_datasets
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 TINY_MODEL_OVERRIDES = [
     "MODEL.DEVICE", "cpu",
@@ -120,3 +128,34 @@ def label_one(model, sample: dict, prediction: dict) -> dict:
     from boxteacher.modeling.boxteacher import with_pseudo_labels
 
     return with_pseudo_labels([sample], model.assign([sample], [prediction]))[0]["instances"]
+
+
+# A toy model and its data for the engine's tests (training loop, launch)
+class ToyModel(nn.Module):
+    """Uses the torch (dropout), numpy and python RNGs, so an exact resume needs all three."""
+
+    def __init__(self, nan_at_call=None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 1))
+        self.nan_at_call = nan_at_call
+        self.calls = 0
+
+    def forward(self, batch, iteration=None):
+        x, y = batch
+        noise = 1.0 + 0.01 * float(np.random.rand()) + 0.01 * random.random()
+        loss = ((self.net(x).squeeze(1) - y) ** 2).mean() * noise
+        if self.calls == self.nan_at_call:
+            loss = loss * float("nan")
+        self.calls += 1
+        reg = 1e-3 * sum((p**2).sum() for p in self.parameters())
+        return {"loss_mse": loss, "loss_reg": reg, "num_things": torch.tensor(100.0)}
+
+
+def toy_data(seed, start_iter):
+    """Infinite batches; the batch of iteration t depends only on (seed, t)."""
+    t = start_iter
+    while True:
+        g = torch.Generator().manual_seed(seed * 100_003 + t)
+        x = torch.randn(6, 4, generator=g)
+        yield x, x.sum(1) + 0.1 * torch.randn(6, generator=g)
+        t += 1

@@ -14,7 +14,9 @@ from .catalog import (
 )
 from .coco import load_coco_json, register_coco_instances
 from .coco_segmentation import segmentation_to_mask
+from .image_io import read_image
 from .mapper import DatasetMapper, build_flip_class_map
+from .rle import encode_rle, segmentation_to_rle
 from .samplers import InferenceSampler, TrainingBatchSampler
 from .shapes import ensure_shapes_dataset, generate_shapes_dataset
 from .transforms import ResizeFlip
@@ -30,6 +32,7 @@ __all__ = [
     "build_test_loader",
     "build_train_loader",
     "datasets_root",
+    "encode_rle",
     "ensure_shapes_dataset",
     "generate_shapes_dataset",
     "get_dataset_records",
@@ -38,6 +41,7 @@ __all__ = [
     "get_train_records",
     "is_registered",
     "load_coco_json",
+    "read_image",
     "register_builtin_datasets",
     "register_coco_instances",
     "register_dataset",
@@ -45,4 +49,5 @@ __all__ = [
     "registered_names",
     "resized_shape",
     "segmentation_to_mask",
+    "segmentation_to_rle",
 ]
