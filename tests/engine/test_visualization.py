@@ -20,7 +20,7 @@ from boxteacher.engine.visualization import (
 )
 from boxteacher.utils.env import seed_all_rng
 
-from tiny_models import REPO, TINY_MODEL_OVERRIDES, sample, tiny_cfg
+from tiny_models import REPO, TINY_MODEL_OVERRIDES, sample
 
 BOXTEACHER = str(REPO / "configs/quickstart/boxteacher_shapes.yaml")
 TINY_RUN = TINY_MODEL_OVERRIDES + [
@@ -89,9 +89,9 @@ def test_boxteacher_pictures_are_written_and_leave_training_unchanged(tmp_path, 
     assert image_tags(tmp_path / "plain") == []
 
 
-def test_condinst_picture_has_two_panels_in_rgb():
+def test_condinst_picture_has_two_panels_in_rgb(tiny_config):
     seed_all_rng(0)
-    cfg = tiny_cfg()
+    cfg = tiny_config
     model = build_model(cfg)
     model.train()
     batch = [sample(64, 96, [(10, 10, 40, 50)], [1])]

@@ -130,8 +130,8 @@ def test_caffe2_imagenet_pickle_loads_into_the_backbone_only(tmp_path):
     assert torch.equal(model.controller.weight, before_head)
 
 
-def test_detectron2_model_zoo_pickle_keeps_detectron2_names(tmp_path):
-    model = build_model(tiny_cfg())
+def test_detectron2_model_zoo_pickle_keeps_detectron2_names(tmp_path, tiny_config):
+    model = build_model(tiny_config)
     weight = model.backbone.fpn.inner_blocks[0][0].weight.detach().numpy() + 1
     path = tmp_path / "zoo.pkl"
     with open(path, "wb") as f:
@@ -152,8 +152,8 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
         read_model_weights(str(path))
 
 
-def test_torchvision_resnet_state_dict_goes_under_the_backbone(tmp_path):
-    model = build_model(tiny_cfg())
+def test_torchvision_resnet_state_dict_goes_under_the_backbone(tmp_path, tiny_config):
+    model = build_model(tiny_config)
     resnet = {k: v + 1 for k, v in model.backbone.bottom_up.state_dict().items()}
     resnet["fc.weight"] = torch.zeros(10, 4)
     path = tmp_path / "resnet18.pth"
@@ -202,8 +202,8 @@ def convert_cli(*args):
 
 
 @pytest.mark.slow
-def test_legacy_tar_file_is_refused_then_converted_when_trusted(tmp_path):
-    model = build_model(tiny_cfg())
+def test_legacy_tar_file_is_refused_then_converted_when_trusted(tmp_path, tiny_config):
+    model = build_model(tiny_config)
     resnet = {k: v + 1 for k, v in model.backbone.bottom_up.state_dict().items() if v.is_floating_point()}
     legacy = tmp_path / "resnet_legacy.pth"
     _save_legacy_tar(resnet, legacy)
@@ -218,8 +218,8 @@ def test_legacy_tar_file_is_refused_then_converted_when_trusted(tmp_path):
 
 
 @pytest.mark.slow
-def test_pickled_module_is_refused_and_converted_only_when_trusted(tmp_path):
-    model = build_model(tiny_cfg())
+def test_pickled_module_is_refused_and_converted_only_when_trusted(tmp_path, tiny_config):
+    model = build_model(tiny_config)
     path = tmp_path / "whole_model.pth"
     torch.save(model.backbone.bottom_up, path)
     with pytest.raises(CheckpointError, match="arbitrary code.*--trust-pickle"):
@@ -277,8 +277,8 @@ def test_conversion_without_a_network_exits_non_zero_from_the_command_line(tmp_p
     assert not dst.exists()
 
 
-def test_one_network_model_loads_the_teacher_of_a_teacher_student_checkpoint(tmp_path):
-    model = build_model(tiny_cfg())
+def test_one_network_model_loads_the_teacher_of_a_teacher_student_checkpoint(tmp_path, tiny_config):
+    model = build_model(tiny_config)
     state = model.state_dict()
     checkpoint = {f"teacher.{k}": v + 1 if v.is_floating_point() else v for k, v in state.items()}
     checkpoint.update({f"student.{k}": v for k, v in state.items()})

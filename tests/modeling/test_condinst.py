@@ -66,9 +66,9 @@ def test_top_per_object_sampling():
     assert sample_top_per_object(positives, 64).tolist() == [2, 3, 0, 1, 5, 4]
 
 
-def test_training_losses_and_zero_losses_for_empty_images():
+def test_training_losses_and_zero_losses_for_empty_images(tiny_config):
     torch.manual_seed(0)
-    model = build_model(tiny_cfg())
+    model = build_model(tiny_config)
     model.train()
     batch = [sample(64, 64, [(8, 8, 40, 40)], [1]), sample(64, 48, [(4, 10, 30, 60)], [2], seed=1)]
     losses = model(batch, iteration=0)
