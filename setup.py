@@ -1,4 +1,5 @@
 """Installs the ``boxteacher`` package from ``projects/BoxTeacher/boxteacher``."""
+
 from setuptools import find_packages, setup
 
 PACKAGE_ROOT = "projects/BoxTeacher"
@@ -6,7 +7,9 @@ PACKAGE_ROOT = "projects/BoxTeacher"
 setup(
     name="boxteacher",
     version="0.1.0",
-    description="BoxTeacher, BoxInst and CondInst: instance segmentation from boxes, in plain PyTorch",
+    description=(
+        "BoxTeacher, BoxInst and CondInst: instance segmentation from boxes, in plain PyTorch"
+    ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
@@ -25,5 +28,6 @@ setup(
         "tabulate",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest>=7"]},
+    # ruff: the lint and format checks of .ci/run; its style changes between minor versions.
+    extras_require={"dev": ["pytest>=7", "ruff>=0.17.6,<0.18"]},
 )

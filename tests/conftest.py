@@ -14,6 +14,7 @@ config and the tiny inputs as functions; these fixtures hand them to tests:
 Tests marked ``slow`` (end-to-end training, command lines in subprocesses) are left out of the
 fast subset: ``python -m pytest -m "not slow"``.
 """
+
 from __future__ import annotations
 
 import logging

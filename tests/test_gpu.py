@@ -1,6 +1,7 @@
 """On CUDA: a BoxTeacher training step equals the same step on the CPU, a mixed-precision step
 keeps its losses and pseudo labels in float32, the pairwise term matches the CPU. Skipped
 without a CUDA device (``python tools/gpu_check.py`` runs them with the speed tables)."""
+
 import pytest
 import torch
 
@@ -10,18 +11,34 @@ from boxteacher.modeling.pairwise import neighbour_offsets, pairwise_loss
 from tiny_models import tiny_cfg
 from tiny_models import two_view_batch as batch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 
 def boxteacher_that_detects():
     """A tiny BoxTeacher whose teacher detects (every location a candidate, boxes of about
     16 px) and refines its masks, teacher = student."""
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(
-        "MODEL.META_ARCHITECTURE", "BoxTeacher", "MODEL.BOXINST.ENABLED", "True", "INPUT.MIN_SIZE_TEST", "64",
-        "MODEL.BOX_TEACHER.WARMUP_ITERS", "1", "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", "1",
-        "MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.BOX_TEACHER.REFINE_RADIUS", "2",
-    ))
+    model = build_model(
+        tiny_cfg(
+            "MODEL.META_ARCHITECTURE",
+            "BoxTeacher",
+            "MODEL.BOXINST.ENABLED",
+            "True",
+            "INPUT.MIN_SIZE_TEST",
+            "64",
+            "MODEL.BOX_TEACHER.WARMUP_ITERS",
+            "1",
+            "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS",
+            "1",
+            "MODEL.FCOS.INFERENCE_TH_TEST",
+            "0.0",
+            "MODEL.BOX_TEACHER.REFINE_RADIUS",
+            "2",
+        )
+    )
     with torch.no_grad():
         model.teacher.proposal_generator.fcos_head.bbox_pred.bias.fill_(1.0)
     model.student.load_state_dict(model.teacher.state_dict())
@@ -33,7 +50,9 @@ def losses_and_gradient_norm(model):
     total = sum(v for k, v in losses.items() if k.startswith("loss"))
     model.zero_grad(set_to_none=True)
     total.backward()
-    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.student.parameters() if p.grad is not None]))
+    norm = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in model.student.parameters() if p.grad is not None])
+    )
     return {k: v.detach().cpu() for k, v in losses.items()}, norm.cpu()
 
 
@@ -71,7 +90,13 @@ def test_the_pairwise_term_on_cuda_equals_the_cpu():
     results = []
     for device in ("cpu", "cuda"):
         x = logits.to(device).requires_grad_()
-        sums, weights = pairwise_loss(x, pair_weights.to(device), pair_index.to(device), centre.to(device), neighbour_offsets(3, 2))
+        sums, weights = pairwise_loss(
+            x,
+            pair_weights.to(device),
+            pair_index.to(device),
+            centre.to(device),
+            neighbour_offsets(3, 2),
+        )
         sums.sum().backward()
         results.append((sums.detach().cpu(), weights.cpu(), x.grad.cpu()))
     for cpu, cuda in zip(*results):

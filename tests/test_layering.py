@@ -1,5 +1,6 @@
 """The import boundaries of shared/DESIGN.md section 2: ``modeling/`` is pure PyTorch (no fvcore,
 config, data or engine), ``data/`` does not import the models."""
+
 from __future__ import annotations
 
 import ast
@@ -27,7 +28,15 @@ def imported_modules(path: Path) -> set[str]:
 
 
 FORBIDDEN = {
-    "modeling": ("fvcore", "yacs", "boxteacher.config", "boxteacher.data", "boxteacher.engine", "boxteacher.evaluation", "boxteacher.build"),
+    "modeling": (
+        "fvcore",
+        "yacs",
+        "boxteacher.config",
+        "boxteacher.data",
+        "boxteacher.engine",
+        "boxteacher.evaluation",
+        "boxteacher.build",
+    ),
     "data": ("boxteacher.modeling", "boxteacher.engine", "boxteacher.build"),
 }
 
@@ -53,5 +62,10 @@ def test_the_detector_imports_no_teacher_or_pseudo_label_code():
     the detector itself knows neither the teacher nor the pseudo labels."""
     teacher_side = ("teacher", "pseudo_labels", "boxteacher", "guided_filter")
     names = imported_modules(PACKAGE / "modeling" / "meta_arch.py")
-    offending = sorted(n for n in names for t in teacher_side if n == f"boxteacher.modeling.{t}" or n.startswith(f"boxteacher.modeling.{t}."))
+    offending = sorted(
+        n
+        for n in names
+        for t in teacher_side
+        if n == f"boxteacher.modeling.{t}" or n.startswith(f"boxteacher.modeling.{t}.")
+    )
     assert not offending, offending

@@ -1,4 +1,5 @@
 """The README's two quick-start commands are what CI runs; its Python example runs."""
+
 import os
 import re
 import subprocess
@@ -41,14 +42,22 @@ def test_the_python_api_example_trains_and_predicts(tmp_path):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert len(code.strip().splitlines()) <= 12
     opts = re.search(r"^opts = \[.*\]$", code, re.M).group(0)
-    tiny = opts[:-1] + (', "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)", '
-                        '"INPUT.MIN_SIZE_TEST", "64", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu", '
-                        '"MODEL.FCOS.INFERENCE_TH_TEST", "0.0"]')
+    tiny = opts[:-1] + (
+        ', "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)", '
+        '"INPUT.MIN_SIZE_TEST", "64", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu", '
+        '"MODEL.FCOS.INFERENCE_TH_TEST", "0.0"]'
+    )
     (tmp_path / "configs").symlink_to(REPO / "configs")
     (tmp_path / "example.py").write_text(code.replace(opts, tiny))
     env = {k: v for k, v in os.environ.items() if k != "DETECTRON2_DATASETS"}
-    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, "example.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert (tmp_path / "output/api_example/model_final.pth").is_file()
     assert "torch.Size([" in proc.stdout.splitlines()[-1]

@@ -1,5 +1,6 @@
 """Tiny configs and inputs for fast model tests, and the paths of the repository and of the
 shared test data (not a test module; ``conftest.py`` hands them to tests as fixtures)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,18 +20,30 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 TINY_MODEL_OVERRIDES = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.RESNETS.DEPTH", "18",
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
-    "MODEL.RESNETS.NORM", "BN",
-    "MODEL.BACKBONE.FREEZE_AT", "0",
-    "MODEL.FPN.OUT_CHANNELS", "64",
-    "MODEL.FCOS.NUM_CLASSES", "3",
-    "MODEL.FCOS.NUM_CLS_CONVS", "1",
-    "MODEL.FCOS.NUM_BOX_CONVS", "1",
-    "MODEL.CONDINST.MASK_BRANCH.CHANNELS", "16",
-    "MODEL.CONDINST.MASK_BRANCH.NUM_CONVS", "1",
+    "MODEL.DEVICE",
+    "cpu",
+    "MODEL.RESNETS.DEPTH",
+    "18",
+    "MODEL.RESNETS.STEM_OUT_CHANNELS",
+    "16",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "16",
+    "MODEL.RESNETS.NORM",
+    "BN",
+    "MODEL.BACKBONE.FREEZE_AT",
+    "0",
+    "MODEL.FPN.OUT_CHANNELS",
+    "64",
+    "MODEL.FCOS.NUM_CLASSES",
+    "3",
+    "MODEL.FCOS.NUM_CLS_CONVS",
+    "1",
+    "MODEL.FCOS.NUM_BOX_CONVS",
+    "1",
+    "MODEL.CONDINST.MASK_BRANCH.CHANNELS",
+    "16",
+    "MODEL.CONDINST.MASK_BRANCH.NUM_CONVS",
+    "1",
 ]
 
 
@@ -64,11 +77,17 @@ def box_mask(h: int, w: int, box: tuple[int, int, int, int]) -> torch.Tensor:
     return mask
 
 
-def sample(h: int, w: int, boxes: list[tuple[int, int, int, int]], labels: list[int], seed: int = 0) -> dict:
+def sample(
+    h: int, w: int, boxes: list[tuple[int, int, int, int]], labels: list[int], seed: int = 0
+) -> dict:
     """A training sample with rectangular objects drawn brighter than a random background."""
     g = torch.Generator().manual_seed(seed)
     image = torch.randint(0, 100, (3, h, w), generator=g, dtype=torch.uint8)
-    masks = torch.stack([box_mask(h, w, b) for b in boxes]) if boxes else torch.zeros((0, h, w), dtype=torch.bool)
+    masks = (
+        torch.stack([box_mask(h, w, b) for b in boxes])
+        if boxes
+        else torch.zeros((0, h, w), dtype=torch.bool)
+    )
     for m in masks:
         image[:, m] = 200
     return {
@@ -117,8 +136,18 @@ def two_view_batch(seed: int = 0) -> list[dict]:
     samples = []
     for h, w, boxes in ((64, 64, [(8, 8, 40, 40), (30, 30, 60, 60)]), (48, 64, [(4, 4, 30, 40)])):
         image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8, generator=g)
-        samples.append({"image": image, "aug_image": 255 - image, "height": h, "width": w, "instances": {
-            "boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.zeros(len(boxes), dtype=torch.long)}})
+        samples.append(
+            {
+                "image": image,
+                "aug_image": 255 - image,
+                "height": h,
+                "width": w,
+                "instances": {
+                    "boxes": torch.tensor(boxes, dtype=torch.float32),
+                    "labels": torch.zeros(len(boxes), dtype=torch.long),
+                },
+            }
+        )
     return samples
 
 

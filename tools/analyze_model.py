@@ -12,6 +12,7 @@ counted (they are listed). The dynamic mask head runs once per detection, so its
 on the weights (``MODEL.WEIGHTS``) and the image. BoxTeacher's teacher and student are the same
 network: the tables are of one of them (the student); the model holds two copies.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,12 @@ from torch import nn
 
 from boxteacher.build import architecture_spec, build_model
 from boxteacher.config import ArchitectureSpec
-from boxteacher.engine import build_trained_model, default_argument_parser, setup_config, setup_tool_logging
+from boxteacher.engine import (
+    build_trained_model,
+    default_argument_parser,
+    setup_config,
+    setup_tool_logging,
+)
 
 
 class InferenceOnImage(nn.Module):
@@ -40,7 +46,9 @@ class InferenceOnImage(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         height, width = image.shape[-2:]
-        instances = self.network([{"image": image, "height": height, "width": width}])[0]["instances"]
+        instances = self.network([{"image": image, "height": height, "width": width}])[0][
+            "instances"
+        ]
         return tuple(instances[k] for k in ("boxes", "scores", "labels", "masks"))
 
 
@@ -62,12 +70,18 @@ def flop_analysis(network: nn.Module, image: torch.Tensor) -> FlopCountAnalysis:
     """fvcore's FLOP count of ``network``'s inference on ``image`` (uint8 (3, H, W))."""
     analysis = FlopCountAnalysis(InferenceOnImage(network), (image,))
     analysis.set_op_handle("aten::baddbmm", baddbmm_flop_jit)
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings(
+        "none"
+    )
     return analysis
 
 
 def summary_lines(
-    model: nn.Module, network: nn.Module, analysis: FlopCountAnalysis, image: torch.Tensor, num_detections: int
+    model: nn.Module,
+    network: nn.Module,
+    analysis: FlopCountAnalysis,
+    image: torch.Tensor,
+    num_detections: int,
 ) -> list[str]:
     """Parameter counts of ``network``, total FLOPs and the operators fvcore did not count."""
     total = sum(p.numel() for p in network.parameters())
@@ -75,8 +89,9 @@ def summary_lines(
     lines = []
     if network is not model:
         lines.append(
-            f"{type(model).__name__}: teacher and student are the same network; below is one of them "
-            f"(the student). The model holds both: {sum(p.numel() for p in model.parameters()):,} parameters."
+            f"{type(model).__name__}: teacher and student are the same network; below is one of "
+            f"them (the student). The model holds both: "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters."
         )
     unsupported = ", ".join(sorted(analysis.unsupported_ops()))
     lines += [
@@ -90,7 +105,9 @@ def summary_lines(
 
 def main() -> None:
     parser = default_argument_parser(description=__doc__, config="required", training=False)
-    parser.add_argument("--short-side", type=int, default=800, help="short side S of the image (S x 4S/3)")
+    parser.add_argument(
+        "--short-side", type=int, default=800, help="short side S of the image (S x 4S/3)"
+    )
     parser.add_argument("--max-depth", type=int, default=3, help="module depth of the table")
     args = parser.parse_args()
     setup_tool_logging(logging.WARNING)
@@ -100,7 +117,9 @@ def main() -> None:
     # BoxTeacher's teacher and student are the same network: analyse one.
     network = network_to_analyze(model, architecture_spec(cfg))
     height, width = args.short_side, math.ceil(args.short_side * 4 / 3)
-    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = torch.randint(
+        0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     image = image.to(next(network.parameters()).device)
     with torch.no_grad():
         num_detections = len(InferenceOnImage(network)(image)[0])

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train and evaluate CondInst (masks: the upper bound), BoxInst and BoxTeacher (boxes) with the
+r"""Train and evaluate CondInst (masks: the upper bound), BoxInst and BoxTeacher (boxes) with the
 same network, schedule, input size and seeds on one dataset; print a markdown table of mask AP,
 AP50, AP75, box AP, the ratio to the mask AP of the same detector trained with masks and the wall
 time (means over the seeds, mask AP with its standard deviation and the value of every seed), and
@@ -16,18 +16,21 @@ Mask R-CNN trains with masks (``maskrcnn``) or as BoxTeacher's student (``boxtea
     # mixed supervision: BoxInst and BoxTeacher also learn from the masks of 10 % of the images
     python tools/benchmark_accuracy.py --dataset shapes --device cpu --mask-fraction 0.1
     # Mask R-CNN from boxes and pseudo masks vs with masks vs CondInst BoxTeacher, 3 seeds
-    python tools/benchmark_accuracy.py --methods maskrcnn boxteacher_maskrcnn boxteacher --seeds 1 2 3
+    python tools/benchmark_accuracy.py --methods maskrcnn boxteacher_maskrcnn boxteacher \
+        --seeds 1 2 3
 
 Every run is ``train_net.py`` on the quick-start configs of the methods
 (``configs/quickstart/{condinst,boxinst,boxteacher}_shapes.yaml``,
 ``configs/maskrcnn/{maskrcnn,boxteacher_maskrcnn}_shapes.yaml``) with the options turned into
-config overrides, in ``OUTPUT/METHOD`` (one seed) or ``OUTPUT/METHOD/seedN`` (several); trailing ``KEY VALUE`` pairs are passed to every run (e.g.
+config overrides, in ``OUTPUT/METHOD`` (one seed) or ``OUTPUT/METHOD/seedN`` (several);
+trailing ``KEY VALUE`` pairs are passed to every run (e.g.
 ``DATASETS.FLIP_CLASS_PAIRS`` for datasets with left/right classes). The warm-ups that the
 configs scale with the schedule (LR 10 %, BoxInst pairwise 20 %, BoxTeacher pseudo losses 40 %,
 LR drop at 80 %, BoxTeacher EMA horizon 10 %) follow ``--iters``. With ``--mask-fraction F`` the
 box-supervised methods run with ``MODEL.BOXINST.GT_MASKS fraction`` (the masks of a seeded
 fraction F of the training images); CondInst, the reference, keeps every mask.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +46,19 @@ from boxteacher.engine import atomic_open, default_argument_parser, setup_tool_l
 from boxteacher.evaluation.seed_summary import seed_table, summarise_seeds
 
 REPO = Path(__file__).resolve().parents[1]
-# name, supervision, config, and the method of the same detector trained with masks (the ratio's reference)
+# name, supervision, config, and the method of the same detector trained with masks
+# (the ratio's reference)
 METHODS = {
     "condinst": ("CondInst", "masks", "configs/quickstart/condinst_shapes.yaml", "condinst"),
     "boxinst": ("BoxInst", "boxes", "configs/quickstart/boxinst_shapes.yaml", "condinst"),
     "boxteacher": ("BoxTeacher", "boxes", "configs/quickstart/boxteacher_shapes.yaml", "condinst"),
     "maskrcnn": ("Mask R-CNN", "masks", "configs/maskrcnn/maskrcnn_shapes.yaml", "maskrcnn"),
-    "boxteacher_maskrcnn": ("BoxTeacher, Mask R-CNN student", "boxes",
-                            "configs/maskrcnn/boxteacher_maskrcnn_shapes.yaml", "maskrcnn"),
+    "boxteacher_maskrcnn": (
+        "BoxTeacher, Mask R-CNN student",
+        "boxes",
+        "configs/maskrcnn/boxteacher_maskrcnn_shapes.yaml",
+        "maskrcnn",
+    ),
 }
 DEFAULT_METHODS = ["condinst", "boxinst", "boxteacher"]
 logger = logging.getLogger("boxteacher.benchmark_accuracy")
@@ -61,32 +69,71 @@ def dataset_overrides(args: argparse.Namespace) -> list[str]:
     if args.train_json:
         with open(args.train_json, "rb") as f:  # bytes: json detects a UTF-8 BOM
             num_classes = len(json.load(f)["categories"])
-        register = [["benchmark_train", args.train_json, args.train_images],
-                    ["benchmark_test", args.test_json, args.test_images]]
-        return ["DATASETS.REGISTER", repr(register), "DATASETS.TRAIN", "('benchmark_train',)",
-                "DATASETS.TEST", "('benchmark_test',)", "MODEL.FCOS.NUM_CLASSES", str(num_classes)]
+        register = [
+            ["benchmark_train", args.train_json, args.train_images],
+            ["benchmark_test", args.test_json, args.test_images],
+        ]
+        return [
+            "DATASETS.REGISTER",
+            repr(register),
+            "DATASETS.TRAIN",
+            "('benchmark_train',)",
+            "DATASETS.TEST",
+            "('benchmark_test',)",
+            "MODEL.FCOS.NUM_CLASSES",
+            str(num_classes),
+        ]
     if args.dataset == "shapes":
         return []
-    return ["DATASETS.TRAIN", f"('{args.dataset}_train',)", "DATASETS.TEST", f"('{args.dataset}_val',)"]
+    return [
+        "DATASETS.TRAIN",
+        f"('{args.dataset}_train',)",
+        "DATASETS.TEST",
+        f"('{args.dataset}_val',)",
+    ]
 
 
 def schedule_overrides(args: argparse.Namespace) -> list[str]:
     n = args.iters
     opts = [
-        "SOLVER.MAX_ITER", str(n), "SOLVER.STEPS", f"({int(0.8 * n)},)", "SOLVER.WARMUP_ITERS", str(max(1, n // 10)),
-        "SOLVER.CHECKPOINT_PERIOD", str(n), "SOLVER.IMS_PER_BATCH", str(args.batch),
-        "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", str(max(1, n // 5)),
-        "MODEL.RESNETS.DEPTH", str(args.depth), "MODEL.WEIGHTS", args.weights, "MODEL.DEVICE", args.device,
+        "SOLVER.MAX_ITER",
+        str(n),
+        "SOLVER.STEPS",
+        f"({int(0.8 * n)},)",
+        "SOLVER.WARMUP_ITERS",
+        str(max(1, n // 10)),
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(n),
+        "SOLVER.IMS_PER_BATCH",
+        str(args.batch),
+        "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS",
+        str(max(1, n // 5)),
+        "MODEL.RESNETS.DEPTH",
+        str(args.depth),
+        "MODEL.WEIGHTS",
+        args.weights,
+        "MODEL.DEVICE",
+        args.device,
     ]
     if args.depth != 18 or args.weights:  # standard widths instead of the quick start's narrow R-18
         res2 = 256 if args.depth >= 50 else 64
-        opts += ["MODEL.RESNETS.STEM_OUT_CHANNELS", "64", "MODEL.RESNETS.RES2_OUT_CHANNELS", str(res2)]
+        opts += [
+            "MODEL.RESNETS.STEM_OUT_CHANNELS",
+            "64",
+            "MODEL.RESNETS.RES2_OUT_CHANNELS",
+            str(res2),
+        ]
     if args.min_size_train:
         opts += ["INPUT.MIN_SIZE_TRAIN", str(tuple(args.min_size_train))]
     if args.min_size_test:
         opts += ["INPUT.MIN_SIZE_TEST", str(args.min_size_test)]
     if args.max_size:
-        opts += ["INPUT.MAX_SIZE_TRAIN", str(args.max_size), "INPUT.MAX_SIZE_TEST", str(args.max_size)]
+        opts += [
+            "INPUT.MAX_SIZE_TRAIN",
+            str(args.max_size),
+            "INPUT.MAX_SIZE_TEST",
+            str(args.max_size),
+        ]
     return opts
 
 
@@ -95,7 +142,12 @@ def method_overrides(method: str, args: argparse.Namespace) -> list[str]:
     if method in ("boxteacher", "boxteacher_maskrcnn"):
         opts += ["MODEL.BOX_TEACHER.WARMUP_ITERS", str(max(1, int(0.4 * args.iters)))]
     if args.mask_fraction is not None and METHODS[method][1] == "boxes":
-        opts += ["MODEL.BOXINST.GT_MASKS", "fraction", "MODEL.BOXINST.GT_MASK_FRACTION", str(args.mask_fraction)]
+        opts += [
+            "MODEL.BOXINST.GT_MASKS",
+            "fraction",
+            "MODEL.BOXINST.GT_MASK_FRACTION",
+            str(args.mask_fraction),
+        ]
     return opts
 
 
@@ -125,9 +177,21 @@ def run_method(method: str, seed: int, args: argparse.Namespace, common: list[st
     name, _, config, _ = METHODS[method]
     run_name = method if len(args.seeds) == 1 else f"{method}/seed{seed}"
     output_dir = Path(args.output_dir) / run_name
-    command = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(REPO / config),
-               "--num-gpus", str(args.num_gpus), *common, *method_overrides(method, args), "SEED", str(seed),
-               "OUTPUT_DIR", str(output_dir), *args.opts]
+    command = [
+        sys.executable,
+        str(REPO / "train_net.py"),
+        "--config-file",
+        str(REPO / config),
+        "--num-gpus",
+        str(args.num_gpus),
+        *common,
+        *method_overrides(method, args),
+        "SEED",
+        str(seed),
+        "OUTPUT_DIR",
+        str(output_dir),
+        *args.opts,
+    ]
     logger.info("%s, seed %d: %s", name, seed, " ".join(command))
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -136,40 +200,66 @@ def run_method(method: str, seed: int, args: argparse.Namespace, common: list[st
     minutes = (time.perf_counter() - start) / 60
     metrics = final_results(output_dir)
     return {
-        "key": method, "method": name, "supervision": supervision(method, args), "seed": seed,
-        "wall_minutes": round(minutes, 1), **{key: round(metrics[f"segm/{key}"], 1) for key in ("AP", "AP50", "AP75")},
-        "box_AP": round(metrics["bbox/AP"], 1), "reference": METHODS[method][3],
+        "key": method,
+        "method": name,
+        "supervision": supervision(method, args),
+        "seed": seed,
+        "wall_minutes": round(minutes, 1),
+        **{key: round(metrics[f"segm/{key}"], 1) for key in ("AP", "AP50", "AP75")},
+        "box_AP": round(metrics["bbox/AP"], 1),
+        "reference": METHODS[method][3],
         "command": " ".join(command),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = default_argument_parser(description=__doc__, config="none", training=False)
-    data = parser.add_argument_group("dataset: a registered name, or a COCO json + image folder per split")
-    data.add_argument("--dataset", default="shapes", help="name with _train / _val splits (default: shapes)")
+    data = parser.add_argument_group(
+        "dataset: a registered name, or a COCO json + image folder per split"
+    )
+    data.add_argument(
+        "--dataset", default="shapes", help="name with _train / _val splits (default: shapes)"
+    )
     data.add_argument("--train-json")
     data.add_argument("--train-images")
     data.add_argument("--test-json")
     data.add_argument("--test-images")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
-    parser.add_argument("--depth", type=int, default=18, choices=(18, 34, 50, 101), help="ResNet depth")
+    parser.add_argument(
+        "--depth", type=int, default=18, choices=(18, 34, 50, 101), help="ResNet depth"
+    )
     parser.add_argument("--weights", default="", help="MODEL.WEIGHTS (default: from scratch)")
     parser.add_argument("--iters", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--min-size-train", type=int, nargs="+", help="shortest-edge sizes of training")
+    parser.add_argument(
+        "--min-size-train", type=int, nargs="+", help="shortest-edge sizes of training"
+    )
     parser.add_argument("--min-size-test", type=int)
     parser.add_argument("--max-size", type=int, help="longest-edge cap, training and test")
-    parser.add_argument("--seeds", "--seed", type=int, nargs="+", default=[1], help="SEED of the runs of every method")
-    parser.add_argument("--mask-fraction", type=float, metavar="F",
-                        help="BoxInst and BoxTeacher also learn from the masks of this fraction of the "
-                             "training images (MODEL.BOXINST.GT_MASKS fraction); CondInst keeps all")
+    parser.add_argument(
+        "--seeds",
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="SEED of the runs of every method",
+    )
+    parser.add_argument(
+        "--mask-fraction",
+        type=float,
+        metavar="F",
+        help="BoxInst and BoxTeacher also learn from the masks of this fraction of the "
+        "training images (MODEL.BOXINST.GT_MASKS fraction); CondInst keeps all",
+    )
     parser.add_argument("--device", default="auto", help="MODEL.DEVICE")
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--output-dir", default="output/benchmark_accuracy")
     args = parser.parse_args(argv)
     by_path = [args.train_json, args.train_images, args.test_json, args.test_images]
     if any(by_path) and not all(by_path):
-        parser.error("a dataset by path needs --train-json, --train-images, --test-json and --test-images")
+        parser.error(
+            "a dataset by path needs --train-json, --train-images, --test-json and --test-images"
+        )
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must differ, got {args.seeds}")
     if args.mask_fraction is not None and not 0.0 <= args.mask_fraction <= 1.0:
@@ -179,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     common = dataset_overrides(args) + schedule_overrides(args)
     runs = []
-    for seed in args.seeds:  # every method once before the next seed; the results so far written after each run
+    for seed in (
+        args.seeds
+    ):  # every method once before the next seed; the results so far written after each run
         for method in args.methods:
             runs.append(run_method(method, seed, args, common))
             table = write_results(args, runs)

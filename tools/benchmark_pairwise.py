@@ -17,6 +17,7 @@ On CPU, peak memory is the growth of the peak resident set (Linux VmHWM) while o
 backward run, measured in a fresh process per case; on CUDA it is ``max_memory_allocated``
 above what the inputs occupy.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,11 +36,17 @@ IMAGES = 2
 BOXES_PER_IMAGE = 8
 
 
-def box_masks(instances: int, h: int, w: int, pair_index: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def box_masks(
+    instances: int, h: int, w: int, pair_index: torch.Tensor, g: torch.Generator
+) -> torch.Tensor:
     """(instances, 1, h, w) the box of each instance: one of its image's boxes."""
-    sides = (0.1 + 0.5 * torch.rand(IMAGES * BOXES_PER_IMAGE, 2, generator=g)) * torch.tensor([h, w])
+    sides = (0.1 + 0.5 * torch.rand(IMAGES * BOXES_PER_IMAGE, 2, generator=g)) * torch.tensor(
+        [h, w]
+    )
     starts = torch.rand(IMAGES * BOXES_PER_IMAGE, 2, generator=g) * (torch.tensor([h, w]) - sides)
-    box = pair_index * BOXES_PER_IMAGE + torch.randint(0, BOXES_PER_IMAGE, (instances,), generator=g)
+    box = pair_index * BOXES_PER_IMAGE + torch.randint(
+        0, BOXES_PER_IMAGE, (instances,), generator=g
+    )
     top, left = starts[box].long().unbind(1)
     bottom, right = (starts[box] + sides[box]).long().unbind(1)
     rows, cols = torch.arange(h), torch.arange(w)
@@ -48,7 +55,9 @@ def box_masks(instances: int, h: int, w: int, pair_index: torch.Tensor, g: torch
     return (inside_rows[:, :, None] & inside_cols[:, None, :]).float()[:, None]
 
 
-def make_inputs(instances: int, h: int, w: int, device: str, centre_weights: str = "boxes") -> tuple:
+def make_inputs(
+    instances: int, h: int, w: int, device: str, centre_weights: str = "boxes"
+) -> tuple:
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(instances, 1, h, w, generator=g) * 3).to(device).requires_grad_()
     pair_weights = (torch.rand(IMAGES, 8, h, w, generator=g) > 0.3).to(device)
@@ -63,7 +72,9 @@ def make_inputs(instances: int, h: int, w: int, device: str, centre_weights: str
 def run_once(variant: str, inputs: tuple) -> None:
     logits, pair_weights, pair_index, centre = inputs
     if variant != "unfold":
-        sums, weights = pairwise_loss(logits, pair_weights, pair_index, centre, neighbour_offsets(3, 2), variant)
+        sums, weights = pairwise_loss(
+            logits, pair_weights, pair_index, centre, neighbour_offsets(3, 2), variant
+        )
     else:
         sums, weights = pairwise_loss_reference(logits, pair_weights, pair_index, centre, 3, 2)
     (sums.sum() / weights.sum().clamp(min=1)).backward()
@@ -75,7 +86,9 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_time(variant: str, instances: int, h: int, w: int, device: str, centre: str, repeats: int) -> float:
+def measure_time(
+    variant: str, instances: int, h: int, w: int, device: str, centre: str, repeats: int
+) -> float:
     """Median seconds of forward + backward."""
     inputs = make_inputs(instances, h, w, device, centre)
     run_once(variant, inputs)
@@ -96,10 +109,14 @@ def _peak_rss_mb() -> float:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status (peak memory is measured on Linux only)")
+    raise RuntimeError(
+        "VmHWM not found in /proc/self/status (peak memory is measured on Linux only)"
+    )
 
 
-def _cpu_peak_worker(variant: str, instances: int, h: int, w: int, centre: str, queue: mp.Queue) -> None:
+def _cpu_peak_worker(
+    variant: str, instances: int, h: int, w: int, centre: str, queue: mp.Queue
+) -> None:
     torch.set_num_threads(1)
     inputs = make_inputs(instances, h, w, "cpu", centre)
     before = _peak_rss_mb()
@@ -107,7 +124,9 @@ def _cpu_peak_worker(variant: str, instances: int, h: int, w: int, centre: str, 
     queue.put(_peak_rss_mb() - before)
 
 
-def measure_peak_mb(variant: str, instances: int, h: int, w: int, device: str, centre: str) -> float:
+def measure_peak_mb(
+    variant: str, instances: int, h: int, w: int, device: str, centre: str
+) -> float:
     if device == "cuda":
         inputs = make_inputs(instances, h, w, device, centre)
         torch.cuda.synchronize()
@@ -118,7 +137,9 @@ def measure_peak_mb(variant: str, instances: int, h: int, w: int, device: str, c
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     context = mp.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_cpu_peak_worker, args=(variant, instances, h, w, centre, queue))
+    process = context.Process(
+        target=_cpu_peak_worker, args=(variant, instances, h, w, centre, queue)
+    )
     process.start()
     peak = queue.get()
     process.join()
@@ -126,14 +147,29 @@ def measure_peak_mb(variant: str, instances: int, h: int, w: int, device: str, c
 
 
 def main() -> None:
-    parser = default_argument_parser(description=__doc__, config="none", overrides=False, training=False)
+    parser = default_argument_parser(
+        description=__doc__, config="none", overrides=False, training=False
+    )
     parser.add_argument("--instances", type=int, nargs="+", default=[64])
-    parser.add_argument("--size", type=int, nargs=2, action="append", metavar=("H", "W"),
-                        help="stride-4 map size (default 200 336, i.e. an 800 x 1344 input)")
-    parser.add_argument("--centre", nargs="+", choices=["boxes", "dense"], default=["boxes", "dense"],
-                        help="centre weights: instances' boxes (as in training) and/or a random half of the map")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        action="append",
+        metavar=("H", "W"),
+        help="stride-4 map size (default 200 336, i.e. an 800 x 1344 input)",
+    )
+    parser.add_argument(
+        "--centre",
+        nargs="+",
+        choices=["boxes", "dense"],
+        default=["boxes", "dense"],
+        help="centre weights: instances' boxes (as in training) and/or a random half of the map",
+    )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    parser.add_argument(
+        "--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     sizes = args.size or [[200, 336]]
@@ -143,15 +179,39 @@ def main() -> None:
         for centre in args.centre:
             for instances in args.instances:
                 for h, w in sizes:
-                    results = {v: (measure_time(v, instances, h, w, device, centre, args.repeats),
-                                   measure_peak_mb(v, instances, h, w, device, centre)) for v in VARIANTS[device]}
+                    results = {
+                        v: (
+                            measure_time(v, instances, h, w, device, centre, args.repeats),
+                            measure_peak_mb(v, instances, h, w, device, centre),
+                        )
+                        for v in VARIANTS[device]
+                    }
                     for variant in VARIANTS[device]:
                         seconds, peak = results[variant]
-                        rows.append([device, centre, instances, f"{h} x {w}", variant, f"{seconds * 1000:.1f}",
-                                     f"{peak:.0f}", f"{results['unfold'][0] / seconds:.2f}x",
-                                     f"{results['unfold'][1] / max(peak, 1e-9):.1f}x"])
-    headers = ["device", "centre weights", "instances", "map (stride 4)", "version", "fwd+bwd (ms)",
-               "peak memory (MB)", "speed-up vs unfold", "memory saving vs unfold"]
+                        rows.append(
+                            [
+                                device,
+                                centre,
+                                instances,
+                                f"{h} x {w}",
+                                variant,
+                                f"{seconds * 1000:.1f}",
+                                f"{peak:.0f}",
+                                f"{results['unfold'][0] / seconds:.2f}x",
+                                f"{results['unfold'][1] / max(peak, 1e-9):.1f}x",
+                            ]
+                        )
+    headers = [
+        "device",
+        "centre weights",
+        "instances",
+        "map (stride 4)",
+        "version",
+        "fwd+bwd (ms)",
+        "peak memory (MB)",
+        "speed-up vs unfold",
+        "memory saving vs unfold",
+    ]
     print(tabulate(rows, headers=headers, tablefmt="github"))
     if args.json:
         with atomic_open(args.json, "w") as f:

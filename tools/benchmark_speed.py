@@ -15,6 +15,7 @@ similarity, pseudo-mask targets), mask head and mask losses, and for BoxTeacher 
 pass; "backward + optimizer" includes BoxTeacher's EMA update. Peak memory is the CUDA
 allocator's peak, or on CPU the process's peak RSS (which only grows from one model to the next).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,12 @@ logger = logging.getLogger("boxteacher.benchmark_speed")
 
 
 def synthetic_batch(
-    batch_size: int, height: int, width: int, num_classes: int, generator: torch.Generator, student_view: bool
+    batch_size: int,
+    height: int,
+    width: int,
+    num_classes: int,
+    generator: torch.Generator,
+    student_view: bool,
 ) -> list[dict]:
     """Images with 5 random rectangular objects each (boxes, labels and masks) and, with
     ``student_view``, a colour-inverted second view (``aug_image``, BoxTeacher's student view)."""
@@ -58,8 +64,12 @@ def synthetic_batch(
         for m, (x0, y0, x1, y1) in zip(masks, boxes.long().tolist()):
             m[y0:y1, x0:x1] = True
         labels = torch.randint(0, num_classes, (5,), generator=generator)
-        sample = {"image": image, "height": height, "width": width,
-                  "instances": {"boxes": boxes, "labels": labels, "masks": masks}}
+        sample = {
+            "image": image,
+            "height": height,
+            "width": width,
+            "instances": {"boxes": boxes, "labels": labels, "masks": masks},
+        }
         if student_view:
             sample["aug_image"] = 255 - image
         batch.append(sample)
@@ -136,8 +146,15 @@ def breakdown(seconds: dict[str, float], step_seconds: float) -> dict[str, float
     parts = dict(seconds)
     parts["heads"] = parts.pop("backbone + heads", 0.0) - parts.get("backbone", 0.0)
     parts["other (losses of FCOS, assignment, ...)"] = step_seconds - sum(parts.values())
-    order = ["teacher pass", "backbone", "heads", "mask targets", "mask head + mask losses",
-             "backward + optimizer", "other (losses of FCOS, assignment, ...)"]
+    order = [
+        "teacher pass",
+        "backbone",
+        "heads",
+        "mask targets",
+        "mask head + mask losses",
+        "backward + optimizer",
+        "other (losses of FCOS, assignment, ...)",
+    ]
     return {name: parts[name] / step_seconds for name in order if name in parts}
 
 
@@ -150,10 +167,13 @@ def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
     optimizer = build_optimizer(cfg, model)
     height, width = args.short_side, args.short_side * 4 // 3
     generator = torch.Generator().manual_seed(0)
-    batch = synthetic_batch(args.batch_size, height, width, cfg.MODEL.FCOS.NUM_CLASSES, generator, spec.student_view)
+    batch = synthetic_batch(
+        args.batch_size, height, width, cfg.MODEL.FCOS.NUM_CLASSES, generator, spec.student_view
+    )
     timer = PartTimer(device)
     instrument(model, timer, spec)
 
@@ -173,7 +193,9 @@ def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
     train_times = timed(lambda: train_step(batch), args.iters, device)
     timer.enabled = False
     step = statistics.median(train_times)
-    shares = breakdown({k: v / args.iters for k, v in timer.seconds.items()}, sum(train_times) / args.iters)
+    shares = breakdown(
+        {k: v / args.iters for k, v in timer.seconds.items()}, sum(train_times) / args.iters
+    )
 
     with_data = "-"
     if args.with_data:
@@ -182,7 +204,9 @@ def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
         data_cfg.SOLVER.IMS_PER_BATCH = args.batch_size
         loader = build_train_loader(data_cfg, spec, seed=0)
         next(loader)
-        with_data = f"{statistics.median(timed(lambda: train_step(next(loader)), args.iters, device)):.3f}"
+        with_data = (
+            f"{statistics.median(timed(lambda: train_step(next(loader)), args.iters, device)):.3f}"
+        )
 
     model.eval()
     images = [{k: v for k, v in x.items() if k not in ("instances", "aug_image")} for x in batch]
@@ -191,9 +215,17 @@ def benchmark(config_file: str, args: argparse.Namespace) -> tuple[list, list]:
         infer_times = timed(lambda: model(images), args.iters, device)
 
     name = method_name(cfg)
-    row = [name, f"R-{cfg.MODEL.RESNETS.DEPTH}", str(device), "on" if args.amp else "off",
-           f"{args.batch_size} x {height}x{width}", f"{step:.3f}", with_data,
-           f"{args.batch_size / statistics.median(infer_times):.2f}", f"{peak_memory_mb(device):.0f}"]
+    row = [
+        name,
+        f"R-{cfg.MODEL.RESNETS.DEPTH}",
+        str(device),
+        "on" if args.amp else "off",
+        f"{args.batch_size} x {height}x{width}",
+        f"{step:.3f}",
+        with_data,
+        f"{args.batch_size / statistics.median(infer_times):.2f}",
+        f"{peak_memory_mb(device):.0f}",
+    ]
     share_rows = [[name, part, f"{100 * share:.1f}"] for part, share in shares.items()]
     return row, share_rows
 
@@ -203,8 +235,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--short-side", type=int, default=512)
     parser.add_argument("--iters", type=int, default=10, help="timed iterations (after 2 warm-up)")
-    parser.add_argument("--with-data", action="store_true", help="also time steps with the real data loader")
-    parser.add_argument("--amp", action="store_true", help="mixed precision (SOLVER.AMP, PRECISION from the config)")
+    parser.add_argument(
+        "--with-data", action="store_true", help="also time steps with the real data loader"
+    )
+    parser.add_argument(
+        "--amp", action="store_true", help="mixed precision (SOLVER.AMP, PRECISION from the config)"
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     setup_tool_logging(logging.WARNING)
@@ -217,11 +253,27 @@ def main() -> None:
     step = {row[0]: float(row[5]) for row in rows}
     for row in rows:
         row.append(f"{step[row[0]] / step['BoxInst']:.2f}x" if "BoxInst" in step else "-")
-    headers = ["model", "backbone", "device", "AMP", "batch", "s / train iter (synthetic batch)",
-               "s / train iter (with data loading)", "inference img / s", "peak memory (MB)", "step vs BoxInst"]
+    headers = [
+        "model",
+        "backbone",
+        "device",
+        "AMP",
+        "batch",
+        "s / train iter (synthetic batch)",
+        "s / train iter (with data loading)",
+        "inference img / s",
+        "peak memory (MB)",
+        "step vs BoxInst",
+    ]
     print(tabulate(rows, headers=headers, tablefmt="github"))
     print()
-    print(tabulate(share_rows, headers=["model", "part of the training step", "share (%)"], tablefmt="github"))
+    print(
+        tabulate(
+            share_rows,
+            headers=["model", "part of the training step", "share (%)"],
+            tablefmt="github",
+        )
+    )
     if args.json:
         with atomic_open(args.json, "w") as f:
             json.dump([dict(zip(headers, row)) for row in rows], f, indent=2)

@@ -15,6 +15,7 @@ rest elsewhere, with random stride-4 mask probabilities. The network pass is not
 built from these outputs (assignment, binarisation) without and with the guided-filter
 refinement of the assigned masks (``MODEL.BOX_TEACHER.REFINE_RADIUS``, ``--refine-radius``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,12 @@ from tabulate import tabulate
 from boxteacher.engine import default_argument_parser
 from boxteacher.modeling.guided_filter import MaskRefinement
 from boxteacher.modeling.pseudo_labels import PseudoLabeler
-from boxteacher.modeling.teacher import TeacherPass, assignable_detections, teacher_outputs, to_student_frame
+from boxteacher.modeling.teacher import (
+    TeacherPass,
+    assignable_detections,
+    teacher_outputs,
+    to_student_frame,
+)
 
 
 def synthetic_image(
@@ -41,7 +47,9 @@ def synthetic_image(
         return torch.rand(*shape, generator=generator)
 
     corner = rand(args.boxes, 2) * torch.tensor([sw * 0.6, sh * 0.6])
-    gt = torch.cat([corner, corner + 20 + rand(args.boxes, 2) * torch.tensor([sw * 0.3, sh * 0.3])], dim=1)
+    gt = torch.cat(
+        [corner, corner + 20 + rand(args.boxes, 2) * torch.tensor([sw * 0.3, sh * 0.3])], dim=1
+    )
     to_teacher = torch.tensor([tw / sw, th / sh, tw / sw, th / sh])
     near = round(args.detections * args.near_fraction)
     picked = gt[torch.randint(0, args.boxes, (near,), generator=generator)] * to_teacher
@@ -73,62 +81,103 @@ def timed(function, device: str, repeats: int) -> tuple[float, object]:
     return statistics.median(times[1:]), result
 
 
-def refinement_table(args: argparse.Namespace, outputs: list[dict], gt_boxes: list[torch.Tensor]) -> str:
+def refinement_table(
+    args: argparse.Namespace, outputs: list[dict], gt_boxes: list[torch.Tensor]
+) -> str:
     """Pseudo labels of every image from the teacher ``outputs``, without and with refinement."""
     generator = torch.Generator().manual_seed(1)
-    guides = [torch.randint(0, 256, (3, *args.student_size), generator=generator, dtype=torch.uint8).to(args.device)
-              for _ in outputs]
+    guides = [
+        torch.randint(0, 256, (3, *args.student_size), generator=generator, dtype=torch.uint8).to(
+            args.device
+        )
+        for _ in outputs
+    ]
     rows, base = [], None
-    for name, refinement in (("assigned masks as they are", None),
-                             (f"guided filter, radius {args.refine_radius}", MaskRefinement(args.refine_radius))):
+    for name, refinement in (
+        ("assigned masks as they are", None),
+        (f"guided filter, radius {args.refine_radius}", MaskRefinement(args.refine_radius)),
+    ):
+
         def label():
             return PseudoLabeler(args.iou, refinement=refinement).label(outputs, gt_boxes, guides)
+
         seconds, labels = timed(label, args.device, args.repeats)
         base = base or seconds
         matched = sum(int((x["assigned"] >= 0).sum()) for x in labels) / len(labels)
         rows.append([name, f"{matched:.1f}", f"{1000 * seconds:.1f}", f"{seconds / base:.2f}x"])
-    return tabulate(rows, headers=["pseudo labels", "masks per image", "ms per batch", "time"], tablefmt="github")
+    return tabulate(
+        rows,
+        headers=["pseudo labels", "masks per image", "ms per batch", "time"],
+        tablefmt="github",
+    )
 
 
 def main() -> None:
-    parser = default_argument_parser(description=__doc__, config="none", overrides=False, training=False)
-    parser.add_argument("--teacher-size", type=int, nargs=2, default=[800, 1066], metavar=("H", "W"))
+    parser = default_argument_parser(
+        description=__doc__, config="none", overrides=False, training=False
+    )
+    parser.add_argument(
+        "--teacher-size", type=int, nargs=2, default=[800, 1066], metavar=("H", "W")
+    )
     parser.add_argument("--student-size", type=int, nargs=2, default=[720, 960], metavar=("H", "W"))
     parser.add_argument("--images", type=int, default=2, help="images per batch")
     parser.add_argument("--detections", type=int, default=100, help="teacher detections per image")
     parser.add_argument("--boxes", type=int, default=7, help="ground-truth boxes per image")
-    parser.add_argument("--near-fraction", type=float, default=0.3, help="share of detections on a box")
+    parser.add_argument(
+        "--near-fraction", type=float, default=0.3, help="share of detections on a box"
+    )
     parser.add_argument("--iou", type=float, default=0.5, help="MODEL.BOX_TEACHER.IOU_THR")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--refine-radius", type=int, default=4, help="MODEL.BOX_TEACHER.REFINE_RADIUS")
+    parser.add_argument(
+        "--refine-radius", type=int, default=4, help="MODEL.BOX_TEACHER.REFINE_RADIUS"
+    )
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(0)
     images = [synthetic_image(args, generator) for _ in range(args.images)]
     gt_boxes = [g for _, g in images]
     detections = {k: torch.cat([d[k] for d, _ in images]) for k in images[0][0]}
-    detections["im_inds"] = torch.arange(args.images, device=args.device).repeat_interleave(args.detections)
-    sizes = dict(input_sizes=[tuple(args.teacher_size)] * args.images, student_sizes=[tuple(args.student_size)] * args.images)
+    detections["im_inds"] = torch.arange(args.images, device=args.device).repeat_interleave(
+        args.detections
+    )
+    sizes = dict(
+        input_sizes=[tuple(args.teacher_size)] * args.images,
+        student_sizes=[tuple(args.student_size)] * args.images,
+    )
     rows, seconds = [], {}
-    for name, select in (("every detection (release)", False), ("assignable detections only", True)):
+    for name, select in (
+        ("every detection (release)", False),
+        ("assignable detections only", True),
+    ):
+
         def post_process():
             selected = detections
             if select:
-                student_boxes = to_student_frame(detections["boxes"], detections["im_inds"], **sizes)
+                student_boxes = to_student_frame(
+                    detections["boxes"], detections["im_inds"], **sizes
+                )
                 selected = assignable_detections(detections, student_boxes, gt_boxes, args.iou)
             return teacher_outputs(selected, mask_stride=4, settings=TeacherPass(), **sizes)
+
         seconds[name], outputs = timed(post_process, args.device, args.repeats)
         kept = sum(o["scores"].numel() for o in outputs)
         rows.append([name, f"{kept / args.images:.1f}", f"{1000 * seconds[name]:.1f}"])
     base = seconds["every detection (release)"]
     for row, name in zip(rows, seconds):
         row.append(f"{base / seconds[name]:.2f}x")
-    print(f"{args.images} images, teacher {args.teacher_size[0]}x{args.teacher_size[1]} -> student "
-          f"{args.student_size[0]}x{args.student_size[1]}, {args.detections} detections and {args.boxes} boxes "
-          f"per image, device {args.device}")
-    print(tabulate(rows, headers=["teacher post-processing", "masks per image", "ms per batch", "speed-up"],
-                   tablefmt="github"))
+    print(
+        f"{args.images} images, teacher {args.teacher_size[0]}x{args.teacher_size[1]} -> student "
+        f"{args.student_size[0]}x{args.student_size[1]}, {args.detections} detections and "
+        f"{args.boxes} boxes per image, device {args.device}"
+    )
+    print(
+        tabulate(
+            rows,
+            headers=["teacher post-processing", "masks per image", "ms per batch", "speed-up"],
+            tablefmt="github",
+        )
+    )
     print()
     print(refinement_table(args, outputs, gt_boxes))
 

@@ -5,7 +5,8 @@ synchronisations per step, and where they go, for one or more configs trained al
     # the quick-start network on carparts, BoxInst against BoxTeacher, from a trained checkpoint
     D=../shared/data/carparts
     python tools/benchmark_training.py \\
-        --config-file configs/quickstart/boxinst_shapes.yaml configs/quickstart/boxteacher_shapes.yaml \\
+        --config-file configs/quickstart/boxinst_shapes.yaml \\
+        configs/quickstart/boxteacher_shapes.yaml \\
         --train-json $D/annotations/instances_train.json --train-images $D/images \\
         --weights output/carparts_boxinst/model_final.pth --iters 20 MODEL.DEVICE cpu
 
@@ -28,6 +29,7 @@ the ``record_function`` ranges of the engine and the models (``forward`` > ``tea
 kernels on CUDA, and the operators and synchronisations they call themselves (not inside a
 nested part).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +48,13 @@ from tabulate import tabulate
 from torch.overrides import TorchFunctionMode
 
 from boxteacher.build import method_name
-from boxteacher.engine import atomic_open, default_argument_parser, hooks, setup_config, setup_tool_logging
+from boxteacher.engine import (
+    atomic_open,
+    default_argument_parser,
+    hooks,
+    setup_config,
+    setup_tool_logging,
+)
 from boxteacher.engine.trainer import Trainer
 
 logger = logging.getLogger("boxteacher.benchmark_training")
@@ -55,15 +63,30 @@ SYNC_OPERATORS = ("aten::_local_scalar_dense", "aten::nonzero")
 HOST_READS = ("tolist", "numpy")
 # The ranges in the order of a step; parts not listed come after, by name.
 PART_ORDER = (
-    "data", "forward", "teacher", "teacher: network", "teacher: detections", "teacher: mask head",
-    "teacher: post-processing", "pseudo labels", "pseudo labels: assignment", "pseudo labels: refinement",
-    "student", "student: targets", "student: network", "student: FCOS losses", "student: mask losses",
-    "backward", "optimizer", "ema",
+    "data",
+    "forward",
+    "teacher",
+    "teacher: network",
+    "teacher: detections",
+    "teacher: mask head",
+    "teacher: post-processing",
+    "pseudo labels",
+    "pseudo labels: assignment",
+    "pseudo labels: refinement",
+    "student",
+    "student: targets",
+    "student: network",
+    "student: FCOS losses",
+    "student: mask losses",
+    "backward",
+    "optimizer",
+    "ema",
 )
 
 
 class HostReadCounter(TorchFunctionMode):
-    """Counts ``Tensor.tolist()`` and ``Tensor.numpy()`` calls (host reads no ATen operator shows)."""
+    """Counts ``Tensor.tolist()`` and ``Tensor.numpy()`` calls (host reads no ATen operator
+    shows)."""
 
     def __init__(self):
         super().__init__()
@@ -158,14 +181,21 @@ def profile_summary(meter: StepMeter) -> dict:
     for r in ranges:
         host_ms[r.name] += r.cpu_time_total / 1000
     names = [n for n in PART_ORDER if n in host_ms] + sorted(set(host_ms) - set(PART_ORDER))
-    parts = [{
-        "part": name, "host_ms": host_ms[name] / steps, "device_ms": device_us[name] / 1000 / steps,
-        "ops": ops[name] / steps, "syncs": syncs[name] / steps,
-    } for name in names + ["(outside the parts)"]]
+    parts = [
+        {
+            "part": name,
+            "host_ms": host_ms[name] / steps,
+            "device_ms": device_us[name] / 1000 / steps,
+            "ops": ops[name] / steps,
+            "syncs": syncs[name] / steps,
+        }
+        for name in names + ["(outside the parts)"]
+    ]
     cpu_syncs = sum(syncs.values()) + meter.host_reads.count
     return {
         "ops_per_step": sum(ops.values()) / steps,
-        "syncs_per_step": (meter.sync_warnings if meter.device.type == "cuda" else cpu_syncs) / steps,
+        "syncs_per_step": (meter.sync_warnings if meter.device.type == "cuda" else cpu_syncs)
+        / steps,
         "parts": parts,
     }
 
@@ -176,13 +206,29 @@ def dataset_overrides(args: argparse.Namespace) -> list[str]:
     with open(args.train_json, "rb") as f:  # bytes: json detects a UTF-8 BOM
         num_classes = len(json.load(f)["categories"])
     register = [["benchmark_train", args.train_json, args.train_images]]
-    return ["DATASETS.REGISTER", repr(register), "DATASETS.TRAIN", "('benchmark_train',)",
-            "MODEL.FCOS.NUM_CLASSES", str(num_classes)]
+    return [
+        "DATASETS.REGISTER",
+        repr(register),
+        "DATASETS.TRAIN",
+        "('benchmark_train',)",
+        "MODEL.FCOS.NUM_CLASSES",
+        str(num_classes),
+    ]
 
 
 def config(config_file: str, args: argparse.Namespace, output_dir: str, extra: list[str]):
-    opts = dataset_overrides(args) + ["OUTPUT_DIR", output_dir, "SEED", str(args.seed), "DATASETS.TEST", "()",
-                                      "SOLVER.CHECKPOINT_PERIOD", "1000000", "VIS_PERIOD", "0"]
+    opts = dataset_overrides(args) + [
+        "OUTPUT_DIR",
+        output_dir,
+        "SEED",
+        str(args.seed),
+        "DATASETS.TEST",
+        "()",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "1000000",
+        "VIS_PERIOD",
+        "0",
+    ]
     if args.amp:
         opts += ["SOLVER.AMP.ENABLED", "True"]
     return setup_config(config_file, opts + list(args.opts) + extra)
@@ -190,8 +236,15 @@ def config(config_file: str, args: argparse.Namespace, output_dir: str, extra: l
 
 def pretrain(config_file: str, args: argparse.Namespace, output_dir: str) -> str:
     """Train ``config_file`` for ``--pretrain-iters`` iterations; the path of its weights."""
-    logger.info("No --weights: training %s for %d iterations first", config_file, args.pretrain_iters)
-    cfg = config(config_file, args, output_dir, ["SOLVER.MAX_ITER", str(args.pretrain_iters), "MODEL.WEIGHTS", ""])
+    logger.info(
+        "No --weights: training %s for %d iterations first", config_file, args.pretrain_iters
+    )
+    cfg = config(
+        config_file,
+        args,
+        output_dir,
+        ["SOLVER.MAX_ITER", str(args.pretrain_iters), "MODEL.WEIGHTS", ""],
+    )
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -200,7 +253,9 @@ def pretrain(config_file: str, args: argparse.Namespace, output_dir: str) -> str
 
 def measure(config_file: str, weights: str, args: argparse.Namespace, output_dir: str) -> dict:
     total = args.warmup + args.iters + args.profile_iters
-    cfg = config(config_file, args, output_dir, ["SOLVER.MAX_ITER", str(total), "MODEL.WEIGHTS", weights])
+    cfg = config(
+        config_file, args, output_dir, ["SOLVER.MAX_ITER", str(total), "MODEL.WEIGHTS", weights]
+    )
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     device = next(trainer.model.parameters()).device
@@ -209,38 +264,89 @@ def measure(config_file: str, weights: str, args: argparse.Namespace, output_dir
     trainer._hooks.insert(0, meter)
     trainer.train()
     summary = profile_summary(meter)
-    return {"config": config_file, "model": method_name(cfg), "device": str(device), "amp": args.amp,
-            "seconds_per_iter": statistics.median(meter.seconds), **summary}
+    return {
+        "config": config_file,
+        "model": method_name(cfg),
+        "device": str(device),
+        "amp": args.amp,
+        "seconds_per_iter": statistics.median(meter.seconds),
+        **summary,
+    }
 
 
 def tables(results: list[dict]) -> str:
     reference = next((r for r in results if r["model"] == "BoxInst"), results[0])
-    rows = [[r["model"], r["device"], "on" if r["amp"] else "off", f"{r['seconds_per_iter']:.3f}",
-             f"{r['seconds_per_iter'] / reference['seconds_per_iter']:.2f}x", f"{r['ops_per_step']:.0f}",
-             f"{r['ops_per_step'] / reference['ops_per_step']:.2f}x", f"{r['syncs_per_step']:.0f}"] for r in results]
-    headers = ["model", "device", "AMP", "s / iter", f"vs {reference['model']}", "operator calls / step",
-               f"vs {reference['model']}", "host syncs / step"]
+    rows = [
+        [
+            r["model"],
+            r["device"],
+            "on" if r["amp"] else "off",
+            f"{r['seconds_per_iter']:.3f}",
+            f"{r['seconds_per_iter'] / reference['seconds_per_iter']:.2f}x",
+            f"{r['ops_per_step']:.0f}",
+            f"{r['ops_per_step'] / reference['ops_per_step']:.2f}x",
+            f"{r['syncs_per_step']:.0f}",
+        ]
+        for r in results
+    ]
+    headers = [
+        "model",
+        "device",
+        "AMP",
+        "s / iter",
+        f"vs {reference['model']}",
+        "operator calls / step",
+        f"vs {reference['model']}",
+        "host syncs / step",
+    ]
     text = [tabulate(rows, headers=headers, tablefmt="github")]
     device_times = any(r["device"].startswith("cuda") for r in results)
     for r in results:
-        part_rows = [[p["part"], f"{p['host_ms']:.1f}", *([f"{p['device_ms']:.1f}"] if device_times else []),
-                      f"{p['ops']:.0f}", f"{p['syncs']:.0f}"] for p in r["parts"]]
-        part_headers = ["part", "host ms / step", *(["device ms / step"] if device_times else []),
-                        "operator calls", "syncs"]
-        text += ["", f"{r['model']} ({r['config']}):", tabulate(part_rows, headers=part_headers, tablefmt="github")]
+        part_rows = [
+            [
+                p["part"],
+                f"{p['host_ms']:.1f}",
+                *([f"{p['device_ms']:.1f}"] if device_times else []),
+                f"{p['ops']:.0f}",
+                f"{p['syncs']:.0f}",
+            ]
+            for p in r["parts"]
+        ]
+        part_headers = [
+            "part",
+            "host ms / step",
+            *(["device ms / step"] if device_times else []),
+            "operator calls",
+            "syncs",
+        ]
+        text += [
+            "",
+            f"{r['model']} ({r['config']}):",
+            tabulate(part_rows, headers=part_headers, tablefmt="github"),
+        ]
     return "\n".join(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = default_argument_parser(description=__doc__, config="many", training=False)
-    parser.add_argument("--train-json", help="a COCO json to train on instead of the configs' DATASETS.TRAIN")
+    parser.add_argument(
+        "--train-json", help="a COCO json to train on instead of the configs' DATASETS.TRAIN"
+    )
     parser.add_argument("--train-images", help="the image folder of --train-json")
-    parser.add_argument("--weights", help="MODEL.WEIGHTS of every config (a checkpoint whose network detects)")
-    parser.add_argument("--pretrain-iters", type=int, default=300,
-                        help="without --weights: iterations of the first config trained to get them")
+    parser.add_argument(
+        "--weights", help="MODEL.WEIGHTS of every config (a checkpoint whose network detects)"
+    )
+    parser.add_argument(
+        "--pretrain-iters",
+        type=int,
+        default=300,
+        help="without --weights: iterations of the first config trained to get them",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10, help="timed iterations")
-    parser.add_argument("--profile-iters", type=int, default=2, help="profiled iterations, after the timed ones")
+    parser.add_argument(
+        "--profile-iters", type=int, default=2, help="profiled iterations, after the timed ones"
+    )
     parser.add_argument("--amp", action="store_true", help="SOLVER.AMP.ENABLED")
     parser.add_argument("--seed", type=int, default=1, help="SEED (the data seed of every config)")
     parser.add_argument("--output-dir", help="where the runs write (default: a temporary folder)")
@@ -254,8 +360,13 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         root = args.output_dir or scratch
-        weights = args.weights or pretrain(args.config_file[0], args, os.path.join(root, "pretrain"))
-        results = [measure(c, weights, args, os.path.join(root, f"run{i}")) for i, c in enumerate(args.config_file)]
+        weights = args.weights or pretrain(
+            args.config_file[0], args, os.path.join(root, "pretrain")
+        )
+        results = [
+            measure(c, weights, args, os.path.join(root, f"run{i}"))
+            for i, c in enumerate(args.config_file)
+        ]
     text = tables(results)
     print(text)
     if args.json:

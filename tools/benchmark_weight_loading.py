@@ -8,6 +8,7 @@ does. Prints a markdown table.
 Without ``--weights`` it writes a checkpoint of the config's own (randomly initialised) model
 to a temporary folder and times loading that.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,12 @@ import torch
 from tabulate import tabulate
 
 from boxteacher.build import build_model
-from boxteacher.engine import Checkpointer, default_argument_parser, setup_config, setup_tool_logging
+from boxteacher.engine import (
+    Checkpointer,
+    default_argument_parser,
+    setup_config,
+    setup_tool_logging,
+)
 
 logger = logging.getLogger("boxteacher.benchmark_weight_loading")
 
@@ -36,7 +42,12 @@ def time_loading(model: torch.nn.Module, path: str, repeats: int) -> list[float]
 
 def main() -> None:
     parser = default_argument_parser(description=__doc__, config="required", training=False)
-    parser.add_argument("--weights", nargs="*", default=[], help="files to load (default: a checkpoint of the model)")
+    parser.add_argument(
+        "--weights",
+        nargs="*",
+        default=[],
+        help="files to load (default: a checkpoint of the model)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     setup_tool_logging(logging.WARNING)
@@ -51,9 +62,19 @@ def main() -> None:
         rows = []
         for path in files:
             times = time_loading(model, path, args.repeats)
-            rows.append([os.path.basename(path), f"{os.path.getsize(path) / 2**20:.0f}",
-                         f"{statistics.median(times):.2f}", f"{min(times):.2f}"])
-    print(tabulate(rows, headers=["file", "size (MB)", "median load (s)", "best (s)"], tablefmt="github"))
+            rows.append(
+                [
+                    os.path.basename(path),
+                    f"{os.path.getsize(path) / 2**20:.0f}",
+                    f"{statistics.median(times):.2f}",
+                    f"{min(times):.2f}",
+                ]
+            )
+    print(
+        tabulate(
+            rows, headers=["file", "size (MB)", "median load (s)", "best (s)"], tablefmt="github"
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ has over 100; files such as optimizer states, metadata or a handful of unrelated
 pickled in the file: use it only for files from a source you trust, e.g. PyTorch's legacy
 ``.tar`` format or checkpoints holding pickled modules. The output is safe to load afterwards.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,11 +30,14 @@ logger = logging.getLogger("boxteacher.convert_weights")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = default_argument_parser(description=__doc__, config="none", overrides=False, training=False)
+    parser = default_argument_parser(
+        description=__doc__, config="none", overrides=False, training=False
+    )
     parser.add_argument("src", metavar="IN", help="weight file to convert")
     parser.add_argument("dst", metavar="OUT", help="checkpoint to write (.pth)")
     parser.add_argument(
-        "--trust-pickle", action="store_true",
+        "--trust-pickle",
+        action="store_true",
         help="UNSAFE: unpickle IN with torch.load(weights_only=False), running any code it holds",
     )
     args = parser.parse_args(argv)

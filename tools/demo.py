@@ -16,6 +16,7 @@ dict per detection with ``file_name``, ``image_id`` (1-based position among the 
 ``category_id`` (the dataset's id), ``bbox`` (XYWH), ``score`` and ``segmentation`` (RLE).
 Unreadable images are skipped with a warning; the tool fails if none could be read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,24 @@ CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+")
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = default_argument_parser(description=__doc__, config="required", training=False)
-    parser.add_argument("--input", required=True, nargs="+", help="image files, folders or glob patterns")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the pictures and results.json")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5,
-                        help="smallest score of a detection to draw and record (default 0.5)")
+    parser.add_argument(
+        "--input", required=True, nargs="+", help="image files, folders or glob patterns"
+    )
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="folder for the pictures and results.json"
+    )
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.5,
+        help="smallest score of a detection to draw and record (default 0.5)",
+    )
     args = parser.parse_args(argv)
     for item in args.input:
         if CONFIG_KEY.fullmatch(item) and not os.path.exists(item):
-            parser.error(f"'{item}' was read as an input image: put config overrides after --output DIR.")
+            parser.error(
+                f"'{item}' was read as an input image: put config overrides after --output DIR."
+            )
     return args
 
 
@@ -49,11 +60,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = setup_config(args.config_file, args.opts)
     try:
         predictor = Predictor(cfg)
-        pictures, detections, skipped = run_demo(predictor, args.input, args.output, args.confidence_threshold)
+        pictures, detections, skipped = run_demo(
+            predictor, args.input, args.output, args.confidence_threshold
+        )
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from e
-    print(f"Wrote {pictures} pictures and {detections} detections ({args.output}/{RESULTS_FILE}) "
-          f"to {args.output}; {skipped} inputs skipped.")
+    print(
+        f"Wrote {pictures} pictures and {detections} detections ({args.output}/{RESULTS_FILE}) "
+        f"to {args.output}; {skipped} inputs skipped."
+    )
     return 0
 
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Label the boxes of a COCO json with the masks of a trained teacher.
 
-    python tools/export_pseudo_masks.py --config-file C --json boxes.json --images DIR --output out.json \
-        [--score-threshold 0.0] [--box-fallback] [--batch-size 1] [KEY VALUE ...]
+    python tools/export_pseudo_masks.py --config-file C --json boxes.json --images DIR \\
+        --output out.json [--score-threshold 0.0] [--box-fallback] [--batch-size 1] \\
+        [KEY VALUE ...]
 
 The model of the config (with ``MODEL.WEIGHTS``) labels every non-crowd box through
 ``BoxTeacher.pseudo_label``, the path of training: a BoxTeacher model with its teacher, a CondInst /
-BoxInst model with the network itself (its checkpoint loads into both networks of a BoxTeacher). Each image is read with OpenCV at its original resolution, the network
+BoxInst model with the network itself (its checkpoint loads into both networks of a BoxTeacher).
+Each image is read with OpenCV at its original resolution, the network
 resizes it to ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``, and every box gets the mask of the
 detection that training's box-based assignment gives it (``MODEL.BOX_TEACHER.IOU_THR``,
 ``SCORE_THR``, detections ranked by the mask-aware score), refined with the guided filter when
@@ -26,6 +28,7 @@ is reported with a warning and its boxes are unmatched; 10 such images in a row 
 Printed and written to ``out.report.json``: the fraction of matched boxes and, where the input
 has masks, the mean mask IoU of the exported masks with them, overall and per category.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,12 +56,22 @@ def report_path(output: str) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = default_argument_parser(description=__doc__, config="required", training=False)
-    parser.add_argument("--json", required=True, help="COCO instances json whose boxes are labelled")
-    parser.add_argument("--images", required=True, help="folder of its images (file_name is relative to it)")
+    parser.add_argument(
+        "--json", required=True, help="COCO instances json whose boxes are labelled"
+    )
+    parser.add_argument(
+        "--images", required=True, help="folder of its images (file_name is relative to it)"
+    )
     parser.add_argument("--output", required=True, help="COCO json to write")
-    parser.add_argument("--score-threshold", type=float, default=0.0,
-                        help="boxes whose pseudo-mask score is below this are unmatched (default 0)")
-    parser.add_argument("--box-fallback", action="store_true", help="unmatched boxes get the mask of their box")
+    parser.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.0,
+        help="boxes whose pseudo-mask score is below this are unmatched (default 0)",
+    )
+    parser.add_argument(
+        "--box-fallback", action="store_true", help="unmatched boxes get the mask of their box"
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     args = parser.parse_args(argv)
     if os.path.realpath(args.output) == os.path.realpath(args.json):
@@ -75,28 +88,37 @@ def main(argv: list[str] | None = None) -> int:
     setup_tool_logging()
     cfg = setup_config(args.config_file, args.opts)
     if not cfg.MODEL.WEIGHTS:
-        raise SystemExit("No weights: add MODEL.WEIGHTS path/to/model_final.pth to the command line.")
+        raise SystemExit(
+            "No weights: add MODEL.WEIGHTS path/to/model_final.pth to the command line."
+        )
     load_coco_json(args.json, args.images)  # errors name the file and the bad entry
     with open(args.json, "rb") as f:
         data = json.load(f)
 
     model = build_trained_model(cfg, build_pseudo_labelling_model)
-    result = PseudoMaskExporter(model, ExportSettings.from_config(cfg, args.score_threshold, args.box_fallback)).export(data, args.images, args.batch_size)
+    result = PseudoMaskExporter(
+        model, ExportSettings.from_config(cfg, args.score_threshold, args.box_fallback)
+    ).export(data, args.images, args.batch_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with atomic_open(args.output, "w") as f:
         json.dump(result.data, f)
 
     report = {
-        "json": args.json, "output": args.output, "weights": cfg.MODEL.WEIGHTS,
-        "score_threshold": args.score_threshold, "box_fallback": args.box_fallback,
+        "json": args.json,
+        "output": args.output,
+        "weights": cfg.MODEL.WEIGHTS,
+        "score_threshold": args.score_threshold,
+        "box_fallback": args.box_fallback,
         "unreadable_images": result.unreadable_images,
         **pseudo_mask_report(data, result.data),
     }
     with atomic_open(report_path(args.output), "w") as f:
         json.dump(report, f, indent=2)
     print(report_table(report))
-    print(f"Wrote {args.output} ({report['matched']} of {report['boxes']} boxes matched, "
-          f"{len(result.unreadable_images)} unreadable images) and {report_path(args.output)}.")
+    print(
+        f"Wrote {args.output} ({report['matched']} of {report['boxes']} boxes matched, "
+        f"{len(result.unreadable_images)} unreadable images) and {report_path(args.output)}."
+    )
     return 0
 
 

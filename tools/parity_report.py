@@ -12,6 +12,7 @@ disagreeing pixels for binary masks, and ``exact`` for integer outputs (detectio
 by FCOS level, location and class). The exit status is 1 if a quantity is out of tolerance.
 ``tests/test_parity_official.py`` asserts the same comparisons.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,15 @@ logger = logging.getLogger("boxteacher.parity_report")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = default_argument_parser(description=__doc__, config="none", overrides=False, training=False)
-    parser.add_argument("--fixtures", type=Path, default=fixtures_root(REPO.parent / "shared" / "fixtures"), help="folder of fixture folders")
+    parser = default_argument_parser(
+        description=__doc__, config="none", overrides=False, training=False
+    )
+    parser.add_argument(
+        "--fixtures",
+        type=Path,
+        default=fixtures_root(REPO.parent / "shared" / "fixtures"),
+        help="folder of fixture folders",
+    )
     args = parser.parse_args(argv)
     setup_tool_logging(logging.WARNING)
     folders = fixture_folders(args.fixtures)

@@ -16,6 +16,7 @@ With ``--keys`` (names or shell-style patterns) only ``selected_keys.png`` is wr
 per matching scalar. A resumed or restarted run appends to the same file: its records replace
 the earlier ones from the iteration it starts at. Malformed lines are skipped with a warning.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,20 +26,28 @@ from boxteacher.utils.training_curves import MetricsError, read_metrics, write_p
 
 
 def main() -> None:
-    parser = default_argument_parser(description=__doc__, config="none", overrides=False, training=False)
+    parser = default_argument_parser(
+        description=__doc__, config="none", overrides=False, training=False
+    )
     parser.add_argument("output_dir", help="the OUTPUT_DIR of a training run (holds metrics.json)")
     parser.add_argument("--output", help="folder of the plots (default: OUTPUT_DIR/plots)")
-    parser.add_argument("--keys", nargs="+", metavar="KEY", help="plot only these scalars (names or patterns)")
+    parser.add_argument(
+        "--keys", nargs="+", metavar="KEY", help="plot only these scalars (names or patterns)"
+    )
     args = parser.parse_args()
     setup_tool_logging()
 
     try:
         records = read_metrics(os.path.join(args.output_dir, "metrics.json"))
-        paths = write_plots(records, args.output or os.path.join(args.output_dir, "plots"), args.keys)
+        paths = write_plots(
+            records, args.output or os.path.join(args.output_dir, "plots"), args.keys
+        )
     except MetricsError as e:
         parser.exit(2, f"error: {e}\n")
     if not paths:
-        parser.exit(2, "error: nothing to plot (no losses, lr, evaluation or BoxTeacher scalars).\n")
+        parser.exit(
+            2, "error: nothing to plot (no losses, lr, evaluation or BoxTeacher scalars).\n"
+        )
     print("\n".join(paths))
 
 

@@ -1,6 +1,7 @@
 """Architectures declare their data needs (``ArchitectureSpec``) when they are registered: the
 specs of the built-in ones, a toy architecture trained through ``train_net.py`` with nothing but
 its registration, and a check that no code outside ``build.py`` asks for an architecture by name."""
+
 from __future__ import annotations
 
 import ast
@@ -33,17 +34,26 @@ BOXTEACHER = ["MODEL.META_ARCHITECTURE", "BoxTeacher", "MODEL.BOXINST.ENABLED", 
 # ---------------------------------------------------------------------------------------------
 # The specs of the built-in architectures
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("overrides, expected", [
-    ([], ArchitectureSpec()),
-    (["MODEL.BOXINST.ENABLED", "True"], ArchitectureSpec(box_supervised=True)),
-    (BOXTEACHER, ArchitectureSpec(box_supervised=True, student_view=True, teacher_student=True)),
-], ids=["condinst", "boxinst", "boxteacher"])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ([], ArchitectureSpec()),
+        (["MODEL.BOXINST.ENABLED", "True"], ArchitectureSpec(box_supervised=True)),
+        (
+            BOXTEACHER,
+            ArchitectureSpec(box_supervised=True, student_view=True, teacher_student=True),
+        ),
+    ],
+    ids=["condinst", "boxinst", "boxteacher"],
+)
 def test_builtin_architectures_declare_their_needs(overrides, expected):
     assert architecture_spec(tiny_cfg(*overrides)) == expected
 
 
 def test_the_default_spec_is_one_mask_supervised_network():
-    assert ArchitectureSpec() == ArchitectureSpec(box_supervised=False, student_view=False, teacher_student=False)
+    assert ArchitectureSpec() == ArchitectureSpec(
+        box_supervised=False, student_view=False, teacher_student=False
+    )
     with pytest.raises(AttributeError):
         ArchitectureSpec().box_supervised = True  # frozen
 
@@ -68,7 +78,9 @@ def test_mixed_supervision_needs_a_box_supervised_spec():
     assert gt_mask_mode(cfg, ArchitectureSpec(box_supervised=True)) == "present"
     with pytest.raises(ValueError, match="MODEL.BOXINST.GT_MASKS") as error:
         gt_mask_mode(cfg, ArchitectureSpec())
-    assert "box-supervised architecture" in str(error.value) and "META_ARCHITECTURE" not in str(error.value)
+    assert "box-supervised architecture" in str(error.value) and "META_ARCHITECTURE" not in str(
+        error.value
+    )
 
 
 def test_a_training_mapper_follows_the_spec():
@@ -76,16 +88,22 @@ def test_a_training_mapper_follows_the_spec():
     assert DatasetMapper.from_config(cfg, True, spec=ArchitectureSpec()).with_masks
     boxes = DatasetMapper.from_config(cfg, True, spec=ArchitectureSpec(box_supervised=True))
     assert not boxes.with_masks and boxes.student_aug == "none"
-    two_views = DatasetMapper.from_config(cfg, True, spec=ArchitectureSpec(box_supervised=True, student_view=True))
+    two_views = DatasetMapper.from_config(
+        cfg, True, spec=ArchitectureSpec(box_supervised=True, student_view=True)
+    )
     assert two_views.student_aug == cfg.INPUT.AUG_TYPE != "none"
     with pytest.raises(ValueError, match="spec"):
         DatasetMapper.from_config(cfg, True)
     assert DatasetMapper.from_config(cfg, False).student_aug == "none"  # test time: no spec needed
 
 
-@pytest.mark.parametrize("config, ema", [("condinst", False), ("boxinst", False), ("boxteacher", True)])
+@pytest.mark.parametrize(
+    "config, ema", [("condinst", False), ("boxinst", False), ("boxteacher", True)]
+)
 def test_the_trainer_keeps_a_teacher_only_for_a_teacher_student_spec(config, ema, shapes_datasets):
-    cfg = load_config(str(REPO / f"configs/quickstart/{config}_shapes.yaml"), ["MODEL.DEVICE", "cpu"])
+    cfg = load_config(
+        str(REPO / f"configs/quickstart/{config}_shapes.yaml"), ["MODEL.DEVICE", "cpu"]
+    )
     trainer = Trainer(cfg)
     assert trainer.spec == architecture_spec(cfg)
     assert any(isinstance(hook, hooks.EMAHook) for hook in trainer.hooks) == ema
@@ -120,12 +138,14 @@ class ToyBoxNet(nn.Module):
 
     def _whole_image(self, height: int, width: int) -> dict:
         device = self.weight.device
-        return {"instances": {
-            "boxes": torch.tensor([[0.0, 0.0, width, height]], device=device),
-            "scores": torch.ones(1, device=device),
-            "labels": torch.zeros(1, dtype=torch.int64, device=device),
-            "masks": torch.ones((1, height, width), dtype=torch.bool, device=device),
-        }}
+        return {
+            "instances": {
+                "boxes": torch.tensor([[0.0, 0.0, width, height]], device=device),
+                "scores": torch.ones(1, device=device),
+                "labels": torch.zeros(1, dtype=torch.int64, device=device),
+                "masks": torch.ones((1, height, width), dtype=torch.bool, device=device),
+            }
+        }
 
 
 @pytest.fixture
@@ -152,14 +172,34 @@ def test_a_registered_toy_architecture_trains_one_step_with_train_net(
 ):
     config = tmp_path / "toy.yaml"
     config.write_text("MODEL:\n  META_ARCHITECTURE: ToyBoxArchitecture\n")
-    args = default_argument_parser().parse_args([
-        "--config-file", str(config),
-        "MODEL.DEVICE", "cpu", "MODEL.FCOS.NUM_CLASSES", "3",
-        "DATASETS.TRAIN", "('shapes_train',)", "DATASETS.TEST", "('shapes_val',)",
-        "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "1",
-        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64", "VIS_PERIOD", "1",
-        "OUTPUT_DIR", str(tmp_path / "out"),
-    ])
+    args = default_argument_parser().parse_args(
+        [
+            "--config-file",
+            str(config),
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.FCOS.NUM_CLASSES",
+            "3",
+            "DATASETS.TRAIN",
+            "('shapes_train',)",
+            "DATASETS.TEST",
+            "('shapes_val',)",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "SOLVER.MAX_ITER",
+            "1",
+            "INPUT.MIN_SIZE_TRAIN",
+            "(64,)",
+            "INPUT.MIN_SIZE_TEST",
+            "64",
+            "VIS_PERIOD",
+            "1",
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        ]
+    )
     assert architecture_spec(tiny_cfg("MODEL.META_ARCHITECTURE", "ToyBoxArchitecture")) == TOY_SPEC
     results = train_or_evaluate(args)
 
@@ -177,7 +217,10 @@ def test_a_builder_registered_detectron2_style_gets_the_default_spec():
 
     META_ARCH_REGISTRY.register(PlainArchitecture)
     try:
-        assert architecture_spec(tiny_cfg("MODEL.META_ARCHITECTURE", "PlainArchitecture")) == ArchitectureSpec()
+        assert (
+            architecture_spec(tiny_cfg("MODEL.META_ARCHITECTURE", "PlainArchitecture"))
+            == ArchitectureSpec()
+        )
     finally:
         META_ARCH_REGISTRY._obj_map.pop("PlainArchitecture")
 
@@ -222,7 +265,11 @@ def architecture_checks_by_name(source: str) -> list[int]:
                 lines.append(node.lineno)
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             name, args = node.func.id, node.args
-            if name in ("isinstance", "issubclass") and len(args) == 2 and _names_in(args[1]) & MODEL_CLASSES:
+            if (
+                name in ("isinstance", "issubclass")
+                and len(args) == 2
+                and _names_in(args[1]) & MODEL_CLASSES
+            ):
                 lines.append(node.lineno)
             probe = name == "hasattr" or (name == "getattr" and len(args) == 3)
             if probe and len(args) >= 2 and _string(args[1]) in NETWORK_ATTRIBUTES:
@@ -230,25 +277,28 @@ def architecture_checks_by_name(source: str) -> list[int]:
     return sorted(lines)
 
 
-@pytest.mark.parametrize("source", [
-    'if cfg.MODEL.META_ARCHITECTURE == "BoxTeacher":\n    pass',
-    'x = cfg.MODEL.META_ARCHITECTURE != "CondInst"',
-    'x = cfg.MODEL.META_ARCHITECTURE in ("A", "B")',
-    'name = cfg.MODEL.META_ARCHITECTURE\nif name == "BoxTeacher":\n    pass',
-    'x = type(model).__name__ == "CondInst"',
-    "x = isinstance(model, BoxInst)",
-    "x = isinstance(model, BoxTeacher)",
-    "x = isinstance(model, (meta_arch.CondInst, nn.Module))",
-    'x = hasattr(unwrap_model(model), "teacher")',
-    'network = getattr(model, "student", model)',
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        'if cfg.MODEL.META_ARCHITECTURE == "BoxTeacher":\n    pass',
+        'x = cfg.MODEL.META_ARCHITECTURE != "CondInst"',
+        'x = cfg.MODEL.META_ARCHITECTURE in ("A", "B")',
+        'name = cfg.MODEL.META_ARCHITECTURE\nif name == "BoxTeacher":\n    pass',
+        'x = type(model).__name__ == "CondInst"',
+        "x = isinstance(model, BoxInst)",
+        "x = isinstance(model, BoxTeacher)",
+        "x = isinstance(model, (meta_arch.CondInst, nn.Module))",
+        'x = hasattr(unwrap_model(model), "teacher")',
+        'network = getattr(model, "student", model)',
+    ],
+)
 def test_the_checker_finds_a_planted_check_by_name(source):
     assert architecture_checks_by_name(source), source
 
 
 def test_the_checker_lets_specs_and_plain_attributes_pass():
     source = (
-        'if spec.teacher_student:\n    network = model.teacher\n'
+        "if spec.teacher_student:\n    network = model.teacher\n"
         'cfg.merge_from_list(["MODEL.META_ARCHITECTURE", "BoxTeacher"])\n'
         'x = isinstance(model, nn.Module)\nprefix = getattr(model, "single_network_prefix", "")\n'
         'reference = next(r for r in results if r["model"] == "BoxInst")\n'

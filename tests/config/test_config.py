@@ -1,5 +1,6 @@
 """Configs: every file loads and builds, unknown keys are errors that name the key, and every
 default key is read by the code."""
+
 import re
 
 import pytest
@@ -15,11 +16,17 @@ CONFIG_FILES = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
 
 def test_config_files_exist():
     names = {p.relative_to(REPO / "configs").as_posix() for p in CONFIG_FILES}
-    assert {"CondInst/Base-CondInst.yaml", "CondInst/MS_R_50_1x.yaml", "CondInst/MS_R_101_3x.yaml"} <= names
+    assert {
+        "CondInst/Base-CondInst.yaml",
+        "CondInst/MS_R_50_1x.yaml",
+        "CondInst/MS_R_101_3x.yaml",
+    } <= names
     assert any(n.startswith("quickstart/") for n in names)
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+@pytest.mark.parametrize(
+    "path", CONFIG_FILES, ids=lambda p: p.relative_to(REPO / "configs").as_posix()
+)
 def test_every_config_file_loads_and_builds(path):
     cfg = load_config(str(path), ["MODEL.DEVICE", "cpu"])
     assert cfg.is_frozen()
@@ -65,7 +72,9 @@ def test_missing_config_file_and_missing_base(tmp_path):
 
 def test_detectron2_keys_without_meaning_here_are_ignored(tmp_path):
     path = tmp_path / "adelaidet_style.yaml"
-    path.write_text('VERSION: 2\nMODEL:\n  MASK_ON: True\n  PROPOSAL_GENERATOR:\n    NAME: "FCOS"\n')
+    path.write_text(
+        'VERSION: 2\nMODEL:\n  MASK_ON: True\n  PROPOSAL_GENERATOR:\n    NAME: "FCOS"\n'
+    )
     cfg = load_config(str(path))
     assert "MASK_ON" not in cfg.MODEL
 
@@ -122,7 +131,10 @@ def test_value_out_of_range_on_the_command_line_names_the_key(key, value):
 @pytest.mark.parametrize("key,value", BAD_OVERRIDES[:8], ids=lambda v: str(v))
 def test_value_out_of_range_in_a_file_names_the_file_and_key(tmp_path, key, value):
     *groups, leaf = key.split(".")
-    text = "".join(f"{'  ' * i}{g}:\n" for i, g in enumerate(groups)) + f"{'  ' * len(groups)}{leaf}: {value}\n"
+    text = (
+        "".join(f"{'  ' * i}{g}:\n" for i, g in enumerate(groups))
+        + f"{'  ' * len(groups)}{leaf}: {value}\n"
+    )
     path = tmp_path / "bad_range.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=r"bad_range\.yaml.*" + re.escape(key)):
@@ -130,7 +142,8 @@ def test_value_out_of_range_in_a_file_names_the_file_and_key(tmp_path, key, valu
 
 
 def _just_outside(key, allowed):
-    """A value of the default's type just outside ``allowed`` (and not one of its special values)."""
+    """A value of the default's type just outside ``allowed`` (and not one of its special
+    values)."""
     default = _lookup(get_cfg(), key)
     element = default[0] if isinstance(default, (list, tuple)) else default
     step = 1 if isinstance(element, int) else 0.5
@@ -145,7 +158,9 @@ def _just_outside(key, allowed):
     return [bad, *default[1:]] if isinstance(default, (list, tuple)) else bad
 
 
-@pytest.mark.parametrize("key", sorted(k for k, r in RANGES.items() if r.low is not None or r.high is not None))
+@pytest.mark.parametrize(
+    "key", sorted(k for k, r in RANGES.items() if r.low is not None or r.high is not None)
+)
 def test_every_ranged_key_rejects_a_value_just_outside_its_range(key):
     bad = _just_outside(key, RANGES[key])
     with pytest.raises(ConfigError, match=re.escape(key) + " must"):
@@ -157,12 +172,15 @@ def test_defaults_and_special_values_are_in_range(tmp_path):
     path = tmp_path / "special.yaml"
     path.write_text(
         "MODEL:\n  CONDINST:\n    MAX_PROPOSALS: -1\n    TOPK_PROPOSALS_PER_IM: -1\n"
-        "  BOX_TEACHER:\n    MASK_AFFINITY_THRESH: -1.0\n    EMA_HORIZON: 0.0\n  FCOS:\n    LOSS_ALPHA: -1.0\n"
+        "  BOX_TEACHER:\n    MASK_AFFINITY_THRESH: -1.0\n    EMA_HORIZON: 0.0\n"
+        "  FCOS:\n    LOSS_ALPHA: -1.0\n"
         "SOLVER:\n  WARMUP_ITERS: 0\n  STEPS: ()\n  CLIP_GRADIENTS:\n    NORM_TYPE: .inf\n"
         "TEST:\n  EVAL_PERIOD: 0\nVIS_PERIOD: 0\nSEED: -1\nDATALOADER:\n  NUM_WORKERS: 0\n"
     )
     cfg = load_config(str(path))
-    assert cfg.MODEL.CONDINST.MAX_PROPOSALS == -1 and cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE == float("inf")
+    assert cfg.MODEL.CONDINST.MAX_PROPOSALS == -1 and cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE == float(
+        "inf"
+    )
 
 
 def test_nan_is_out_of_every_range(tmp_path):
@@ -182,7 +200,9 @@ def _numeric_keys(node, prefix=""):
         key = prefix + name
         if isinstance(value, dict):
             yield from _numeric_keys(value, key + ".")
-        elif _is_numeric(value) or (isinstance(value, (list, tuple)) and value and all(map(_is_numeric, value))):
+        elif _is_numeric(value) or (
+            isinstance(value, (list, tuple)) and value and all(map(_is_numeric, value))
+        ):
             yield key
 
 
@@ -230,7 +250,9 @@ def test_config_file_that_is_not_a_mapping(tmp_path):
         load_config(str(path))
 
 
-@pytest.mark.parametrize("files", [{"a.yaml": "a.yaml"}, {"a.yaml": "b.yaml", "b.yaml": "c.yaml", "c.yaml": "a.yaml"}])
+@pytest.mark.parametrize(
+    "files", [{"a.yaml": "a.yaml"}, {"a.yaml": "b.yaml", "b.yaml": "c.yaml", "c.yaml": "a.yaml"}]
+)
 def test_base_cycle_is_a_one_line_error_naming_the_files(tmp_path, files):
     for name, base in files.items():
         (tmp_path / name).write_text(f'_BASE_: "{base}"\n')

@@ -1,4 +1,5 @@
 """COCO json loading: real files (coco128, carparts), the id mapping, and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,9 @@ from boxteacher.data.builtin import register_builtin_datasets
 
 def _write_coco(path: Path, annotations: list[dict], images=None, categories=None) -> str:
     data = {
-        "images": images if images is not None else [
+        "images": images
+        if images is not None
+        else [
             {"id": 1, "file_name": "a.jpg", "height": 100, "width": 200},
             {"id": 2, "file_name": "b.jpg", "height": 50, "width": 50},
         ],
@@ -36,8 +39,14 @@ def _write_coco(path: Path, annotations: list[dict], images=None, categories=Non
 
 
 def _ann(ann_id: int, bbox: list[float], image_id: int = 1, category_id: int = 5, **extra) -> dict:
-    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox,
-            "iscrowd": 0, **extra}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": bbox,
+        "iscrowd": 0,
+        **extra,
+    }
 
 
 def test_coco128_records_and_metadata(shared_data):
@@ -66,8 +75,11 @@ def test_coco128_records_and_metadata(shared_data):
     # The first multi-part annotation comes back with all its parts and an XYXY box.
     target = multi[0]
     x, y, w, h = target["bbox"]
-    match = [a for a in image_of[target["image_id"]]["annotations"]
-             if a["bbox"] == pytest.approx([x, y, x + w, y + h])]
+    match = [
+        a
+        for a in image_of[target["image_id"]]["annotations"]
+        if a["bbox"] == pytest.approx([x, y, x + w, y + h])
+    ]
     assert len(match) == 1 and match[0]["segmentation"] == target["segmentation"]
     assert match[0]["category_id"] == id_map[target["category_id"]]
     crowd = [a for a in anns if a["iscrowd"]]
@@ -130,9 +142,13 @@ def test_box_rules_and_one_warning_per_kind(tmp_path, caplog):
         _ann(4, [190, 90, 20, 30]),  # partly outside image 1 (200 x 100): clipped
         _ann(5, [-3, 10, 8, 5], image_id=2),  # partly outside image 2: clipped
         _ann(6, [300, 10, 5, 5]),  # entirely outside: skipped
-        _ann(7, [1, 1, 4, 4], segmentation=[[1, 1, 5, 1], [1, 1, 5, 1, 5, 5]]),  # one 2-point polygon
+        _ann(
+            7, [1, 1, 4, 4], segmentation=[[1, 1, 5, 1], [1, 1, 5, 1, 5, 5]]
+        ),  # one 2-point polygon
         _ann(8, [1, 1, 4, 4], segmentation=[[1, 1, 5, 1]]),  # no polygon left
-        _ann(9, [1, 1, 4, 4], iscrowd=1, segmentation={"size": [100, 200], "counts": [5, 10, 19985]}),
+        _ann(
+            9, [1, 1, 4, 4], iscrowd=1, segmentation={"size": [100, 200], "counts": [5, 10, 19985]}
+        ),
     ]
     path = _write_coco(tmp_path / "boxes.json", anns)
     with caplog.at_level(logging.WARNING, logger="boxteacher.data.coco"):
@@ -148,7 +164,9 @@ def test_box_rules_and_one_warning_per_kind(tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 4
     zero = [m for m in messages if "without area" in m]
-    assert len(zero) == 1 and "2 box(es)" in zero[0] and "2, 3" in zero[0] and "boxes.json" in zero[0]
+    assert (
+        len(zero) == 1 and "2 box(es)" in zero[0] and "2, 3" in zero[0] and "boxes.json" in zero[0]
+    )
     assert any("clipped" in m and "2 box(es)" in m and "4, 5" in m for m in messages)
     assert any("entirely outside" in m and "annotation ids 6" in m for m in messages)
     assert any("fewer than 3 points" in m and "7, 8" in m for m in messages)
@@ -188,15 +206,22 @@ def test_register_from_config(tmp_path):
 
 
 def test_non_finite_boxes_have_their_own_warning(tmp_path, caplog):
-    anns = [_ann(1, [10, 20, 30, 40]), _ann(2, [float("nan"), 5, 10, 10]),
-            _ann(3, [5, 5, float("inf"), 10]), _ann(4, [5, 5, None, 10]), _ann(5, [5, 5, 0, 10])]
+    anns = [
+        _ann(1, [10, 20, 30, 40]),
+        _ann(2, [float("nan"), 5, 10, 10]),
+        _ann(3, [5, 5, float("inf"), 10]),
+        _ann(4, [5, 5, None, 10]),
+        _ann(5, [5, 5, 0, 10]),
+    ]
     path = _write_coco(tmp_path / "nan.json", anns)
     with caplog.at_level(logging.WARNING, logger="boxteacher.data.coco"):
         records = load_coco_json(path, str(tmp_path))
     assert [a["bbox"] for a in records[0]["annotations"]] == [[10, 20, 40, 60]]
     messages = [r.getMessage() for r in caplog.records]
-    assert any("3 box(es) with non-finite values (NaN or infinity)" in m and "2, 3, 4" in m
-               for m in messages)
+    assert any(
+        "3 box(es) with non-finite values (NaN or infinity)" in m and "2, 3, 4" in m
+        for m in messages
+    )
     assert any("1 box(es) without area" in m and "annotation ids 5)" in m for m in messages)
 
 
@@ -219,8 +244,7 @@ def test_rle_of_wrong_size_or_counts_is_dropped_with_a_warning(tmp_path, caplog)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     assert any("1 RLE mask(s) whose size is not" in m and "ids 2)" in m for m in messages)
-    assert any("3 RLE mask(s) whose counts do not add up" in m and "3, 4, 5" in m
-               for m in messages)
+    assert any("3 RLE mask(s) whose counts do not add up" in m and "3, 4, 5" in m for m in messages)
 
 
 def test_utf8_bom_loads(tmp_path):
@@ -232,5 +256,7 @@ def test_utf8_bom_loads(tmp_path):
 
 def test_nested_bbox_is_an_error(tmp_path):
     path = _write_coco(tmp_path / "nested.json", [_ann(1, [[0, 0, 5, 5]]), _ann(2, [[1, 1, 5, 5]])])
-    with pytest.raises(ValueError, match=r"nested.json'?: annotation 1 has bbox \[\[0, 0, 5, 5\]\]"):
+    with pytest.raises(
+        ValueError, match=r"nested.json'?: annotation 1 has bbox \[\[0, 0, 5, 5\]\]"
+    ):
         load_coco_json(path, str(tmp_path))

@@ -2,6 +2,7 @@
 mapper (the evaluation loader's path), the pseudo-mask export and the demo. Images are read in
 the frame their json entry describes (EXIF orientation ignored or applied, never transposed),
 and a truncated JPEG or PNG is unreadable, named in a warning or an error."""
+
 from __future__ import annotations
 
 import logging
@@ -40,7 +41,11 @@ def _encode(image: np.ndarray, ext: str) -> bytes:
 
 def _exif_segment(orientation: int) -> bytes:
     """An APP1 segment holding an EXIF block with one tag: Orientation (0x0112, SHORT)."""
-    ifd = struct.pack(">H", 1) + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    ifd = (
+        struct.pack(">H", 1)
+        + struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0)
+        + struct.pack(">I", 0)
+    )
     payload = b"Exif\x00\x00" + b"MM\x00\x2a" + struct.pack(">I", 8) + ifd
     return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
 
@@ -54,7 +59,9 @@ def _with_segment(jpeg: bytes, segment: bytes) -> bytes:
 def rotated_jpeg(tmp_path) -> tuple[Path, np.ndarray]:
     """A 64x40 (WxH) JPEG whose EXIF orientation rotates it to 40x64; and its stored pixels."""
     path = tmp_path / "exif.jpg"
-    path.write_bytes(_with_segment(_encode(_picture(STORED_H, STORED_W), ".jpg"), _exif_segment(ROTATE_90_CW)))
+    path.write_bytes(
+        _with_segment(_encode(_picture(STORED_H, STORED_W), ".jpg"), _exif_segment(ROTATE_90_CW))
+    )
     stored = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     assert stored.shape[:2] == (STORED_H, STORED_W)
     assert cv2.imread(str(path)).shape[:2] == (STORED_W, STORED_H)  # OpenCV applies EXIF
@@ -62,28 +69,49 @@ def rotated_jpeg(tmp_path) -> tuple[Path, np.ndarray]:
 
 
 def _record(path: Path, height: int, width: int) -> dict:
-    return {"file_name": str(path), "image_id": 3, "height": height, "width": width, "annotations": []}
+    return {
+        "file_name": str(path),
+        "image_id": 3,
+        "height": height,
+        "width": width,
+        "annotations": [],
+    }
 
 
 def _via_mapper(is_train: bool) -> Callable[[Path, int, int], np.ndarray | None]:
     """Reads through the mapper at the record's own size (no resize, no flip): BGR (H, W, 3)."""
+
     def read(path: Path, height: int, width: int) -> np.ndarray | None:
-        mapper = DatasetMapper(is_train, min_sizes=(min(height, width),), max_size=10_000,
-                               hflip=False, with_masks=False)
+        mapper = DatasetMapper(
+            is_train,
+            min_sizes=(min(height, width),),
+            max_size=10_000,
+            hflip=False,
+            with_masks=False,
+        )
         out = mapper(_record(path, height, width), np.random.default_rng(0))
         return None if out is None else out["image"].permute(1, 2, 0).numpy()
+
     return read
 
 
 def _via_export(path: Path, height: int, width: int) -> np.ndarray | None:
-    return read_image_or_warn(str(path), (height, width), consequence="its boxes get no pseudo mask")
+    return read_image_or_warn(
+        str(path), (height, width), consequence="its boxes get no pseudo mask"
+    )
 
 
-READERS = {"train mapper": _via_mapper(True), "test mapper": _via_mapper(False), "export": _via_export}
+READERS = {
+    "train mapper": _via_mapper(True),
+    "test mapper": _via_mapper(False),
+    "export": _via_export,
+}
 
 
 @pytest.mark.parametrize("reader", sorted(READERS))
-def test_exif_orientation_is_ignored_when_the_stored_size_is_the_json_size(rotated_jpeg, reader, caplog):
+def test_exif_orientation_is_ignored_when_the_stored_size_is_the_json_size(
+    rotated_jpeg, reader, caplog
+):
     path, stored = rotated_jpeg
     with caplog.at_level(logging.WARNING):
         image = READERS[reader](path, STORED_H, STORED_W)
@@ -101,15 +129,23 @@ def test_exif_orientation_is_applied_when_the_rotated_size_is_the_json_size(rota
 def test_a_json_with_swapped_height_and_width_is_a_size_error_not_a_transpose(tmp_path, caplog):
     path = tmp_path / "plain.png"
     cv2.imwrite(str(path), _picture(STORED_H, STORED_W))
-    with pytest.raises(ImageSizeError, match=r"plain.png' is 64x40 \(WxH\) but its json entry says 40x64"):
+    with pytest.raises(
+        ImageSizeError, match=r"plain.png' is 64x40 \(WxH\) but its json entry says 40x64"
+    ):
         read_image(str(path), (STORED_W, STORED_H))
     with caplog.at_level(logging.WARNING, logger="boxteacher.pseudo_export"):
         assert _via_export(path, STORED_W, STORED_H) is None
-    assert "plain.png" in caplog.text and "not transposed" in caplog.text and "transposing" not in caplog.text
+    assert (
+        "plain.png" in caplog.text
+        and "not transposed" in caplog.text
+        and "transposing" not in caplog.text
+    )
 
 
-@pytest.fixture(params=[(".jpg", 0.5), (".jpg", 0.7), (".jpg", 0.9), (".png", 0.5), (".png", 0.9)],
-                ids=lambda p: f"{p[0][1:]}-cut-at-{p[1]}")
+@pytest.fixture(
+    params=[(".jpg", 0.5), (".jpg", 0.7), (".jpg", 0.9), (".png", 0.5), (".png", 0.9)],
+    ids=lambda p: f"{p[0][1:]}-cut-at-{p[1]}",
+)
 def truncated(request, tmp_path) -> Path:
     """A 640x480 JPEG or PNG cut at a fraction of its bytes (libjpeg decodes such a JPEG)."""
     ext, fraction = request.param
@@ -142,7 +178,9 @@ def test_the_format_comes_from_the_magic_bytes_not_the_extension(tmp_path):
     data = _encode(_picture(480, 640), ".jpg")
     path = tmp_path / "really_a_jpeg.png"
     path.write_bytes(data[: len(data) * 3 // 4])
-    with pytest.raises(UnreadableImageError, match="really_a_jpeg.png' is truncated .*JPEG end-of-image"):
+    with pytest.raises(
+        UnreadableImageError, match="really_a_jpeg.png' is truncated .*JPEG end-of-image"
+    ):
         read_image(str(path), (480, 640))
 
 
@@ -151,7 +189,9 @@ def test_bytes_after_the_end_of_image_marker_are_allowed(tmp_path):
     data = _encode(image, ".jpg")
     path = tmp_path / "trailer.jpg"
     path.write_bytes(data + b"\x00" * 5000 + b"trailing data\xff\xda")
-    np.testing.assert_array_equal(read_image(str(path), (120, 160)), cv2.imdecode(np.frombuffer(data, np.uint8), 1))
+    np.testing.assert_array_equal(
+        read_image(str(path), (120, 160)), cv2.imdecode(np.frombuffer(data, np.uint8), 1)
+    )
 
 
 def test_an_end_marker_inside_a_header_segment_does_not_hide_a_truncation():
@@ -160,13 +200,18 @@ def test_an_end_marker_inside_a_header_segment_does_not_hide_a_truncation():
     app1 = b"\xff\xe1" + struct.pack(">H", len(thumbnail) + 8) + b"Exif\x00\x00" + thumbnail
     data = _with_segment(_encode(_picture(120, 160), ".jpg"), app1)
     assert truncation_problem(data) is None
-    assert truncation_problem(data[: len(data) - 200]) == "no JPEG end-of-image marker after its image data"
+    assert (
+        truncation_problem(data[: len(data) - 200])
+        == "no JPEG end-of-image marker after its image data"
+    )
     assert truncation_problem(data[: len(app1) + 10]) == "it ends before its image data"
 
 
 def test_the_demo_applies_the_exif_orientation_as_viewers_do(rotated_jpeg):
     path, stored = rotated_jpeg
-    np.testing.assert_array_equal(read_image_or_warn(str(path)), cv2.rotate(stored, cv2.ROTATE_90_CLOCKWISE))
+    np.testing.assert_array_equal(
+        read_image_or_warn(str(path)), cv2.rotate(stored, cv2.ROTATE_90_CLOCKWISE)
+    )
 
 
 @pytest.mark.parametrize("kind", ["grey", "rgba", "16-bit"])
@@ -175,9 +220,14 @@ def test_grey_alpha_and_16_bit_images_come_out_as_8_bit_bgr(tmp_path, kind):
     grey = np.arange(30, dtype=np.uint8).reshape(5, 6) * 8
     stored, expected = {
         "grey": (grey, np.repeat(grey[:, :, None], 3, axis=2)),
-        "rgba": (np.dstack([grey, grey + 1, grey + 2, np.full_like(grey, 7)]), np.dstack([grey, grey + 1, grey + 2])),
-        "16-bit": (np.repeat(grey[:, :, None].astype(np.uint16) * 256 + 255, 3, axis=2),
-                   np.repeat(grey[:, :, None], 3, axis=2)),
+        "rgba": (
+            np.dstack([grey, grey + 1, grey + 2, np.full_like(grey, 7)]),
+            np.dstack([grey, grey + 1, grey + 2]),
+        ),
+        "16-bit": (
+            np.repeat(grey[:, :, None].astype(np.uint16) * 256 + 255, 3, axis=2),
+            np.repeat(grey[:, :, None], 3, axis=2),
+        ),
     }[kind]
     path = tmp_path / f"{kind}.png"
     cv2.imwrite(str(path), stored)

@@ -1,5 +1,6 @@
 """Samplers (determinism, resume, world-size independence, aspect grouping, sharding) and the
 train / test loaders (same data for any number of workers, bad images replaced)."""
+
 from __future__ import annotations
 
 import json
@@ -84,8 +85,12 @@ def test_sampler_aspect_grouping_and_epochs():
     counts = np.bincount(np.concatenate(batches), minlength=30)
     assert counts.min() >= 6 and counts.max() <= 10  # 240 draws from 8 whole epochs of 30
     # Without grouping (one group) batches are consecutive chunks of whole permutations.
-    chunks = [i for _, _, b in _take(TrainingBatchSampler(np.zeros(12, bool), 4, seed=2), 6) for i in b]
-    assert sorted(chunks[:12]) == sorted(chunks[12:]) == list(range(12)) and chunks[:12] != chunks[12:]
+    chunks = [
+        i for _, _, b in _take(TrainingBatchSampler(np.zeros(12, bool), 4, seed=2), 6) for i in b
+    ]
+    assert (
+        sorted(chunks[:12]) == sorted(chunks[12:]) == list(range(12)) and chunks[:12] != chunks[12:]
+    )
 
 
 def test_sampler_matches_a_plain_bucket_loop():
@@ -99,7 +104,9 @@ def test_sampler_matches_a_plain_bucket_loop():
         if len(bucket) == 5:
             expected.append(list(bucket))
             bucket.clear()
-    got = [indices for _, _, indices in _take(TrainingBatchSampler(flags, 5, seed=9), len(expected))]
+    got = [
+        indices for _, _, indices in _take(TrainingBatchSampler(flags, 5, seed=9), len(expected))
+    ]
     assert len(expected) > 100 and got == expected
 
 
@@ -122,8 +129,12 @@ def messy_dataset(tmp_path_factory) -> tuple[str, str, dict]:
     json_file, image_root = shapes_paths(str(root), "train")
     data = json.loads(Path(json_file).read_text())
     images = data["images"]
-    special = {"crowd": images[0]["file_name"], "empty": images[1]["file_name"],
-               "missing": images[2]["file_name"], "corrupt": images[3]["file_name"]}
+    special = {
+        "crowd": images[0]["file_name"],
+        "empty": images[1]["file_name"],
+        "missing": images[2]["file_name"],
+        "corrupt": images[3]["file_name"],
+    }
     for ann in data["annotations"]:
         if ann["image_id"] == images[0]["id"]:
             ann["iscrowd"] = 1
@@ -184,7 +195,9 @@ def test_train_loader_same_data_for_any_worker_count(messy_dataset, caplog):
     assert sizes == {48, 64}
     resumed = list(islice(build_train_loader(cfg, CONDINST, seed=11, start_iter=7), 5))
     _assert_same_batches(first[7:], resumed)
-    with_workers = list(islice(build_train_loader(_cfg(json_file, image_root, workers=2), CONDINST, seed=11), 12))
+    with_workers = list(
+        islice(build_train_loader(_cfg(json_file, image_root, workers=2), CONDINST, seed=11), 12)
+    )
     _assert_same_batches(first, with_workers)
     other_seed = next(build_train_loader(cfg, CONDINST, seed=12))
     assert [d["file_name"] for d in other_seed] != [d["file_name"] for d in first[0]]
@@ -217,7 +230,9 @@ def test_train_metadata_must_agree(messy_dataset, tmp_path):
     cfg.DATASETS.REGISTER.append(["test_loader_other", str(other), image_root])
     cfg.DATASETS.TRAIN = ("test_loader_messy", "test_loader_other")
     register_datasets_from_config(cfg)
-    with pytest.raises(ValueError, match="'test_loader_messy' and 'test_loader_other' have different"):
+    with pytest.raises(
+        ValueError, match="'test_loader_messy' and 'test_loader_other' have different"
+    ):
         get_train_metadata(cfg)
 
 

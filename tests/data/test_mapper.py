@@ -1,5 +1,6 @@
 """DatasetMapper and transforms: resize rule, box/mask alignment under resize and flip, label
 flipping, bad images, and the record left untouched."""
+
 from __future__ import annotations
 
 import copy
@@ -35,7 +36,8 @@ def _rle(height: int, width: int, rows: slice, cols: slice) -> dict:
 
 @pytest.fixture()
 def record(tmp_path) -> dict:
-    """A 60 x 100 image with a polygon object, an RLE object, a crowd region and a zero-width box."""
+    """A 60 x 100 image with a polygon object, an RLE object, a crowd region and a zero-width
+    box."""
     ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH]
     image = np.stack([xs * 2, ys * 4, (xs + ys) % 256], axis=-1).astype(np.uint8)
     path = tmp_path / "image.png"
@@ -46,21 +48,42 @@ def record(tmp_path) -> dict:
         "height": HEIGHT,
         "width": WIDTH,
         "annotations": [
-            {"bbox": [10.0, 10.0, 40.0, 30.0], "category_id": 0, "iscrowd": 0,
-             "segmentation": [[10, 10, 40, 10, 40, 30, 10, 30]]},
-            {"bbox": [0.0, 0.0, 100.0, 60.0], "category_id": 1, "iscrowd": 1,
-             "segmentation": _rle(HEIGHT, WIDTH, slice(0, 60), slice(0, 100))},
-            {"bbox": [60.0, 35.0, 91.0, 51.0], "category_id": 2, "iscrowd": 0,
-             "segmentation": _rle(HEIGHT, WIDTH, slice(35, 51), slice(60, 91))},
-            {"bbox": [100.0, 5.0, 100.0, 9.0], "category_id": 1, "iscrowd": 0,
-             "segmentation": [[99, 5, 100, 5, 100, 9]]},
+            {
+                "bbox": [10.0, 10.0, 40.0, 30.0],
+                "category_id": 0,
+                "iscrowd": 0,
+                "segmentation": [[10, 10, 40, 10, 40, 30, 10, 30]],
+            },
+            {
+                "bbox": [0.0, 0.0, 100.0, 60.0],
+                "category_id": 1,
+                "iscrowd": 1,
+                "segmentation": _rle(HEIGHT, WIDTH, slice(0, 60), slice(0, 100)),
+            },
+            {
+                "bbox": [60.0, 35.0, 91.0, 51.0],
+                "category_id": 2,
+                "iscrowd": 0,
+                "segmentation": _rle(HEIGHT, WIDTH, slice(35, 51), slice(60, 91)),
+            },
+            {
+                "bbox": [100.0, 5.0, 100.0, 9.0],
+                "category_id": 1,
+                "iscrowd": 0,
+                "segmentation": [[99, 5, 100, 5, 100, 9]],
+            },
         ],
     }
 
 
 def _mapper(is_train: bool = True, **kwargs) -> DatasetMapper:
-    options = {"min_sizes": (120,), "max_size": 1000, "hflip": True, "image_format": "BGR",
-               "flip_class_map": {0: 2, 2: 0}}
+    options = {
+        "min_sizes": (120,),
+        "max_size": 1000,
+        "hflip": True,
+        "image_format": "BGR",
+        "flip_class_map": {0: 2, 2: 0},
+    }
     options.update(kwargs)
     return DatasetMapper(is_train, **options)
 
@@ -80,14 +103,17 @@ def _mask_box(mask: torch.Tensor) -> list[int]:
     return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
 
-@pytest.mark.parametrize("h, w, short, max_size, expected", [
-    (480, 640, 800, 1333, (800, 1067)),
-    (640, 480, 800, 1333, (1067, 800)),
-    (100, 1000, 800, 1333, (133, 1333)),
-    (861, 1024, 800, 1333, (800, 951)),
-    (500, 500, 64, 1333, (64, 64)),
-    (2, 5, 1, 100, (1, 3)),  # 2.5 rounds up (not to even)
-])
+@pytest.mark.parametrize(
+    "h, w, short, max_size, expected",
+    [
+        (480, 640, 800, 1333, (800, 1067)),
+        (640, 480, 800, 1333, (1067, 800)),
+        (100, 1000, 800, 1333, (133, 1333)),
+        (861, 1024, 800, 1333, (800, 951)),
+        (500, 500, 64, 1333, (64, 64)),
+        (2, 5, 1, 100, (1, 3)),  # 2.5 rounds up (not to even)
+    ],
+)
 def test_resize_rule(h, w, short, max_size, expected):
     assert resized_shape(h, w, short, max_size) == expected
 
@@ -139,7 +165,9 @@ def test_transposed_image_is_an_error_and_is_never_transposed(record, tmp_path, 
     would put the boxes off the objects: an error naming the file, in training too."""
     path = tmp_path / "transposed.png"
     cv2.imwrite(str(path), cv2.imread(record["file_name"]).transpose(1, 0, 2).copy())
-    with pytest.raises(ValueError, match=r"transposed.png.* is 60x100 .* says 100x60 .*not transposed"):
+    with pytest.raises(
+        ValueError, match=r"transposed.png.* is 60x100 .* says 100x60 .*not transposed"
+    ):
         _mapper(is_train)({**record, "file_name": str(path)}, np.random.default_rng(0))
     cv2.imwrite(str(path), np.zeros((10, 20, 3), np.uint8))
     with pytest.raises(ValueError, match="transposed.png"):
@@ -160,7 +188,9 @@ def test_unreadable_image(record, tmp_path, caplog, content):
 
 
 def test_missing_segmentation_is_an_error(record):
-    record["annotations"][0] = {k: v for k, v in record["annotations"][0].items() if k != "segmentation"}
+    record["annotations"][0] = {
+        k: v for k, v in record["annotations"][0].items() if k != "segmentation"
+    }
     with pytest.raises(ValueError, match=r"Image 7: annotation #0 has no segmentation"):
         _mapper()(record, np.random.default_rng(0))
     out = _mapper(with_masks=False)(record, np.random.default_rng(0))
@@ -169,7 +199,11 @@ def test_missing_segmentation_is_an_error(record):
 
 def test_empty_annotations(record):
     out = _mapper()({**record, "annotations": []}, np.random.default_rng(0))
-    assert out["instances"]["boxes"].shape == (0, 4) and out["instances"]["masks"].shape == (0, 120, 200)
+    assert out["instances"]["boxes"].shape == (0, 4) and out["instances"]["masks"].shape == (
+        0,
+        120,
+        200,
+    )
 
 
 def test_flip_class_map_from_names(caplog):
@@ -188,21 +222,29 @@ def test_carparts_flip_swaps_left_and_right(shared_data):
     json_file = str(CARPARTS / "annotations" / "instances_val.json")
     cfg.DATASETS.REGISTER = [["test_mapper_carparts", json_file, str(CARPARTS / "images")]]
     cfg.DATASETS.TRAIN = ("test_mapper_carparts",)
-    cfg.DATASETS.FLIP_CLASS_PAIRS = [["back_left_door", "back_right_door"],
-                                     ["left_mirror", "right_mirror"]]
+    cfg.DATASETS.FLIP_CLASS_PAIRS = [
+        ["back_left_door", "back_right_door"],
+        ["left_mirror", "right_mirror"],
+    ]
     cfg.INPUT.MIN_SIZE_TRAIN = (64,)
     register_datasets_from_config(cfg)
     mapper = DatasetMapper.from_config(cfg, is_train=True, spec=ArchitectureSpec())
     assert mapper.flip_class_map == {2: 4, 4: 2, 13: 14, 14: 13}
-    record = next(r for r in get_dataset_records("test_mapper_carparts")
-                  if any(a["category_id"] == 2 for a in r["annotations"]))
+    record = next(
+        r
+        for r in get_dataset_records("test_mapper_carparts")
+        if any(a["category_id"] == 2 for a in r["annotations"])
+    )
     labels = [a["category_id"] for a in record["annotations"]]
     seen = set()
     for seed in range(10):
         out = mapper(record, np.random.default_rng(seed))
         mirrored = out["instances"]["labels"].tolist()
         seen.add(tuple(mirrored))
-        assert mirrored in (labels, [{2: 4, 4: 2, 13: 14, 14: 13}.get(label, label) for label in labels])
+        assert mirrored in (
+            labels,
+            [{2: 4, 4: 2, 13: 14, 14: 13}.get(label, label) for label in labels],
+        )
     assert len(seen) == 2
     cfg.DATASETS.FLIP_CLASS_PAIRS = [["back_left_door", "rear_right_door"]]
     with pytest.raises(ValueError, match="rear_right_door"):

@@ -1,4 +1,5 @@
 """``boxteacher.data.rle``: the one mask-to-RLE encoder and the one segmentation-to-RLE helper."""
+
 import json
 
 import numpy as np
@@ -32,15 +33,22 @@ def test_encode_rle_of_non_bool_masks_encodes_their_non_zero_pixels():
 def test_segmentation_to_rle_of_polygons_uncompressed_and_compressed_rles():
     h, w = 10, 12
     square = [[2.0, 2.0, 6.0, 2.0, 6.0, 6.0, 2.0, 6.0]]
-    from_polygons = segmentation_to_rle(square + [[1, 1, 2, 2]], h, w)  # the 2-point polygon is left out
+    from_polygons = segmentation_to_rle(
+        square + [[1, 1, 2, 2]], h, w
+    )  # the 2-point polygon is left out
     assert from_polygons == mask_util.merge(mask_util.frPyObjects(square, h, w))
     mask = mask_util.decode(from_polygons).astype(bool)
     assert mask.sum() > 0
     compressed = encode_rle(mask[None])[0]
     assert segmentation_to_rle(compressed, h, w) is compressed
     uncompressed = {"size": [h, w], "counts": [int(c) for c in _run_lengths(mask)]}
-    np.testing.assert_array_equal(mask_util.decode(segmentation_to_rle(uncompressed, h, w)).astype(bool), mask)
-    assert segmentation_to_rle([[1, 1, 2, 2]], h, w) is None and segmentation_to_rle(None, h, w) is None
+    np.testing.assert_array_equal(
+        mask_util.decode(segmentation_to_rle(uncompressed, h, w)).astype(bool), mask
+    )
+    assert (
+        segmentation_to_rle([[1, 1, 2, 2]], h, w) is None
+        and segmentation_to_rle(None, h, w) is None
+    )
 
 
 def _run_lengths(mask: np.ndarray) -> list[int]:

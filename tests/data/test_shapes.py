@@ -1,4 +1,6 @@
-"""The synthetic shapes dataset: deterministic, valid COCO, image and masks agree, safe generation."""
+"""The synthetic shapes dataset: deterministic, valid COCO, image and masks agree, safe
+generation."""
+
 from __future__ import annotations
 
 import json
@@ -34,7 +36,9 @@ def shapes_root(tmp_path_factory) -> str:
 
 def _files(root: str) -> dict[str, bytes]:
     base = Path(root) / "shapes"
-    return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()
+    }
 
 
 def test_deterministic_for_a_seed(shapes_root, tmp_path):
@@ -85,7 +89,9 @@ def test_ensure_is_safe_concurrently(tmp_path):
     root = str(tmp_path)
     os.makedirs(tmp_path / ".shapes-tmp-leftover")  # an interrupted earlier run
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda _: ensure_shapes_dataset(root, num_train=6, num_val=2), range(3)))
+        results = list(
+            pool.map(lambda _: ensure_shapes_dataset(root, num_train=6, num_val=2), range(3))
+        )
     assert results == [os.path.join(root, "shapes")] * 3
     assert len(json.loads(Path(shapes_paths(root, "train")[0]).read_text())["images"]) == 6
     assert sorted(os.listdir(root)) == [".shapes-tmp-leftover", "shapes"]

@@ -1,4 +1,5 @@
 """Atomic saving, ``weights_only`` loading and tolerant weight loading (``engine.checkpoint``)."""
+
 import argparse
 import logging
 import os
@@ -139,7 +140,9 @@ class _TwoNets(nn.Module):
 
 def test_a_model_of_several_networks_follows_the_checkpoint_protocol():
     model, source = _TwoNets(), _Net()
-    assert isinstance(model, MultiNetworkCheckpointing) and not isinstance(source, MultiNetworkCheckpointing)
+    assert isinstance(model, MultiNetworkCheckpointing) and not isinstance(
+        source, MultiNetworkCheckpointing
+    )
     missing, unexpected = load_model_weights(model, source.state_dict(), "one_network.pth")
     assert missing == [] and unexpected == []  # the keys of "second." are left to on_weights_loaded
     assert model.loaded == ["first." + k for k in source.state_dict()]
@@ -171,7 +174,9 @@ def test_resume_or_load(tmp_path):
     extra = resumed.resume_or_load("ignored.pth", resume=True)
     assert extra == {"iteration": 99, "data_seed": 42}
     assert (torch.rand(3).tolist(), random.random(), np.random.rand()) == (
-        expected[0].tolist(), expected[1], expected[2]
+        expected[0].tolist(),
+        expected[1],
+        expected[2],
     )
     state = resumed.checkpointables["optimizer"].state[resumed.model.head.weight]
     assert torch.equal(state["momentum_buffer"], torch.ones(1, 3))
@@ -200,7 +205,9 @@ def test_weights_holding_nan_are_not_saved(tmp_path):
     checkpointer.save("model_0000004", iteration=4)
     with torch.no_grad():
         model.head.weight[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"model_0000009\.pth.*1 of 9 tensors \(head\.weight\)"):
+    with pytest.raises(
+        FloatingPointError, match=r"model_0000009\.pth.*1 of 9 tensors \(head\.weight\)"
+    ):
         checkpointer.save("model_0000009", iteration=9)
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000004.pth"]
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000004.pth"

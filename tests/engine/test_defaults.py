@@ -1,5 +1,6 @@
 """The common command line and set-up of ``train_net.py`` and the tools
 (``boxteacher.engine.defaults``)."""
+
 import json
 import logging
 
@@ -18,8 +19,14 @@ from boxteacher.engine import (
 
 def test_the_training_command_line_is_detectron2s():
     args = default_argument_parser().parse_args(
-        ["--config-file", "a.yaml", "--num-gpus", "8", "--resume", "SOLVER.BASE_LR", "0.1"])
-    assert (args.config_file, args.num_gpus, args.resume, args.eval_only) == ("a.yaml", 8, True, False)
+        ["--config-file", "a.yaml", "--num-gpus", "8", "--resume", "SOLVER.BASE_LR", "0.1"]
+    )
+    assert (args.config_file, args.num_gpus, args.resume, args.eval_only) == (
+        "a.yaml",
+        8,
+        True,
+        False,
+    )
     assert (args.num_machines, args.machine_rank, args.dist_url) == (1, 0, "auto")
     assert args.opts == ["SOLVER.BASE_LR", "0.1"]
     assert default_argument_parser().parse_args([]).config_file == ""
@@ -28,13 +35,17 @@ def test_the_training_command_line_is_detectron2s():
 def test_a_tool_extends_the_parser_with_its_own_flags_and_no_training_flags(capsys):
     parser = default_argument_parser(description="A tool.", config="required", training=False)
     parser.add_argument("--input", nargs="+")
-    args = parser.parse_args(["--input", "x.png", "y.png", "--config-file", "c.yaml", "MODEL.WEIGHTS", "w.pth"])
+    args = parser.parse_args(
+        ["--input", "x.png", "y.png", "--config-file", "c.yaml", "MODEL.WEIGHTS", "w.pth"]
+    )
     assert args.input == ["x.png", "y.png"] and args.opts == ["MODEL.WEIGHTS", "w.pth"]
     assert not hasattr(args, "num_gpus")
     with pytest.raises(SystemExit):
         parser.parse_args(["--input", "x.png"])
     assert "--config-file" in capsys.readouterr().err
-    many = default_argument_parser(config="many", training=False).parse_args(["--config-file", "a.yaml", "b.yaml"])
+    many = default_argument_parser(config="many", training=False).parse_args(
+        ["--config-file", "a.yaml", "b.yaml"]
+    )
     assert many.config_file == ["a.yaml", "b.yaml"]
     bare = default_argument_parser(config="none", overrides=False, training=False).parse_args([])
     assert vars(bare) == {}
@@ -44,11 +55,15 @@ def test_a_tool_extends_the_parser_with_its_own_flags_and_no_training_flags(caps
 
 def test_setup_config_registers_the_datasets_the_config_names_by_path(tmp_path):
     json_file = tmp_path / "own.json"
-    json_file.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    json_file.write_text(
+        json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]})
+    )
     config = tmp_path / "own.yaml"
     config.write_text("DATASETS:\n  TRAIN: ('own_by_path',)\n")
     assert not is_registered("own_by_path")
-    cfg = setup_config(str(config), ["DATASETS.REGISTER", str([["own_by_path", str(json_file), str(tmp_path)]])])
+    cfg = setup_config(
+        str(config), ["DATASETS.REGISTER", str([["own_by_path", str(json_file), str(tmp_path)]])]
+    )
     assert cfg.DATASETS.TRAIN == ("own_by_path",) and is_registered("own_by_path")
 
 

@@ -1,4 +1,5 @@
 """Multi-process launching on the CPU with gloo (``boxteacher.engine.launch``)."""
+
 import json
 import os
 import subprocess
@@ -68,8 +69,12 @@ def _ddp_train_main(out_dir):
     ddp_model = create_ddp_model(model)
     trainer = SimpleTrainer(ddp_model, toy_data(rank, 0), optimizer)
     checkpointer = Checkpointer(
-        ddp_model, out_dir, save_to_disk=comm.is_main_process(), scheduler=scheduler,
-        rng=RNGState(), **trainer.checkpointables(),
+        ddp_model,
+        out_dir,
+        save_to_disk=comm.is_main_process(),
+        scheduler=scheduler,
+        rng=RNGState(),
+        **trainer.checkpointables(),
     )
     trainer.data_seed = resolve_data_seed(cfg, {})
     hooks = [

@@ -1,5 +1,6 @@
 """``Predictor`` and ``build_trained_model``: the trained model of a config on one image in
 memory, exactly as the evaluation runs it on that image read from its file."""
+
 import cv2
 import numpy as np
 import pytest
@@ -11,7 +12,14 @@ from boxteacher.engine import Predictor, build_trained_model
 
 from tiny_models import tiny_cfg
 
-TEST_SIZE = ["INPUT.MIN_SIZE_TEST", "48", "INPUT.MAX_SIZE_TEST", "80", "MODEL.FCOS.INFERENCE_TH_TEST", "0.0"]
+TEST_SIZE = [
+    "INPUT.MIN_SIZE_TEST",
+    "48",
+    "INPUT.MAX_SIZE_TEST",
+    "80",
+    "MODEL.FCOS.INFERENCE_TH_TEST",
+    "0.0",
+]
 
 
 @pytest.fixture
@@ -53,6 +61,10 @@ def test_build_trained_model_loads_the_weights_in_eval_mode_and_needs_them(weigh
 
 def test_the_predictor_takes_only_uint8_colour_images(weights):
     predictor = Predictor(tiny_cfg(*TEST_SIZE, "MODEL.WEIGHTS", weights[0]))
-    for bad in (np.zeros((20, 30), np.uint8), np.zeros((20, 30, 4), np.uint8), np.zeros((20, 30, 3), np.float32)):
+    for bad in (
+        np.zeros((20, 30), np.uint8),
+        np.zeros((20, 30, 4), np.uint8),
+        np.zeros((20, 30, 3), np.float32),
+    ):
         with pytest.raises(ValueError, match="uint8 \\(H, W, 3\\) BGR"):
             predictor(bad)

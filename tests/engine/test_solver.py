@@ -1,4 +1,5 @@
 """Optimizer param groups, gradient clipping and LR schedules (``boxteacher.engine.solver``)."""
+
 import logging
 
 import pytest
@@ -32,8 +33,17 @@ def _optimizer(lr=0.01):
 
 @pytest.mark.parametrize(
     "iteration, expected",
-    [(0, 1e-5), (999, 0.00999), (1000, 0.01), (30000, 0.01), (59999, 0.01), (60000, 0.001),
-     (79999, 0.001), (80000, 0.0001), (89999, 0.0001)],
+    [
+        (0, 1e-5),
+        (999, 0.00999),
+        (1000, 0.01),
+        (30000, 0.01),
+        (59999, 0.01),
+        (60000, 0.001),
+        (79999, 0.001),
+        (80000, 0.0001),
+        (89999, 0.0001),
+    ],
 )
 def test_warmup_multistep_oracles(iteration, expected):
     cfg = _schedule_cfg()
@@ -57,14 +67,21 @@ def test_scheduler_steps_match_multiplier_and_ignore_late_steps(caplog):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    expected = [0.01 * (0.1 + 0.9 * t / 10) if t < 10 else 0.01 * 0.1 ** ((t >= 60) + (t >= 80))
-                for t in range(100)]
+    expected = [
+        0.01 * (0.1 + 0.9 * t / 10) if t < 10 else 0.01 * 0.1 ** ((t >= 60) + (t >= 80))
+        for t in range(100)
+    ]
     assert lrs == pytest.approx(expected, rel=1e-9)
 
 
 def test_cosine_and_constant_warmup():
-    cfg = _schedule_cfg(LR_SCHEDULER_NAME="WarmupCosineLR", MAX_ITER=1000, WARMUP_ITERS=100,
-                        WARMUP_METHOD="constant", STEPS=())
+    cfg = _schedule_cfg(
+        LR_SCHEDULER_NAME="WarmupCosineLR",
+        MAX_ITER=1000,
+        WARMUP_ITERS=100,
+        WARMUP_METHOD="constant",
+        STEPS=(),
+    )
     multiplier = build_lr_multiplier(cfg)
     assert multiplier(0.05) == pytest.approx(0.001 * multiplier(0.1))  # constant warm-up
     assert multiplier(0.5) == pytest.approx(0.5)

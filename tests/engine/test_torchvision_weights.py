@@ -1,6 +1,7 @@
 """torchvision weights through ``read_model_weights`` + ``load_model_weights``: Mask R-CNN state
 dicts (today's and older torchvision names, other numbers of classes) and ImageNet ResNets loaded
 into the ResNet of a torchvision detection backbone (``backbone.body.``)."""
+
 import logging
 import pickle
 import re
@@ -22,7 +23,11 @@ from boxteacher.engine.weight_files import (
 LOGGER = "boxteacher.engine.checkpoint"
 CLASS_DEPENDENT = {
     f"roi_heads.{module}.{kind}"
-    for module in ("box_predictor.cls_score", "box_predictor.bbox_pred", "mask_predictor.mask_fcn_logits")
+    for module in (
+        "box_predictor.cls_score",
+        "box_predictor.bbox_pred",
+        "mask_predictor.mask_fcn_logits",
+    )
     for kind in ("weight", "bias")
 }
 
@@ -32,7 +37,8 @@ def _mask_rcnn(num_classes: int = 5, builder=maskrcnn_resnet50_fpn) -> nn.Module
 
 
 class _StudentTeacher(nn.Module):
-    """Two Mask R-CNNs (``MultiNetworkCheckpointing``): one-network weights load into ``student``."""
+    """Two Mask R-CNNs (``MultiNetworkCheckpointing``): one-network weights load into
+    ``student``."""
 
     single_network_prefix = "student."
 
@@ -59,12 +65,16 @@ def _load(model: nn.Module, state: dict, path) -> tuple[list[str], list[str]]:
 def _legacy_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` named as older torchvision saved it (COCO ``maskrcnn_resnet50_fpn`` files)."""
     return {
-        re.sub(r"(inner_blocks|layer_blocks)\.(\d+)\.0\.", r"\1.\2.", k).replace("rpn.head.conv.0.0.", "rpn.head.conv."): v
+        re.sub(r"(inner_blocks|layer_blocks)\.(\d+)\.0\.", r"\1.\2.", k).replace(
+            "rpn.head.conv.0.0.", "rpn.head.conv."
+        ): v
         for k, v in state.items()
     }
 
 
-def _assert_holds(model_state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], prefix: str = "") -> None:
+def _assert_holds(
+    model_state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], prefix: str = ""
+) -> None:
     different = [k for k, v in expected.items() if not torch.equal(model_state[prefix + k], v)]
     assert different == []
 
@@ -77,7 +87,10 @@ def _assert_holds(model_state: dict[str, torch.Tensor], expected: dict[str, torc
         ("rpn.head.conv.weight", "rpn.head.conv.0.0.weight"),
         ("teacher.rpn.head.conv.bias", "teacher.rpn.head.conv.0.0.bias"),
         ("backbone.fpn.inner_blocks.0.0.weight", "backbone.fpn.inner_blocks.0.0.weight"),
-        ("backbone.fpn.inner_blocks.0.1.running_mean", "backbone.fpn.inner_blocks.0.1.running_mean"),
+        (
+            "backbone.fpn.inner_blocks.0.1.running_mean",
+            "backbone.fpn.inner_blocks.0.1.running_mean",
+        ),
         ("rpn.head.conv.1.0.weight", "rpn.head.conv.1.0.weight"),
         ("rpn.head.cls_logits.weight", "rpn.head.cls_logits.weight"),
     ],
@@ -86,7 +99,9 @@ def test_older_torchvision_names_get_todays_names(legacy, current):
     assert torchvision_legacy_to_current_name(legacy) == current
 
 
-@pytest.mark.parametrize("builder", [maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2], ids=["v1", "v2"])
+@pytest.mark.parametrize(
+    "builder", [maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2], ids=["v1", "v2"]
+)
 def test_mask_rcnn_state_dict_loads_fully(tmp_path, builder):
     state = _shifted(_mask_rcnn(builder=builder).state_dict())
     model = _mask_rcnn(builder=builder)
@@ -124,7 +139,9 @@ def test_coco_mask_rcnn_of_older_torchvision_loads_into_the_student(tmp_path):
     missing, unexpected = _load(model, _legacy_names(coco), tmp_path / "coco.pth")
     assert set(missing) == {f"student.{k}" for k in CLASS_DEPENDENT} and unexpected == []
     assert set(model.loaded) == {f"student.{k}" for k in coco if k not in CLASS_DEPENDENT}
-    _assert_holds(model.state_dict(), {k: v for k, v in coco.items() if k not in CLASS_DEPENDENT}, "student.")
+    _assert_holds(
+        model.state_dict(), {k: v for k, v in coco.items() if k not in CLASS_DEPENDENT}, "student."
+    )
     _assert_holds(model.teacher.state_dict(), teacher_before)
 
 
@@ -139,7 +156,9 @@ def test_imagenet_resnet_loads_into_the_torchvision_backbone(tmp_path, student_t
     body = {k: v for k, v in resnet.items() if not k.startswith("fc.")}
     _assert_holds(model.state_dict(), body, f"{prefix}backbone.body.")
     assert unexpected == [] and not any(k.startswith(f"{prefix}backbone.body.") for k in missing)
-    assert torch.equal(model.state_dict()[f"{prefix}backbone.fpn.inner_blocks.0.0.weight"], fpn_before)
+    assert torch.equal(
+        model.state_dict()[f"{prefix}backbone.fpn.inner_blocks.0.0.weight"], fpn_before
+    )
     if student_teacher:
         assert set(model.loaded) == {f"student.backbone.body.{k}" for k in body}
 
@@ -147,8 +166,13 @@ def test_imagenet_resnet_loads_into_the_torchvision_backbone(tmp_path, student_t
 def _caffe2_resnet_blobs(resnet: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """A torchvision ResNet state dict as the Caffe2 blobs of detectron2's ``R-50.pkl`` (affine
     norm parameters only, with the ``fc1000`` classifier)."""
-    stem = {"conv1.weight": "conv1_w", "bn1.weight": "res_conv1_bn_s", "bn1.bias": "res_conv1_bn_b",
-            "fc.weight": "fc1000_w", "fc.bias": "fc1000_b"}
+    stem = {
+        "conv1.weight": "conv1_w",
+        "bn1.weight": "res_conv1_bn_s",
+        "bn1.bias": "res_conv1_bn_b",
+        "fc.weight": "fc1000_w",
+        "fc.bias": "fc1000_b",
+    }
     kinds = {"weight": "s", "bias": "b"}
     blobs = {}
     for key, value in resnet.items():
@@ -164,7 +188,7 @@ def _caffe2_resnet_blobs(resnet: dict[str, torch.Tensor]) -> dict[str, np.ndarra
             branch, kind = f"branch2{'abc'[int(module[2:]) - 1]}_bn", kinds[rest[0]]
         else:
             branch, kind = f"branch2{'abc'[int(module[4:]) - 1]}", "w"
-        blobs[f"res{int(layer[len('layer'):]) + 1}_{block}_{branch}_{kind}"] = value.numpy()
+        blobs[f"res{int(layer[len('layer') :]) + 1}_{block}_{branch}_{kind}"] = value.numpy()
     return blobs
 
 
@@ -175,7 +199,11 @@ def test_detectron2_imagenet_pickle_loads_into_the_torchvision_backbone(tmp_path
         pickle.dump(_caffe2_resnet_blobs(resnet), f, protocol=2)
     model = _StudentTeacher()
     load_model_weights(model, read_model_weights(str(path)), str(path))
-    affine = {k: v for k, v in resnet.items() if k.endswith(("weight", "bias")) and not k.startswith("fc.")}
+    affine = {
+        k: v
+        for k, v in resnet.items()
+        if k.endswith(("weight", "bias")) and not k.startswith("fc.")
+    }
     _assert_holds(model.state_dict(), affine, "student.backbone.body.")
     assert set(model.loaded) == {f"student.backbone.body.{k}" for k in affine}
 

@@ -1,6 +1,7 @@
 """End to end on the built-in shapes dataset: training lowers the loss and evaluates, resuming
 repeats an uninterrupted run exactly, two CPU processes train together (gloo), the command
 line trains and evaluates, and every config key is read somewhere."""
+
 import json
 import subprocess
 import sys
@@ -46,20 +47,41 @@ def mean_losses(trainer, name, count=10):
 
 
 def test_condinst_training_lowers_the_loss(tmp_path):
-    trainer = make_trainer(SMALL_RUN + ["SOLVER.MAX_ITER", "30", "SEED", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)])
+    trainer = make_trainer(
+        SMALL_RUN
+        + ["SOLVER.MAX_ITER", "30", "SEED", "0", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)]
+    )
     trainer.resume_or_load(resume=False)
     trainer.train()
     first, last = mean_losses(trainer, "loss_mask")
     assert last < 0.8 * first, (first, last)
 
 
-def test_boxteacher_training_lowers_the_loss_evaluates_and_reads_every_config_key(tmp_path, restored_loggers):
+def test_boxteacher_training_lowers_the_loss_evaluates_and_reads_every_config_key(
+    tmp_path, restored_loggers
+):
     """BoxTeacher reads every key CondInst and BoxInst read, and its own."""
     opts = [
-        "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "2", "SOLVER.MAX_ITER", "40",
-        "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
-        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "100.0", "MODEL.BOX_TEACHER.WITH_AVG_LOSS", "True",
-        "MODEL.BOX_TEACHER.WARMUP_ITERS", "20", "SEED", "0", "OUTPUT_DIR", str(tmp_path),
+        "MODEL.DEVICE",
+        "cpu",
+        "DATALOADER.NUM_WORKERS",
+        "2",
+        "SOLVER.MAX_ITER",
+        "40",
+        "SOLVER.CLIP_GRADIENTS.ENABLED",
+        "True",
+        "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
+        "norm",
+        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE",
+        "100.0",
+        "MODEL.BOX_TEACHER.WITH_AVG_LOSS",
+        "True",
+        "MODEL.BOX_TEACHER.WARMUP_ITERS",
+        "20",
+        "SEED",
+        "0",
+        "OUTPUT_DIR",
+        str(tmp_path),
     ]
     RECORDED_READS.clear()
     cfg = RecordingCfgNode(load_config(QUICKSTART_BOXTEACHER, opts))
@@ -79,7 +101,9 @@ def test_boxteacher_training_lowers_the_loss_evaluates_and_reads_every_config_ke
     assert set(results) == {"bbox", "segm"} and 0 <= results["segm"]["AP"] <= 100
     assert (tmp_path / "model_final.pth").is_file()
     lines = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
-    assert any("segm/AP" in line for line in lines) and any("loss_mask_affinity" in line for line in lines)
+    assert any("segm/AP" in line for line in lines) and any(
+        "loss_mask_affinity" in line for line in lines
+    )
     assert any("num_pseudo_masks" in line and "ema_momentum" in line for line in lines)
     assert any("param_diff" in line for line in lines) and any("loss_avg" in line for line in lines)
     assert (tmp_path / "inference/shapes_val/coco_instances_results.json").is_file()
@@ -88,10 +112,19 @@ def test_boxteacher_training_lowers_the_loss_evaluates_and_reads_every_config_ke
     teacher_cfg = load_config(QUICKSTART, ["MODEL.DEVICE", "cpu"])
     (tmp_path / "teacher.yaml").write_text(teacher_cfg.dump())
     torch.save(build_model(teacher_cfg).state_dict(), tmp_path / "teacher.pth")
-    cfg = RecordingCfgNode(load_config(QUICKSTART_BOXTEACHER_MASKRCNN, [
-        "MODEL.DEVICE", "cpu", "MODEL.BOX_TEACHER.TEACHER_CONFIG", str(tmp_path / "teacher.yaml"),
-        "MODEL.BOX_TEACHER.TEACHER_WEIGHTS", str(tmp_path / "teacher.pth"),
-    ]))
+    cfg = RecordingCfgNode(
+        load_config(
+            QUICKSTART_BOXTEACHER_MASKRCNN,
+            [
+                "MODEL.DEVICE",
+                "cpu",
+                "MODEL.BOX_TEACHER.TEACHER_CONFIG",
+                str(tmp_path / "teacher.yaml"),
+                "MODEL.BOX_TEACHER.TEACHER_WEIGHTS",
+                str(tmp_path / "teacher.pth"),
+            ],
+        )
+    )
     cfg.freeze()
     build_model(cfg)
 
@@ -100,8 +133,10 @@ def test_boxteacher_training_lowers_the_loss_evaluates_and_reads_every_config_ke
 
 
 def test_boxteacher_with_a_mask_rcnn_student_trains_and_evaluates(tmp_path):
-    trainer = make_trainer(SMALL_RUN + ["SOLVER.MAX_ITER", "30", "SEED", "0", "OUTPUT_DIR", str(tmp_path)],
-                           QUICKSTART_BOXTEACHER_MASKRCNN)
+    trainer = make_trainer(
+        SMALL_RUN + ["SOLVER.MAX_ITER", "30", "SEED", "0", "OUTPUT_DIR", str(tmp_path)],
+        QUICKSTART_BOXTEACHER_MASKRCNN,
+    )
     trainer.resume_or_load(resume=False)
     results = trainer.train()
     first, last = mean_losses(trainer, "loss_prj")
@@ -111,7 +146,10 @@ def test_boxteacher_with_a_mask_rcnn_student_trains_and_evaluates(tmp_path):
     assert any("ema_momentum" in line for line in lines)  # the EMA teacher of a Mask R-CNN
     # Its pass runs in eval mode, so only the EMA moves its BN statistics off the initial 0 / 1.
     teacher_bn = trainer.model.teacher.backbone.body.bn1
-    assert teacher_bn.running_mean.abs().max() > 1e-3 and (teacher_bn.running_var - 1).abs().max() > 1e-3
+    assert (
+        teacher_bn.running_mean.abs().max() > 1e-3
+        and (teacher_bn.running_var - 1).abs().max() > 1e-3
+    )
 
 
 class StopAfter(HookBase):
@@ -125,12 +163,24 @@ class StopAfter(HookBase):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("config", [QUICKSTART, QUICKSTART_BOXTEACHER], ids=["condinst", "boxteacher"])
+@pytest.mark.parametrize(
+    "config", [QUICKSTART, QUICKSTART_BOXTEACHER], ids=["condinst", "boxteacher"]
+)
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, config):
     """Weights (the EMA teacher's too), optimizer, LR, RNG and data continue exactly."""
     # MAX_PROPOSALS samples positives at random: resuming must restore the RNG state too.
-    opts = SMALL_RUN + ["SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "SEED", "-1",
-                        "MODEL.CONDINST.MAX_PROPOSALS", "4", "DATASETS.TEST", "()"]
+    opts = SMALL_RUN + [
+        "SOLVER.MAX_ITER",
+        "6",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "3",
+        "SEED",
+        "-1",
+        "MODEL.CONDINST.MAX_PROPOSALS",
+        "4",
+        "DATASETS.TEST",
+        "()",
+    ]
     straight = make_trainer(opts + ["OUTPUT_DIR", str(tmp_path / "straight")], config)
     straight.resume_or_load(resume=False)
     straight.data_seed = 1234
@@ -155,11 +205,21 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, config)
     assert not different, different[:5]
 
 
-def test_resume_from_the_checkpoint_of_the_last_iteration_writes_model_final_and_evaluates(tmp_path, monkeypatch):
+def test_resume_from_the_checkpoint_of_the_last_iteration_writes_model_final_and_evaluates(
+    tmp_path, monkeypatch
+):
     """A kill after the periodic checkpoint of MAX_ITER (a multiple of CHECKPOINT_PERIOD, as in
     the COCO recipes) and before model_final; the kill also left a temporary file."""
-    opts = SMALL_RUN + ["SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "2", "SEED", "0",
-                        "OUTPUT_DIR", str(tmp_path)]
+    opts = SMALL_RUN + [
+        "SOLVER.MAX_ITER",
+        "2",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "SEED",
+        "0",
+        "OUTPUT_DIR",
+        str(tmp_path),
+    ]
     save = Checkpointer.save
 
     def killed_before_model_final(checkpointer, name, **kwargs):
@@ -184,30 +244,48 @@ def test_resume_from_the_checkpoint_of_the_last_iteration_writes_model_final_and
     assert set(results) == {"bbox", "segm"}
     final = torch.load(tmp_path / "model_final.pth", weights_only=True)
     periodic = torch.load(tmp_path / "model_0000001.pth", weights_only=True)
-    assert final["iteration"] == 1 and (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert (
+        final["iteration"] == 1 and (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    )
     assert all(torch.equal(value, final["model"][key]) for key, value in periodic["model"].items())
 
 
 def run_cli(*args, timeout=600):
     return subprocess.run(
         [sys.executable, str(REPO / "train_net.py"), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def test_two_cpu_processes_train_boxteacher_then_eval_only_from_the_command_line(tmp_path):
     out = tmp_path / "ddp"
     proc = run_cli(
-        "--config-file", QUICKSTART_BOXTEACHER, "--num-gpus", "2", *SMALL_RUN,
-        "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", str(out),
+        "--config-file",
+        QUICKSTART_BOXTEACHER,
+        "--num-gpus",
+        "2",
+        *SMALL_RUN,
+        "SOLVER.MAX_ITER",
+        "4",
+        "OUTPUT_DIR",
+        str(out),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "model_final.pth").is_file() and (out / "log.txt.rank1").is_file()
     assert "Evaluation results for segm" in proc.stdout
 
     proc = run_cli(
-        "--config-file", QUICKSTART_BOXTEACHER, "--eval-only", *SMALL_RUN,
-        "MODEL.WEIGHTS", str(out / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "eval"),
+        "--config-file",
+        QUICKSTART_BOXTEACHER,
+        "--eval-only",
+        *SMALL_RUN,
+        "MODEL.WEIGHTS",
+        str(out / "model_final.pth"),
+        "OUTPUT_DIR",
+        str(tmp_path / "eval"),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in proc.stdout
@@ -215,41 +293,83 @@ def test_two_cpu_processes_train_boxteacher_then_eval_only_from_the_command_line
 
 
 def test_command_line_errors_name_the_problem(tmp_path):
-    proc = run_cli("--config-file", QUICKSTART, "MODEL.FCOS.NUM_CLASSSES", "3", "OUTPUT_DIR", str(tmp_path))
+    proc = run_cli(
+        "--config-file", QUICKSTART, "MODEL.FCOS.NUM_CLASSSES", "3", "OUTPUT_DIR", str(tmp_path)
+    )
     assert proc.returncode != 0 and "MODEL.FCOS.NUM_CLASSSES" in proc.stderr
     proc = run_cli("--config-file", str(tmp_path / "missing.yaml"))
     assert proc.returncode != 0 and "missing.yaml" in proc.stderr
 
 
 REAL_DATASETS = {
-    "carparts": (18, "annotations/instances_train.json", "annotations/instances_val.json",
-                 '[["front_left_door", "front_right_door"], ["back_left_door", "back_right_door"], '
-                 '["front_left_light", "front_right_light"], ["back_left_light", "back_right_light"], '
-                 '["left_mirror", "right_mirror"]]'),
-    "coco128": (80, "annotations/instances_train2017.json", "annotations/instances_train2017.json", "[]"),
+    "carparts": (
+        18,
+        "annotations/instances_train.json",
+        "annotations/instances_val.json",
+        '[["front_left_door", "front_right_door"], ["back_left_door", "back_right_door"], '
+        '["front_left_light", "front_right_light"], ["back_left_light", "back_right_light"], '
+        '["left_mirror", "right_mirror"]]',
+    ),
+    "coco128": (
+        80,
+        "annotations/instances_train2017.json",
+        "annotations/instances_train2017.json",
+        "[]",
+    ),
 }
 
 
 @pytest.mark.parametrize(
-    "config", [QUICKSTART, QUICKSTART_BOXINST, QUICKSTART_BOXTEACHER], ids=["condinst", "boxinst", "boxteacher"]
+    "config",
+    [QUICKSTART, QUICKSTART_BOXINST, QUICKSTART_BOXTEACHER],
+    ids=["condinst", "boxinst", "boxteacher"],
 )
 @pytest.mark.parametrize("name", sorted(REAL_DATASETS))
-def test_short_training_and_evaluation_on_real_coco_format_data(name, config, tmp_path, shared_data):
+def test_short_training_and_evaluation_on_real_coco_format_data(
+    name, config, tmp_path, shared_data
+):
     root = shared_data / name
     num_classes, train_json, val_json, flip_pairs = REAL_DATASETS[name]
-    register = str([[f"{name}_t", str(root / train_json), str(root / "images")],
-                    [f"{name}_v", str(root / val_json), str(root / "images")]])
-    trainer = make_trainer(SMALL_RUN + [
-        "DATASETS.REGISTER", register, "DATASETS.TRAIN", f"('{name}_t',)", "DATASETS.TEST", f"('{name}_v',)",
-        "DATASETS.FLIP_CLASS_PAIRS", flip_pairs, "MODEL.FCOS.NUM_CLASSES", str(num_classes),
-        "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MIN_SIZE_TEST", "128", "SOLVER.MAX_ITER", "3",
-        "MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.FCOS.POST_NMS_TOPK_TEST", "10",
-        "OUTPUT_DIR", str(tmp_path),
-    ], config)
+    register = str(
+        [
+            [f"{name}_t", str(root / train_json), str(root / "images")],
+            [f"{name}_v", str(root / val_json), str(root / "images")],
+        ]
+    )
+    trainer = make_trainer(
+        SMALL_RUN
+        + [
+            "DATASETS.REGISTER",
+            register,
+            "DATASETS.TRAIN",
+            f"('{name}_t',)",
+            "DATASETS.TEST",
+            f"('{name}_v',)",
+            "DATASETS.FLIP_CLASS_PAIRS",
+            flip_pairs,
+            "MODEL.FCOS.NUM_CLASSES",
+            str(num_classes),
+            "INPUT.MIN_SIZE_TRAIN",
+            "(128,)",
+            "INPUT.MIN_SIZE_TEST",
+            "128",
+            "SOLVER.MAX_ITER",
+            "3",
+            "MODEL.FCOS.INFERENCE_TH_TEST",
+            "0.0",
+            "MODEL.FCOS.POST_NMS_TOPK_TEST",
+            "10",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ],
+        config,
+    )
     trainer.resume_or_load(resume=False)
     results = trainer.train()
     assert set(results) == {"bbox", "segm"}
-    predictions = json.loads((tmp_path / f"inference/{name}_v/coco_instances_results.json").read_text())
+    predictions = json.loads(
+        (tmp_path / f"inference/{name}_v/coco_instances_results.json").read_text()
+    )
     categories = {c["id"] for c in json.loads((root / val_json).read_text())["categories"]}
     assert predictions and {p["category_id"] for p in predictions} <= categories
 
@@ -264,10 +384,20 @@ def test_boxinst_trains_on_a_dataset_without_any_segmentation(tmp_path, shapes_d
     boxes_only = tmp_path / "boxes_only.json"
     boxes_only.write_text(json.dumps(coco))
     register = str([["boxes_only", str(boxes_only), str(Path(shapes_datasets) / "shapes/train")]])
-    trainer = make_trainer(SMALL_RUN + [
-        "DATASETS.REGISTER", register, "DATASETS.TRAIN", "('boxes_only',)",
-        "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(tmp_path / "out"),
-    ], QUICKSTART_BOXINST)
+    trainer = make_trainer(
+        SMALL_RUN
+        + [
+            "DATASETS.REGISTER",
+            register,
+            "DATASETS.TRAIN",
+            "('boxes_only',)",
+            "SOLVER.MAX_ITER",
+            "3",
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        ],
+        QUICKSTART_BOXINST,
+    )
     trainer.resume_or_load(resume=False)
     results = trainer.train()
     assert set(results) == {"bbox", "segm"}
@@ -275,10 +405,28 @@ def test_boxinst_trains_on_a_dataset_without_any_segmentation(tmp_path, shapes_d
 
 def test_torchrun_starts_a_two_process_training(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(REPO / "train_net.py"), "--config-file", QUICKSTART, *SMALL_RUN,
-         "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(REPO / "train_net.py"),
+            "--config-file",
+            QUICKSTART,
+            *SMALL_RUN,
+            "SOLVER.MAX_ITER",
+            "2",
+            "DATASETS.TEST",
+            "()",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "World size: 2" in (tmp_path / "log.txt").read_text()

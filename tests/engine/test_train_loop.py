@@ -1,4 +1,5 @@
 """Training loop, hooks and writers; exact resume (``boxteacher.engine``)."""
+
 import json
 import logging
 import os
@@ -55,7 +56,14 @@ def _eval_function():
 
 
 def run_training(
-    cfg, *, stop_at, resume=False, save_rng=True, period=5, eval_period=5, eval_function=_eval_function
+    cfg,
+    *,
+    stop_at,
+    resume=False,
+    save_rng=True,
+    period=5,
+    eval_period=5,
+    eval_function=_eval_function,
 ):
     """The assembly the project's Trainer does (see the engine report)."""
     remove_stale_temporary_files(cfg.OUTPUT_DIR)
@@ -74,13 +82,15 @@ def run_training(
     trainer.data_seed = resolve_data_seed(cfg, extra)
     trainer.data_loader = toy_data(trainer.data_seed, start_iter)
     json_writer = JSONWriter(f"{cfg.OUTPUT_DIR}/metrics.json", window=1)
-    trainer.register_hooks([
-        IterationTimer(),
-        LRScheduler(optimizer, scheduler),
-        PeriodicCheckpointer(checkpointer, period, cfg.SOLVER.MAX_ITER),
-        EvalHook(eval_period, eval_function),
-        PeriodicWriter([json_writer, CommonMetricPrinter(cfg.SOLVER.MAX_ITER)], period=2),
-    ])
+    trainer.register_hooks(
+        [
+            IterationTimer(),
+            LRScheduler(optimizer, scheduler),
+            PeriodicCheckpointer(checkpointer, period, cfg.SOLVER.MAX_ITER),
+            EvalHook(eval_period, eval_function),
+            PeriodicWriter([json_writer, CommonMetricPrinter(cfg.SOLVER.MAX_ITER)], period=2),
+        ]
+    )
     trainer.train(start_iter, stop_at)
     return trainer, model, optimizer
 
@@ -127,7 +137,9 @@ def test_metrics_checkpoints_and_eval_results(tmp_path):
     cfg = _cfg(tmp_path, 10, seed=3)
     run_training(cfg, stop_at=10, period=4, eval_period=4)
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == [
-        "model_0000003.pth", "model_0000007.pth", "model_final.pth"
+        "model_0000003.pth",
+        "model_0000007.pth",
+        "model_final.pth",
     ]
     final = torch.load(tmp_path / "model_final.pth", weights_only=True)
     assert final["iteration"] == 9 and final["data_seed"] == 3
@@ -143,13 +155,17 @@ def test_metrics_checkpoints_and_eval_results(tmp_path):
     assert metrics[0]["lr"] == pytest.approx(0.05 * (0.1 + 0.9 / 3))  # lr of iteration 1
 
 
-def test_non_finite_loss_stops_with_one_line_and_no_checkpoint_of_the_diverging_step(tmp_path, caplog):
+def test_non_finite_loss_stops_with_one_line_and_no_checkpoint_of_the_diverging_step(
+    tmp_path, caplog
+):
     model = ToyModel(nan_at_call=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = SimpleTrainer(model, toy_data(0, 0), optimizer)
     trainer.register_hooks([PeriodicCheckpointer(Checkpointer(model, str(tmp_path)), period=1)])
     with caplog.at_level(logging.INFO, logger="boxteacher.engine"):
-        with pytest.raises(NonFiniteLossError, match=r"iteration 3: loss_mse=nan, loss_reg=\S+, num_things=100$"):
+        with pytest.raises(
+            NonFiniteLossError, match=r"iteration 3: loss_mse=nan, loss_reg=\S+, num_things=100$"
+        ):
             trainer.train(0, 10)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is None  # the caller prints the one traceback
@@ -157,7 +173,10 @@ def test_non_finite_loss_stops_with_one_line_and_no_checkpoint_of_the_diverging_
 
     # The weights of the diverging step were not changed, and its checkpoint not written.
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
-    assert not (tmp_path / "model_0000003.pth").exists() and not (tmp_path / "model_final.pth").exists()
+    assert (
+        not (tmp_path / "model_0000003.pth").exists()
+        and not (tmp_path / "model_final.pth").exists()
+    )
     saved = torch.load(tmp_path / "model_0000002.pth", weights_only=True)["model"]
     assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
 
@@ -208,9 +227,12 @@ class _KillSwitch:
 
 FINAL_SEQUENCE = [
     "metrics",  # of the last step
-    "save model_0000009.pth.tmp", "tag model_0000009.pth",
-    "save model_final.pth.tmp", "tag model_final.pth",
-    "eval", "metrics",
+    "save model_0000009.pth.tmp",
+    "tag model_0000009.pth",
+    "save model_final.pth.tmp",
+    "tag model_final.pth",
+    "eval",
+    "metrics",
 ]
 
 
@@ -225,8 +247,10 @@ def test_a_kill_at_any_step_of_the_final_sequence_then_resume_ends_like_an_unint
     of the last iteration is followed by model_final, the evaluation and the last metrics."""
     straight = _KillSwitch()
     straight.install(monkeypatch)
-    run_training(_cfg(tmp_path / "straight", 10, seed=7), stop_at=10, eval_function=straight.eval_function)
-    assert straight.events[-len(FINAL_SEQUENCE):] == FINAL_SEQUENCE
+    run_training(
+        _cfg(tmp_path / "straight", 10, seed=7), stop_at=10, eval_function=straight.eval_function
+    )
+    assert straight.events[-len(FINAL_SEQUENCE) :] == FINAL_SEQUENCE
     expected = _final_weights(tmp_path / "straight")
 
     first_final_event = len(straight.events) - len(FINAL_SEQUENCE)
@@ -242,7 +266,9 @@ def test_a_kill_at_any_step_of_the_final_sequence_then_resume_ends_like_an_unint
 
         resumed = _KillSwitch()
         resumed.install(monkeypatch)
-        trainer, _, _ = run_training(cfg, stop_at=10, resume=True, eval_function=resumed.eval_function)
+        trainer, _, _ = run_training(
+            cfg, stop_at=10, resume=True, eval_function=resumed.eval_function
+        )
         assert trainer.iter == 10 and "eval" in resumed.events, event
         assert (output / "last_checkpoint").read_text() == "model_final.pth", event
         final = _final_weights(output)
@@ -282,20 +308,34 @@ def test_hook_order():
     trainer.register_hooks([_Recorder("a", log), None, _Recorder("b", log)])
     trainer.train(5, 7)
     assert log == [
-        "before_train:a", "before_train:b",
-        "before_step:a:5", "before_step:b:5", "run_step:5", "after_step:a:5", "after_step:b:5",
-        "before_step:a:6", "before_step:b:6", "run_step:6", "after_step:a:6", "after_step:b:6",
-        "after_train:a:7", "after_train:b:7",
+        "before_train:a",
+        "before_train:b",
+        "before_step:a:5",
+        "before_step:b:5",
+        "run_step:5",
+        "after_step:a:5",
+        "after_step:b:5",
+        "before_step:a:6",
+        "before_step:b:6",
+        "run_step:6",
+        "after_step:a:6",
+        "after_step:b:6",
+        "after_train:a:7",
+        "after_train:b:7",
     ]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_amp_on_cpu_autocasts_and_scales_the_loss_in_float16_only(tmp_path, dtype):
     model = ToyModel()
-    trainer = SimpleTrainer(model, toy_data(0, 0), torch.optim.SGD(model.parameters(), lr=0.1), amp_dtype=dtype)
+    trainer = SimpleTrainer(
+        model, toy_data(0, 0), torch.optim.SGD(model.parameters(), lr=0.1), amp_dtype=dtype
+    )
     with trainer.autocast():
         assert model.net(torch.zeros(1, 4)).dtype == dtype
-    assert set(trainer.checkpointables()) == ({"optimizer", "grad_scaler"} if dtype == torch.float16 else {"optimizer"})
+    assert set(trainer.checkpointables()) == (
+        {"optimizer", "grad_scaler"} if dtype == torch.float16 else {"optimizer"}
+    )
     trainer.train(0, 3)
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
     Checkpointer(model, str(tmp_path), **trainer.checkpointables()).save("model_final")
@@ -345,7 +385,10 @@ def test_printer_and_tensorboard(tmp_path, caplog):
         writer.write()
         writer.close()
         assert storage.images() == []
-    line = "eta: 0:00:45  iter: 9  total_loss: 1.5  loss_a: 1  time: 0.5000  data_time: 0.0100  lr: 0.02"
+    line = (
+        "eta: 0:00:45  iter: 9  total_loss: 1.5  loss_a: 1  time: 0.5000  data_time: 0.0100  "
+        "lr: 0.02"
+    )
     assert line in caplog.text
     assert list(tmp_path.glob("events.out.tfevents.*"))
 
@@ -355,7 +398,9 @@ def test_printer_and_tensorboard(tmp_path, caplog):
 def test_amp_on_cuda_checkpoints_the_grad_scaler(tmp_path):
     model = ToyModel().cuda()
     data = ((x.cuda(), y.cuda()) for x, y in toy_data(0, 0))
-    trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01), amp_dtype=torch.float16)
+    trainer = SimpleTrainer(
+        model, data, torch.optim.SGD(model.parameters(), lr=0.01), amp_dtype=torch.float16
+    )
     assert set(trainer.checkpointables()) == {"optimizer", "grad_scaler"}
     trainer.train(0, 3)
     Checkpointer(model, str(tmp_path), **trainer.checkpointables()).save("model_final")

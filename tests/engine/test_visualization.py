@@ -1,5 +1,6 @@
 """Training pictures (VIS_PERIOD): what they show, where they go, and that drawing them leaves
 training bit for bit as it was."""
+
 import os
 from pathlib import Path
 
@@ -24,9 +25,24 @@ from tiny_models import REPO, TINY_MODEL_OVERRIDES, sample
 
 BOXTEACHER = str(REPO / "configs/quickstart/boxteacher_shapes.yaml")
 TINY_RUN = TINY_MODEL_OVERRIDES + [
-    "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3", "SEED", "0",
-    "DATASETS.TEST", "()", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "128",
-    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "128",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.MAX_ITER",
+    "3",
+    "SEED",
+    "0",
+    "DATASETS.TEST",
+    "()",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(64,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "128",
+    "INPUT.MIN_SIZE_TEST",
+    "64",
+    "INPUT.MAX_SIZE_TEST",
+    "128",
 ]
 
 
@@ -52,7 +68,9 @@ def image_tags(output_dir: Path) -> list[str]:
 
 def train_boxteacher(output_dir: Path, vis_period: int) -> dict[str, torch.Tensor]:
     seed_all_rng(0)
-    cfg = load_config(BOXTEACHER, TINY_RUN + ["VIS_PERIOD", str(vis_period), "OUTPUT_DIR", str(output_dir)])
+    cfg = load_config(
+        BOXTEACHER, TINY_RUN + ["VIS_PERIOD", str(vis_period), "OUTPUT_DIR", str(output_dir)]
+    )
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -95,7 +113,9 @@ def test_condinst_picture_has_two_panels_in_rgb(tiny_config):
     model = build_model(cfg)
     model.train()
     batch = [sample(64, 96, [(10, 10, 40, 50)], [1])]
-    batch[0]["image"][:, 60:, 80:] = torch.tensor([10, 20, 200], dtype=torch.uint8)[:, None, None]  # BGR red
+    batch[0]["image"][:, 60:, 80:] = torch.tensor([10, 20, 200], dtype=torch.uint8)[
+        :, None, None
+    ]  # BGR red
     with torch.no_grad(), preserved_model_state(model):
         outputs = network_outputs(model, batch, 0.3, architecture_spec(cfg))
     assert model.training

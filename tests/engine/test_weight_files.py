@@ -1,5 +1,6 @@
 """MODEL.WEIGHTS files: detectron2:// names, safe Caffe2 pickles, torchvision and detectron2
 parameter names."""
+
 import io
 import os
 import pickle
@@ -51,12 +52,21 @@ def test_caffe2_names(caffe2, detectron2):
         ("backbone.bottom_up.stem.conv1.weight", "backbone.bottom_up.conv1.weight"),
         ("backbone.bottom_up.stem.conv1.norm.running_var", "backbone.bottom_up.bn1.running_var"),
         ("backbone.bottom_up.res2.0.conv2.norm.bias", "backbone.bottom_up.layer1.0.bn2.bias"),
-        ("backbone.bottom_up.res5.0.shortcut.weight", "backbone.bottom_up.layer4.0.downsample.0.weight"),
-        ("backbone.bottom_up.res5.0.shortcut.norm.weight", "backbone.bottom_up.layer4.0.downsample.1.weight"),
+        (
+            "backbone.bottom_up.res5.0.shortcut.weight",
+            "backbone.bottom_up.layer4.0.downsample.0.weight",
+        ),
+        (
+            "backbone.bottom_up.res5.0.shortcut.norm.weight",
+            "backbone.bottom_up.layer4.0.downsample.1.weight",
+        ),
         ("backbone.fpn_lateral3.weight", "backbone.fpn.inner_blocks.0.0.weight"),
         ("backbone.fpn_output5.bias", "backbone.fpn.layer_blocks.2.0.bias"),
         ("backbone.top_block.p7.weight", "backbone.fpn.extra_blocks.p7.weight"),
-        ("proposal_generator.fcos_head.cls_tower.0.weight", "proposal_generator.fcos_head.cls_tower.0.weight"),
+        (
+            "proposal_generator.fcos_head.cls_tower.0.weight",
+            "proposal_generator.fcos_head.cls_tower.0.weight",
+        ),
         ("mask_branch.refine.0.1.running_mean", "mask_branch.refine.0.1.running_mean"),
     ],
 )
@@ -67,15 +77,22 @@ def test_detectron2_names_and_our_names_are_fixed_points(detectron2, ours):
 
 def test_detectron2_url_is_looked_up_in_pretrained_models(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"dl\.fbaipublicfiles\.com/detectron2/ImageNetPretrained/MSRA/R-50\.pkl"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"dl\.fbaipublicfiles\.com/detectron2/ImageNetPretrained/MSRA/R-50\.pkl",
+    ):
         resolve_weights_path("detectron2://ImageNetPretrained/MSRA/R-50.pkl")
     (tmp_path / "pretrained_models").mkdir()
     (tmp_path / "pretrained_models/R-50.pkl").write_bytes(b"")
-    assert resolve_weights_path("detectron2://ImageNetPretrained/MSRA/R-50.pkl") == os.path.join("pretrained_models", "R-50.pkl")
+    assert resolve_weights_path("detectron2://ImageNetPretrained/MSRA/R-50.pkl") == os.path.join(
+        "pretrained_models", "R-50.pkl"
+    )
     assert resolve_weights_path("some/file.pth") == "some/file.pth"
 
 
-def test_torchvision_url_and_bare_file_name_are_looked_up_in_pretrained_models(tmp_path, monkeypatch):
+def test_torchvision_url_and_bare_file_name_are_looked_up_in_pretrained_models(
+    tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     url = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
     with pytest.raises(FileNotFoundError, match=re.escape(url)):
@@ -93,7 +110,9 @@ def test_torchvision_url_and_bare_file_name_are_looked_up_in_pretrained_models(t
 def _caffe2_blobs(model):
     """The model's ResNet as Caffe2 blobs (numpy), with a classifier and momentum blobs."""
     inverse = {
-        "conv1.weight": "conv1_w", "bn1.weight": "res_conv1_bn_s", "bn1.bias": "res_conv1_bn_b",
+        "conv1.weight": "conv1_w",
+        "bn1.weight": "res_conv1_bn_s",
+        "bn1.bias": "res_conv1_bn_b",
     }
     blobs = {}
     for key, value in model.backbone.bottom_up.state_dict().items():
@@ -103,11 +122,18 @@ def _caffe2_blobs(model):
             name = inverse[key]
         else:
             layer, block, module, *rest = key.split(".")
-            stage = int(layer[len("layer"):]) + 1
+            stage = int(layer[len("layer") :]) + 1
             if module == "downsample":
-                branch, kind = ("branch1", "w") if rest[0] == "0" else ("branch1_bn", {"weight": "s", "bias": "b"}[rest[1]])
+                branch, kind = (
+                    ("branch1", "w")
+                    if rest[0] == "0"
+                    else ("branch1_bn", {"weight": "s", "bias": "b"}[rest[1]])
+                )
             elif module.startswith("bn"):
-                branch, kind = f"branch2{'abc'[int(module[2:]) - 1]}_bn", {"weight": "s", "bias": "b"}[rest[0]]
+                branch, kind = (
+                    f"branch2{'abc'[int(module[2:]) - 1]}_bn",
+                    {"weight": "s", "bias": "b"}[rest[0]],
+                )
             else:
                 branch, kind = f"branch2{'abc'[int(module[4:]) - 1]}", "w"
             name = f"res{stage}_{block}_{branch}_{kind}"
@@ -125,8 +151,13 @@ def test_caffe2_imagenet_pickle_loads_into_the_backbone_only(tmp_path):
         pickle.dump(blobs, f, protocol=2)
     before_head = model.controller.weight.clone()
     Checkpointer(model).load(str(path), checkpointables=[])
-    assert torch.equal(model.backbone.bottom_up.layer2[0].conv1.weight, torch.from_numpy(blobs["res3_0_branch2a_w"]))
-    assert torch.equal(model.backbone.bottom_up.bn1.weight, torch.from_numpy(blobs["res_conv1_bn_s"]))
+    assert torch.equal(
+        model.backbone.bottom_up.layer2[0].conv1.weight,
+        torch.from_numpy(blobs["res3_0_branch2a_w"]),
+    )
+    assert torch.equal(
+        model.backbone.bottom_up.bn1.weight, torch.from_numpy(blobs["res_conv1_bn_s"])
+    )
     assert torch.equal(model.controller.weight, before_head)
 
 
@@ -159,7 +190,9 @@ def test_torchvision_resnet_state_dict_goes_under_the_backbone(tmp_path, tiny_co
     path = tmp_path / "resnet18.pth"
     torch.save(resnet, path)
     Checkpointer(model).load(str(path), checkpointables=[])
-    assert torch.equal(model.backbone.bottom_up.layer1[0].conv2.weight, resnet["layer1.0.conv2.weight"])
+    assert torch.equal(
+        model.backbone.bottom_up.layer1[0].conv2.weight, resnet["layer1.0.conv2.weight"]
+    )
 
 
 def _save_legacy_tar(state, path):
@@ -197,14 +230,18 @@ def _save_legacy_tar(state, path):
 def convert_cli(*args):
     return subprocess.run(
         [sys.executable, str(REPO / "tools/convert_weights.py"), *map(str, args)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 @pytest.mark.slow
 def test_legacy_tar_file_is_refused_then_converted_when_trusted(tmp_path, tiny_config):
     model = build_model(tiny_config)
-    resnet = {k: v + 1 for k, v in model.backbone.bottom_up.state_dict().items() if v.is_floating_point()}
+    resnet = {
+        k: v + 1 for k, v in model.backbone.bottom_up.state_dict().items() if v.is_floating_point()
+    }
     legacy = tmp_path / "resnet_legacy.pth"
     _save_legacy_tar(resnet, legacy)
     with pytest.raises(CheckpointError, match=r"legacy \.tar format.*--trust-pickle"):
@@ -214,7 +251,9 @@ def test_legacy_tar_file_is_refused_then_converted_when_trusted(tmp_path, tiny_c
     proc = convert_cli("--trust-pickle", legacy, tmp_path / "safe.pth")
     assert proc.returncode == 0, proc.stderr
     Checkpointer(model).load(str(tmp_path / "safe.pth"), checkpointables=[])
-    assert torch.equal(model.backbone.bottom_up.layer1[0].conv2.weight, resnet["layer1.0.conv2.weight"])
+    assert torch.equal(
+        model.backbone.bottom_up.layer1[0].conv2.weight, resnet["layer1.0.conv2.weight"]
+    )
 
 
 @pytest.mark.slow
@@ -227,7 +266,9 @@ def test_pickled_module_is_refused_and_converted_only_when_trusted(tmp_path, tin
     proc = convert_cli("--trust-pickle", path, tmp_path / "safe.pth")
     assert proc.returncode == 0, proc.stderr
     converted = read_model_weights(str(tmp_path / "safe.pth"))["model"]
-    assert set(converted) == {f"backbone.bottom_up.{k}" for k in model.backbone.bottom_up.state_dict()}
+    assert set(converted) == {
+        f"backbone.bottom_up.{k}" for k in model.backbone.bottom_up.state_dict()
+    }
 
 
 @pytest.mark.slow
@@ -238,7 +279,10 @@ def test_conversion_of_a_caffe2_pickle_gives_the_same_weights(tmp_path):
         pickle.dump(_caffe2_blobs(model), f)
     proc = convert_cli(path, tmp_path / "R-tiny.pth")
     assert proc.returncode == 0, proc.stderr
-    direct, converted = read_model_weights(str(path))["model"], read_model_weights(str(tmp_path / "R-tiny.pth"))["model"]
+    direct, converted = (
+        read_model_weights(str(path))["model"],
+        read_model_weights(str(tmp_path / "R-tiny.pth"))["model"],
+    )
     assert direct.keys() == converted.keys()
     assert all(torch.equal(direct[k], converted[k]) for k in direct)
 
@@ -251,19 +295,31 @@ def _save_pickle(content, path):
 NO_NETWORK = {
     "empty_dict.pth": lambda p: torch.save({}, p),
     "empty_model.pth": lambda p: torch.save({"model": {}}, p),
-    "optimizer_only.pth": lambda p: torch.save({"optimizer": {"state": {}}, "iteration": torch.tensor(5)}, p),
-    "two_unrelated.pth": lambda p: torch.save({"model": {"foo": torch.zeros(3), "bar": torch.ones(2)}}, p),
-    "classifier_only.pth": lambda p: torch.save({"fc.weight": torch.zeros(10, 4), "fc.bias": torch.zeros(10)}, p),
-    "stem_only.pth": lambda p: torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "bn1.weight": torch.ones(8)}, p),
+    "optimizer_only.pth": lambda p: torch.save(
+        {"optimizer": {"state": {}}, "iteration": torch.tensor(5)}, p
+    ),
+    "two_unrelated.pth": lambda p: torch.save(
+        {"model": {"foo": torch.zeros(3), "bar": torch.ones(2)}}, p
+    ),
+    "classifier_only.pth": lambda p: torch.save(
+        {"fc.weight": torch.zeros(10, 4), "fc.bias": torch.zeros(10)}, p
+    ),
+    "stem_only.pth": lambda p: torch.save(
+        {"conv1.weight": torch.zeros(8, 3, 7, 7), "bn1.weight": torch.ones(8)}, p
+    ),
     "two_arrays.pkl": lambda p: _save_pickle({"a": np.zeros(3), "b": np.ones(2)}, p),
 }
 
 
 @pytest.mark.parametrize("name", sorted(NO_NETWORK))
-def test_conversion_without_a_network_is_an_error_naming_the_file_and_writes_nothing(tmp_path, name):
+def test_conversion_without_a_network_is_an_error_naming_the_file_and_writes_nothing(
+    tmp_path, name
+):
     src, dst = tmp_path / name, tmp_path / "out.pth"
     NO_NETWORK[name](src)
-    with pytest.raises(CheckpointError, match=re.escape(name) + r".*expected a network's state dict"):
+    with pytest.raises(
+        CheckpointError, match=re.escape(name) + r".*expected a network's state dict"
+    ):
         convert_weight_file(str(src), str(dst))
     assert not dst.exists() and os.listdir(tmp_path) == [name]
 
@@ -273,7 +329,11 @@ def test_conversion_without_a_network_exits_non_zero_from_the_command_line(tmp_p
     src, dst = tmp_path / "optimizer_only.pth", tmp_path / "out.pth"
     NO_NETWORK[src.name](src)
     proc = convert_cli(src, dst)
-    assert proc.returncode != 0 and "optimizer_only.pth" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode != 0
+        and "optimizer_only.pth" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
     assert not dst.exists()
 
 
@@ -289,7 +349,10 @@ def test_one_network_model_loads_the_teacher_of_a_teacher_student_checkpoint(tmp
     assert all(torch.equal(loaded[k], checkpoint[f"teacher.{k}"]) for k in loaded)
 
 
-REFERENCE_KEYS = Path(os.environ.get("BOXTEACHER_FIXTURES", REPO.parent / "shared" / "fixtures")) / "reference-state-dict-r50.txt"
+REFERENCE_KEYS = (
+    Path(os.environ.get("BOXTEACHER_FIXTURES", REPO.parent / "shared" / "fixtures"))
+    / "reference-state-dict-r50.txt"
+)
 
 
 @pytest.mark.skipif(not REFERENCE_KEYS.is_file(), reason=f"{REFERENCE_KEYS} not found")
@@ -300,13 +363,21 @@ def test_every_official_boxteacher_r50_key_maps_onto_our_model(tmp_path):
     for line in REFERENCE_KEYS.read_text().splitlines():
         key, shape = line.rsplit(" ", 1)
         official[key] = tuple(int(d) for d in shape.strip("()").split(",") if d)
-    cfg = load_config(str(REPO / "configs/coco/boxteacher_r50_1x.yaml"), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    cfg = load_config(
+        str(REPO / "configs/coco/boxteacher_r50_1x.yaml"),
+        ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"],
+    )
     model = build_model(cfg)
     path = tmp_path / "official.pth"
-    torch.save({"model": {k: torch.full(shape, 0.5) for k, shape in official.items()}, "iteration": 90000}, path)
+    torch.save(
+        {"model": {k: torch.full(shape, 0.5) for k, shape in official.items()}, "iteration": 90000},
+        path,
+    )
     state = read_model_weights(str(path))["model"]
     ours = model.state_dict()
     assert len(state) == len(official) == len(ours) == 744
-    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        k: tuple(v.shape) for k, v in ours.items()
+    }
     missing, unexpected = load_model_weights(model, state, str(path))
     assert not missing and not unexpected

@@ -1,5 +1,6 @@
 """COCO evaluation: GT-as-prediction gives AP 100, id mapping, hand-checked IoU cases, empty and
 box-only outputs, the results file, the inference loop and the distributed gather."""
+
 from __future__ import annotations
 
 import json
@@ -45,20 +46,56 @@ def _tiny_json(path: Path) -> Path:
     changes = np.flatnonzero(np.diff(flat)) + 1
     counts = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
     annotations = [
-        {"id": 1, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [4, 4, 20, 16],
-         "area": 320, "segmentation": [_rect(4, 4, 24, 20)]},
-        {"id": 2, "image_id": 1, "category_id": 7, "iscrowd": 0, "bbox": [28, 6, 10, 30],
-         "area": 300, "segmentation": [_rect(28, 6, 38, 36)]},
-        {"id": 3, "image_id": 1, "category_id": 1, "iscrowd": 1, "bbox": [40, 30, 22, 16],
-         "area": 352, "segmentation": {"size": [48, 64], "counts": counts}},
-        {"id": 4, "image_id": 2, "category_id": 1, "iscrowd": 0, "bbox": [10, 12, 24, 20],
-         "area": 480, "segmentation": [_rect(10, 12, 34, 32)]},
-        {"id": 5, "image_id": 2, "category_id": 3, "iscrowd": 0, "bbox": [2, 30, 30, 12],
-         "area": 360, "segmentation": [_rect(2, 30, 32, 42)]},
+        {
+            "id": 1,
+            "image_id": 1,
+            "category_id": 3,
+            "iscrowd": 0,
+            "bbox": [4, 4, 20, 16],
+            "area": 320,
+            "segmentation": [_rect(4, 4, 24, 20)],
+        },
+        {
+            "id": 2,
+            "image_id": 1,
+            "category_id": 7,
+            "iscrowd": 0,
+            "bbox": [28, 6, 10, 30],
+            "area": 300,
+            "segmentation": [_rect(28, 6, 38, 36)],
+        },
+        {
+            "id": 3,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 1,
+            "bbox": [40, 30, 22, 16],
+            "area": 352,
+            "segmentation": {"size": [48, 64], "counts": counts},
+        },
+        {
+            "id": 4,
+            "image_id": 2,
+            "category_id": 1,
+            "iscrowd": 0,
+            "bbox": [10, 12, 24, 20],
+            "area": 480,
+            "segmentation": [_rect(10, 12, 34, 32)],
+        },
+        {
+            "id": 5,
+            "image_id": 2,
+            "category_id": 3,
+            "iscrowd": 0,
+            "bbox": [2, 30, 30, 12],
+            "area": 360,
+            "segmentation": [_rect(2, 30, 32, 42)],
+        },
     ]
     data = {
-        "images": [{"id": i, "file_name": f"{i}.jpg", "height": 48, "width": 64}
-                   for i in (1, 2, 3)],
+        "images": [
+            {"id": i, "file_name": f"{i}.jpg", "height": 48, "width": 64} for i in (1, 2, 3)
+        ],
         "categories": [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}, {"id": 7, "name": "c"}],
         "annotations": annotations,
     }
@@ -71,7 +108,10 @@ def _register(name: str, json_file: Path) -> COCO:
     coco = COCO(str(json_file))
     cat_ids = sorted(coco.getCatIds())
     catalog.register_dataset(
-        name, list, json_file=str(json_file), image_root=str(json_file.parent),
+        name,
+        list,
+        json_file=str(json_file),
+        image_root=str(json_file.parent),
         thing_classes=[coco.cats[c]["name"] for c in cat_ids],
         thing_dataset_id_to_contiguous_id={c: i for i, c in enumerate(cat_ids)},
         evaluator_type="coco",
@@ -79,8 +119,9 @@ def _register(name: str, json_file: Path) -> COCO:
     return coco
 
 
-def _gt_outputs(coco: COCO, image_ids, *, with_masks: bool = True, shift: float = 0.0,
-                label_map=None):
+def _gt_outputs(
+    coco: COCO, image_ids, *, with_masks: bool = True, shift: float = 0.0, label_map=None
+):
     """(inputs, outputs) with the non-crowd GT of each image as its predictions (score 1).
 
     ``shift`` moves every box and mask right by that fraction of the box width; ``label_map``
@@ -108,8 +149,9 @@ def _gt_outputs(coco: COCO, image_ids, *, with_masks: bool = True, shift: float 
         }
         if with_masks:
             shape = (len(anns), info["height"], info["width"])
-            instances["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(
-                shape, dtype=torch.bool)
+            instances["masks"] = (
+                torch.from_numpy(np.stack(masks)) if masks else torch.zeros(shape, dtype=torch.bool)
+            )
         inputs = {"image_id": image_id, "height": info["height"], "width": info["width"]}
         yield [inputs], [{"instances": instances}]
 
@@ -200,16 +242,23 @@ def test_one_object_with_iou_two_thirds(tmp_path):
     data = {
         "images": [{"id": 5, "file_name": "5.jpg", "height": 64, "width": 64}],
         "categories": [{"id": 2, "name": "thing"}],
-        "annotations": [{"id": 1, "image_id": 5, "category_id": 2, "iscrowd": 0,
-                         "bbox": [10, 20, 30, 30], "area": 900,
-                         "segmentation": [_rect(10, 20, 40, 50)]}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 5,
+                "category_id": 2,
+                "iscrowd": 0,
+                "bbox": [10, 20, 30, 30],
+                "area": 900,
+                "segmentation": [_rect(10, 20, 40, 50)],
+            }
+        ],
     }
     json_file = tmp_path / "one.json"
     json_file.write_text(json.dumps(data))
     coco = _register("eval_one", json_file)
     assert coco.annToMask(coco.anns[1]).sum() == 900  # the polygon rasterises to 30x30 pixels
-    results = _run(COCOEvaluator("eval_one", distributed=False),
-                   _gt_outputs(coco, [5], shift=0.2))
+    results = _run(COCOEvaluator("eval_one", distributed=False), _gt_outputs(coco, [5], shift=0.2))
     for task in ("bbox", "segm"):
         assert results[task]["AP"] == pytest.approx(40.0), task
         assert results[task]["AP50"] == pytest.approx(100.0), task
@@ -221,8 +270,9 @@ def test_coco128_shifted_boxes_lower_ap_same_as_pycocotools_summarize(tmp_path, 
     the six numbers equal pycocotools' own ``summarize`` on the written results file."""
     coco = _register("eval_coco128", coco128_json)
     image_ids = sorted(coco.getImgIds())[:32]
-    evaluator = COCOEvaluator("eval_coco128", output_dir=str(tmp_path), tasks=("bbox",),
-                              distributed=False)
+    evaluator = COCOEvaluator(
+        "eval_coco128", output_dir=str(tmp_path), tasks=("bbox",), distributed=False
+    )
     results = _run(evaluator, _gt_outputs(coco, image_ids, with_masks=False, shift=0.25))
     assert 20.0 < results["bbox"]["AP"] < 40.0
     assert results["bbox"]["AP50"] > 99.0  # below 100 only where rounding the shift bites
@@ -242,9 +292,17 @@ def test_segm_area_ranges_use_mask_area_not_box_area(tmp_path):
     data = {
         "images": [{"id": 1, "file_name": "1.jpg", "height": 100, "width": 100}],
         "categories": [{"id": 1, "name": "thing"}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
-                         "bbox": [5, 5, 10, 10], "area": 100,
-                         "segmentation": [_rect(5, 5, 15, 15)]}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "bbox": [5, 5, 10, 10],
+                "area": 100,
+                "segmentation": [_rect(5, 5, 15, 15)],
+            }
+        ],
     }
     json_file = tmp_path / "area.json"
     json_file.write_text(json.dumps(data))
@@ -253,9 +311,12 @@ def test_segm_area_ranges_use_mask_area_not_box_area(tmp_path):
     masks[0, 50:90, 50:55] = True  # an L shape: 200 + 175 = 375 pixels inside a 40x40 box
     masks[0, 85:90, 55:90] = True
     masks[1, 5:15, 5:15] = True  # the GT square
-    instances = {"boxes": torch.tensor([[50.0, 50, 90, 90], [5, 5, 15, 15]]),
-                 "scores": torch.tensor([0.9, 0.5]), "labels": torch.tensor([0, 0]),
-                 "masks": masks}
+    instances = {
+        "boxes": torch.tensor([[50.0, 50, 90, 90], [5, 5, 15, 15]]),
+        "scores": torch.tensor([0.9, 0.5]),
+        "labels": torch.tensor([0, 0]),
+        "masks": masks,
+    }
     batches = [([{"image_id": 1, "height": 100, "width": 100}], [{"instances": instances}])]
     results = _run(COCOEvaluator("eval_area", distributed=False), batches)
     # The FP ranks first: precision 1/2 at recall 1 wherever it counts.
@@ -270,11 +331,22 @@ def test_segm_area_ranges_use_mask_area_not_box_area(tmp_path):
 
 # ----------------------------------------------------------------------------- (d) empty / missing
 def test_empty_predictions_give_zero_and_warn(tiny, tmp_path, caplog):
-    batches = [([{"image_id": i, "height": 48, "width": 64}],
-                [{"instances": {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
-                                "labels": torch.zeros(0, dtype=torch.int64),
-                                "masks": torch.zeros(0, 48, 64, dtype=torch.bool)}}])
-               for i in (1, 2, 3)]
+    batches = [
+        (
+            [{"image_id": i, "height": 48, "width": 64}],
+            [
+                {
+                    "instances": {
+                        "boxes": torch.zeros(0, 4),
+                        "scores": torch.zeros(0),
+                        "labels": torch.zeros(0, dtype=torch.int64),
+                        "masks": torch.zeros(0, 48, 64, dtype=torch.bool),
+                    }
+                }
+            ],
+        )
+        for i in (1, 2, 3)
+    ]
     evaluator = COCOEvaluator("eval_tiny", output_dir=str(tmp_path), distributed=False)
     with caplog.at_level(logging.WARNING):
         results = _run(evaluator, batches)
@@ -287,8 +359,10 @@ def test_empty_predictions_give_zero_and_warn(tiny, tmp_path, caplog):
 
 def test_box_only_outputs_skip_segm(tiny, caplog):
     with caplog.at_level(logging.WARNING):
-        results = _run(COCOEvaluator("eval_tiny", distributed=False),
-                       _gt_outputs(tiny, [1, 2, 3], with_masks=False))
+        results = _run(
+            COCOEvaluator("eval_tiny", distributed=False),
+            _gt_outputs(tiny, [1, 2, 3], with_masks=False),
+        )
     assert set(results) == {"bbox"}
     assert results["bbox"]["AP"] == pytest.approx(100.0)
     assert "Skipping 'segm'" in caplog.text
@@ -359,10 +433,12 @@ def test_inference_on_dataset(tiny, caplog):
 
 
 # ----------------------------------------------------------------------------- (f) distributed
-def _dist_worker(rank: int, world_size: int, init_file: str, json_file: str, image_ids,
-                 out_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
+def _dist_worker(
+    rank: int, world_size: int, init_file: str, json_file: str, image_ids, out_file: str
+) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
     try:
         coco = _register("eval_dist", Path(json_file))
         evaluator = COCOEvaluator("eval_dist")
@@ -382,19 +458,27 @@ def test_distributed_gather_matches_single_process(tmp_path):
         json_file, image_ids = _tiny_json(tmp_path / "tiny.json"), [1, 2, 3]
     coco = _register("eval_dist", json_file)
     image_ids = image_ids or sorted(coco.getImgIds())[:24]
-    single = _run(COCOEvaluator("eval_dist", distributed=False),
-                  _gt_outputs(coco, image_ids, shift=0.25))
+    single = _run(
+        COCOEvaluator("eval_dist", distributed=False), _gt_outputs(coco, image_ids, shift=0.25)
+    )
     assert 0.0 < single["segm"]["AP"] < 100.0
 
     out_file = str(tmp_path / "results")
-    mp.spawn(_dist_worker, nprocs=2, join=True,
-             args=(2, str(tmp_path / "dist_init"), str(json_file), image_ids, out_file))
+    mp.spawn(
+        _dist_worker,
+        nprocs=2,
+        join=True,
+        args=(2, str(tmp_path / "dist_init"), str(json_file), image_ids, out_file),
+    )
     assert json.loads(Path(f"{out_file}.1").read_text()) == {}
     gathered = json.loads(Path(f"{out_file}.0").read_text())
     assert gathered.keys() == single.keys()
     for task in single:
-        np.testing.assert_allclose([gathered[task][k] for k in sorted(single[task])],
-                                   [single[task][k] for k in sorted(single[task])], rtol=1e-12)
+        np.testing.assert_allclose(
+            [gathered[task][k] for k in sorted(single[task])],
+            [single[task][k] for k in sorted(single[task])],
+            rtol=1e-12,
+        )
 
 
 def test_masks_are_encoded_one_at_a_time_as_all_at_once():
@@ -403,12 +487,23 @@ def test_masks_are_encoded_one_at_a_time_as_all_at_once():
     from boxteacher.evaluation.coco_evaluation import instances_to_coco_json
 
     masks = torch.rand(3, 17, 23) > 0.5
-    instances = {"scores": torch.tensor([0.9, 0.5, 0.1]), "labels": torch.tensor([0, 1, 0]), "masks": masks}
+    instances = {
+        "scores": torch.tensor([0.9, 0.5, 0.1]),
+        "labels": torch.tensor([0, 1, 0]),
+        "masks": masks,
+    }
     results = instances_to_coco_json(instances, 7, [1, 2], tasks=("segm",))
-    together = mask_util.encode(np.asfortranarray(masks.numpy().astype(np.uint8).transpose(1, 2, 0)))
+    together = mask_util.encode(
+        np.asfortranarray(masks.numpy().astype(np.uint8).transpose(1, 2, 0))
+    )
     for result, rle, mask in zip(results, together, masks):
-        assert result["segmentation"] == {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-        assert np.array_equal(mask_util.decode(dict(result["segmentation"], counts=rle["counts"])), mask.numpy())
+        assert result["segmentation"] == {
+            "size": rle["size"],
+            "counts": rle["counts"].decode("ascii"),
+        }
+        assert np.array_equal(
+            mask_util.decode(dict(result["segmentation"], counts=rle["counts"])), mask.numpy()
+        )
 
 
 class _EncodingModel(_GTModel):
@@ -424,8 +519,14 @@ class _EncodingModel(_GTModel):
         outputs = super().forward(inputs)
         if self.encode_masks is None:
             return outputs
-        return [{"instances": dict(out["instances"], masks=self.encode_masks(out["instances"]["masks"]))}
-                for out in outputs]
+        return [
+            {
+                "instances": dict(
+                    out["instances"], masks=self.encode_masks(out["instances"]["masks"])
+                )
+            }
+            for out in outputs
+        ]
 
 
 def test_inference_on_dataset_has_a_model_hand_over_its_masks_encoded(tiny):

@@ -24,7 +24,10 @@ from tiny_models import REPO
 ROOT = fixtures_root(REPO.parent / "shared" / "fixtures")
 FOLDERS = fixture_folders(ROOT)
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not FOLDERS, reason=f"no parity fixture in {ROOT}")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not FOLDERS, reason=f"no parity fixture in {ROOT}"),
+]
 
 
 @pytest.fixture(scope="module", params=FOLDERS, ids=lambda folder: folder.name)
@@ -41,26 +44,60 @@ def assert_within_tolerance(rows, required):
 
 
 def test_parity_student_and_teacher_inference(fixture):
-    assert_within_tolerance(compare_inference(fixture), {
-        "ResNet outputs", "FPN outputs", "head cls_logits", "head bbox_reg", "head ctrness",
-        "head top_feats", "mask_feats", "detection set (level, location, class)", "boxes (px)",
-        "scores (mask-aware)", "mask_probs stride 4", "binary masks", "BoxTeacher evaluates with its teacher",
-    })
+    assert_within_tolerance(
+        compare_inference(fixture),
+        {
+            "ResNet outputs",
+            "FPN outputs",
+            "head cls_logits",
+            "head bbox_reg",
+            "head ctrness",
+            "head top_feats",
+            "mask_feats",
+            "detection set (level, location, class)",
+            "boxes (px)",
+            "scores (mask-aware)",
+            "mask_probs stride 4",
+            "binary masks",
+            "BoxTeacher evaluates with its teacher",
+        },
+    )
 
 
-@pytest.mark.parametrize("legacy", [True, False], ids=["official_assignment", "corrected_assignment"])
+@pytest.mark.parametrize(
+    "legacy", [True, False], ids=["official_assignment", "corrected_assignment"]
+)
 def test_parity_boxteacher_training_step(fixture, legacy):
-    required = {"loss_mask", "loss_mask_affinity", "loss_prj", "loss_pairwise", "total loss", "num_pseudo_masks",
-                "assignment weights", "total gradient norm", "teacher parameters without gradient"}
+    required = {
+        "loss_mask",
+        "loss_mask_affinity",
+        "loss_prj",
+        "loss_pairwise",
+        "total loss",
+        "num_pseudo_masks",
+        "assignment weights",
+        "total gradient norm",
+        "teacher parameters without gradient",
+    }
     if legacy:
-        required |= {"student mask logits", "teacher detection set (level, location, class)", "teacher ranking scores",
-                     "mask-branch BN statistics after the step",
-                     "mask_head._iter after the step"}
+        required |= {
+            "student mask logits",
+            "teacher detection set (level, location, class)",
+            "teacher ranking scores",
+            "mask-branch BN statistics after the step",
+            "mask_head._iter after the step",
+        }
     assert_within_tolerance(compare_training(fixture, legacy), required)
 
 
 @pytest.mark.parametrize("boxinst", [True, False], ids=["boxinst", "condinst"])
 def test_parity_adelaidet_boxinst_and_condinst_losses(fixture, boxinst):
-    required = {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "total loss", "total gradient norm"}
+    required = {
+        "loss_fcos_cls",
+        "loss_fcos_loc",
+        "loss_fcos_ctr",
+        "total loss",
+        "total gradient norm",
+    }
     required |= {"loss_prj", "loss_pairwise"} if boxinst else {"loss_mask"}
     assert_within_tolerance(compare_adelaidet(fixture, boxinst), required)

@@ -1,5 +1,6 @@
 """ResNet initialisation (MODEL.RESNETS.INIT): detectron2's MSRA fill by default, PyTorch's
 default as a choice; checked per layer against the closed-form standard deviations."""
+
 import math
 
 import pytest
@@ -28,15 +29,22 @@ def assert_std(weight: torch.Tensor, expected: float, name: str) -> None:
     """Sample std and mean of ``weight`` agree with N(0, expected^2) within 5 standard errors."""
     n = weight.numel()
     std = weight.std().item()
-    assert abs(std / expected - 1) < 5 / math.sqrt(2 * n), f"{name}: std {std:.5f}, expected {expected:.5f}"
-    assert abs(weight.mean().item()) < 5 * expected / math.sqrt(n), f"{name}: mean {weight.mean().item():.5f}"
+    assert abs(std / expected - 1) < 5 / math.sqrt(2 * n), (
+        f"{name}: std {std:.5f}, expected {expected:.5f}"
+    )
+    assert abs(weight.mean().item()) < 5 * expected / math.sqrt(n), (
+        f"{name}: mean {weight.mean().item():.5f}"
+    )
 
 
 def convolutions(resnet: nn.Module) -> dict[str, nn.Module]:
     """Every convolution of the ResNet body except the offset branches of deformable ones."""
     offsets = {id(m.offset) for m in resnet.modules() if isinstance(m, DeformableConv3x3)}
-    return {name: m for name, m in resnet.named_modules()
-            if isinstance(m, (nn.Conv2d, DeformableConv3x3)) and id(m) not in offsets}
+    return {
+        name: m
+        for name, m in resnet.named_modules()
+        if isinstance(m, (nn.Conv2d, DeformableConv3x3)) and id(m) not in offsets
+    }
 
 
 def test_msra_is_the_default_and_gives_detectron2s_std_to_every_convolution():
@@ -47,7 +55,9 @@ def test_msra_is_the_default_and_gives_detectron2s_std_to_every_convolution():
     assert res2_conv.shape == (64, 64, 3, 3)
     assert_std(res2_conv, math.sqrt(2 / (9 * 64)), "res2 3x3")
     convs = convolutions(resnet)
-    assert {"conv1", "layer2.0.downsample.0", "layer4.1.conv2"} <= set(convs)  # stem, shortcut, body
+    assert {"conv1", "layer2.0.downsample.0", "layer4.1.conv2"} <= set(
+        convs
+    )  # stem, shortcut, body
     for name, conv in convs.items():
         assert_std(conv.weight, detectron2_msra_std(conv.weight), name)
         assert conv.bias is None
@@ -80,7 +90,9 @@ def test_the_two_initialisations_differ_only_in_the_resnet_convolutions():
     models = {}
     for init in ("msra", "pytorch"):
         torch.manual_seed(0)
-        models[init] = ResNet(18, get_norm("BN"), res2_out_channels=32, stem_out_channels=32, init=init)
+        models[init] = ResNet(
+            18, get_norm("BN"), res2_out_channels=32, stem_out_channels=32, init=init
+        )
     msra, default = (m.state_dict() for m in models.values())
     conv_keys = {f"{name}.weight" for name in convolutions(models["msra"])}
     assert conv_keys and set(msra) == set(default)
@@ -95,7 +107,9 @@ def test_unknown_init_is_an_error_that_names_the_key():
         ResNet(18, get_norm("BN"), init="kaiming")
 
 
-@pytest.mark.parametrize("config", ["configs/coco/boxteacher_r50_1x.yaml", "configs/coco/boxteacher_r101_dcn_3x.yaml"])
+@pytest.mark.parametrize(
+    "config", ["configs/coco/boxteacher_r50_1x.yaml", "configs/coco/boxteacher_r101_dcn_3x.yaml"]
+)
 def test_backbone_of_the_release_recipes_matches_detectron2_layer_by_layer(config):
     """The official config built from scratch (no weights): every ResNet convolution has the
     std of detectron2's formula, deformable convolutions included, their offsets at zero."""
@@ -104,7 +118,9 @@ def test_backbone_of_the_release_recipes_matches_detectron2_layer_by_layer(confi
     assert cfg.MODEL.RESNETS.INIT == "msra"
     resnet = build_backbone(cfg).bottom_up
     convs = convolutions(resnet)
-    assert len(convs) == 1 + sum(3 * n + 1 for n in ((3, 4, 6, 3) if cfg.MODEL.RESNETS.DEPTH == 50 else (3, 4, 23, 3)))
+    assert len(convs) == 1 + sum(
+        3 * n + 1 for n in ((3, 4, 6, 3) if cfg.MODEL.RESNETS.DEPTH == 50 else (3, 4, 23, 3))
+    )
     for name, conv in convs.items():
         assert_std(conv.weight, detectron2_msra_std(conv.weight), name)
     deformable = [m for m in resnet.modules() if isinstance(m, DeformableConv3x3)]

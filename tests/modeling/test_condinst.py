@@ -1,5 +1,6 @@
 """CondInst: dynamic head layout, positive sampling, losses on empty and normal batches,
 inference output format, parameter names and counts."""
+
 import pytest
 import torch
 
@@ -33,7 +34,9 @@ def test_dynamic_head_matches_a_per_instance_convolution():
     out = head(feats, 8, params, im_inds, torch.zeros(3, 2), torch.zeros(3, dtype=torch.long))
     weights, biases = head.split_params(params)
     for k in range(3):
-        x = torch.nn.functional.conv2d(feats[im_inds[k] : im_inds[k] + 1], weights[0][k][..., None, None], biases[0][k, :, 0])
+        x = torch.nn.functional.conv2d(
+            feats[im_inds[k] : im_inds[k] + 1], weights[0][k][..., None, None], biases[0][k, :, 0]
+        )
         x = torch.nn.functional.conv2d(x.relu(), weights[1][k][..., None, None], biases[1][k, :, 0])
         torch.testing.assert_close(out[k : k + 1], x)
 
@@ -42,8 +45,17 @@ def test_relative_coordinates_are_instance_minus_pixel_over_size_of_interest():
     head = DynamicMaskHead(in_channels=1, channels=1, num_layers=1, sizes_of_interest=[64, 128])
     # A single linear layer reading only the x offset: weight (1, 3) = [1, 0, 0], bias 0.
     params = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
-    out = head(torch.zeros(1, 1, 1, 3), 8, params, torch.tensor([0]), torch.tensor([[20.0, 4.0]]), torch.tensor([1]))
-    assert out.flatten().tolist() == pytest.approx([(20 - 4) / 128, (20 - 12) / 128, (20 - 20) / 128])
+    out = head(
+        torch.zeros(1, 1, 1, 3),
+        8,
+        params,
+        torch.tensor([0]),
+        torch.tensor([[20.0, 4.0]]),
+        torch.tensor([1]),
+    )
+    assert out.flatten().tolist() == pytest.approx(
+        [(20 - 4) / 128, (20 - 12) / 128, (20 - 20) / 128]
+    )
 
 
 def test_aligned_bilinear_keeps_constant_maps_and_shapes():
@@ -97,7 +109,9 @@ def test_inputs_are_not_mutated():
 
 
 def test_inference_output_format_in_the_original_frame():
-    model = build_model(tiny_cfg("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.FCOS.POST_NMS_TOPK_TEST", "7"))
+    model = build_model(
+        tiny_cfg("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.FCOS.POST_NMS_TOPK_TEST", "7")
+    )
     model.eval()
     image = torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)
     (out,) = model([{"image": image, "height": 128, "width": 192}])
@@ -113,14 +127,18 @@ def test_inference_output_format_in_the_original_frame():
 
 def test_batched_inference_equals_one_image_at_a_time():
     torch.manual_seed(0)
-    model = build_model(tiny_cfg("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.FCOS.POST_NMS_TOPK_TEST", "5"))
+    model = build_model(
+        tiny_cfg("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "MODEL.FCOS.POST_NMS_TOPK_TEST", "5")
+    )
     model.eval()
     images = [torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8) for _ in range(2)]
     inputs = [{"image": im, "height": 64, "width": 64} for im in images]
     together = model(inputs)
     for single_input, batched in zip(inputs, together):
         (alone,) = model([single_input])
-        torch.testing.assert_close(alone["instances"]["boxes"], batched["instances"]["boxes"], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            alone["instances"]["boxes"], batched["instances"]["boxes"], atol=1e-4, rtol=1e-4
+        )
 
 
 def test_r50_condinst_state_dict_matches_the_official_layout():
@@ -137,13 +155,17 @@ def test_r50_condinst_state_dict_matches_the_official_layout():
     assert not any("pixel" in k for k in state)
     assert state["mask_head.sizes_of_interest"].tolist() == [64, 128, 256, 512, 1024]
     assert state["controller.weight"].shape == (233, 256, 3, 3)
-    assert state["proposal_generator.fcos_head.cls_logits.bias"][0].item() == pytest.approx(-4.59512, abs=1e-5)
+    assert state["proposal_generator.fcos_head.cls_logits.bias"][0].item() == pytest.approx(
+        -4.59512, abs=1e-5
+    )
 
 
 def test_inference_without_any_detection_returns_empty_instances():
     model = build_model(tiny_cfg("MODEL.FCOS.INFERENCE_TH_TEST", "0.999"))
     model.eval()
-    (out,) = model([{"image": torch.zeros(3, 64, 64, dtype=torch.uint8), "height": 32, "width": 48}])
+    (out,) = model(
+        [{"image": torch.zeros(3, 64, 64, dtype=torch.uint8), "height": 32, "width": 48}]
+    )
     inst = out["instances"]
     assert inst["boxes"].shape == (0, 4) and inst["masks"].shape == (0, 32, 48)
 
@@ -156,8 +178,13 @@ def test_resnet_depths_match_torchvision(depth):
     from boxteacher.modeling.backbone import ResNet
     from boxteacher.modeling.layers import get_norm
 
-    ours = ResNet(depth, get_norm("BN"), out_features=("res5",),
-                  res2_out_channels=64 if depth < 50 else 256, stride_in_1x1=False)
+    ours = ResNet(
+        depth,
+        get_norm("BN"),
+        out_features=("res5",),
+        res2_out_channels=64 if depth < 50 else 256,
+        stride_in_1x1=False,
+    )
     reference = getattr(torchvision.models, f"resnet{depth}")()
     expected = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("fc.")}
     assert {k: v.shape for k, v in ours.state_dict().items()} == expected

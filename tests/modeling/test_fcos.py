@@ -1,4 +1,5 @@
 """FCOS: hand-checked target assignment, losses on known cases, inference decoding."""
+
 import math
 
 import pytest
@@ -21,7 +22,10 @@ SIZES = [32]
 
 
 def locations_32x32():
-    return [compute_locations(4, 4, 8, torch.device("cpu")), compute_locations(2, 2, 16, torch.device("cpu"))]
+    return [
+        compute_locations(4, 4, 8, torch.device("cpu")),
+        compute_locations(2, 2, 16, torch.device("cpu")),
+    ]
 
 
 def test_locations_are_cell_centres():
@@ -32,7 +36,9 @@ def test_locations_are_cell_centres():
 def test_one_box_positives_are_centre_region_of_the_right_level():
     boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0]])]
     labels = [torch.tensor([2])]
-    t = compute_targets(locations_32x32(), STRIDES, SIZES, boxes, labels, num_classes=3, center_sampling_radius=1.5)
+    t = compute_targets(
+        locations_32x32(), STRIDES, SIZES, boxes, labels, num_classes=3, center_sampling_radius=1.5
+    )
     # Level 0 (stride 8, 4x4 cells at 4, 12, 20, 28): the centre region [-2, 22] clipped to the
     # box [0, 20] holds x, y in {4, 12}; 20 is on the edge (strictly inside is required).
     positives = torch.nonzero(t.labels != 3).squeeze(1)
@@ -50,8 +56,13 @@ def test_one_box_positives_are_centre_region_of_the_right_level():
 def test_overlapping_boxes_go_to_the_smaller_one():
     boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0], [8.0, 8.0, 16.0, 16.0]])]
     labels = [torch.tensor([0, 1])]
-    t = compute_targets(locations_32x32(), STRIDES, SIZES, boxes, labels, num_classes=3, center_sampling_radius=1.5)
-    assign = {tuple(loc): (int(lab), int(g)) for loc, lab, g in zip(t.locations.tolist(), t.labels, t.gt_inds)}
+    t = compute_targets(
+        locations_32x32(), STRIDES, SIZES, boxes, labels, num_classes=3, center_sampling_radius=1.5
+    )
+    assign = {
+        tuple(loc): (int(lab), int(g))
+        for loc, lab, g in zip(t.locations.tolist(), t.labels, t.gt_inds)
+    }
     assert assign[(12.0, 12.0)] == (1, 1)
     assert assign[(4.0, 4.0)] == (0, 0)
 
@@ -76,7 +87,15 @@ def test_flattening_is_level_major_then_image():
 
 
 def test_empty_image_is_all_background():
-    t = compute_targets(locations_32x32(), STRIDES, SIZES, [torch.zeros((0, 4))], [torch.zeros((0,), dtype=torch.long)], 3, 1.5)
+    t = compute_targets(
+        locations_32x32(),
+        STRIDES,
+        SIZES,
+        [torch.zeros((0, 4))],
+        [torch.zeros((0,), dtype=torch.long)],
+        3,
+        1.5,
+    )
     assert (t.labels == 3).all() and (t.gt_inds == -1).all()
 
 
@@ -115,8 +134,13 @@ def test_losses_of_a_known_prediction():
     assert losses["loss_fcos_cls"].item() == pytest.approx(expected_cls, rel=1e-5)
     ctr_t = centerness_targets(positives["reg_targets"])
     iou, giou = ltrb_iou_and_giou(torch.ones(4, 4), positives["reg_targets"])
-    assert losses["loss_fcos_loc"].item() == pytest.approx(((1 - giou) * ctr_t).sum().item() / ctr_t.sum().item(), rel=1e-6)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(torch.zeros(4), ctr_t, reduction="sum") / 4
+    assert losses["loss_fcos_loc"].item() == pytest.approx(
+        ((1 - giou) * ctr_t).sum().item() / ctr_t.sum().item(), rel=1e-6
+    )
+    bce = (
+        torch.nn.functional.binary_cross_entropy_with_logits(torch.zeros(4), ctr_t, reduction="sum")
+        / 4
+    )
     assert losses["loss_fcos_ctr"].item() == pytest.approx(bce.item(), rel=1e-6)
     assert positives["pos_inds"].numel() == 4
 
@@ -133,7 +157,9 @@ def test_predict_decodes_boxes_in_pixels_and_applies_nms():
     dets = fcos.predict(HeadOutputs(logits, reg, ctr, []), locations)[0]
     assert dets["boxes"].tolist() == [[4.0, 4.0, 20.0, 20.0]]
     assert dets["labels"].tolist() == [1]
-    assert dets["scores"].item() == pytest.approx(math.sqrt(torch.sigmoid(torch.tensor(5.0)) * torch.sigmoid(torch.tensor(10.0))), rel=1e-6)
+    assert dets["scores"].item() == pytest.approx(
+        math.sqrt(torch.sigmoid(torch.tensor(5.0)) * torch.sigmoid(torch.tensor(10.0))), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("thresh_with_ctr", [False, True])
@@ -142,20 +168,33 @@ def test_batched_predict_equals_predicting_image_by_image(thresh_with_ctr):
     the larger level and a post-NMS top-k that cuts the images: the same detections, in the
     same order, as the per-image reference."""
     g = torch.Generator().manual_seed(int(thresh_with_ctr))
-    fcos = FCOS(FCOSHead(8, 3, 2, 1, 1, use_group_norm=False), strides=[8, 16], sizes_of_interest=[64],
-                thresh_with_ctr=thresh_with_ctr, pre_nms_topk=40, post_nms_topk=12, nms_threshold=0.5)
+    fcos = FCOS(
+        FCOSHead(8, 3, 2, 1, 1, use_group_norm=False),
+        strides=[8, 16],
+        sizes_of_interest=[64],
+        thresh_with_ctr=thresh_with_ctr,
+        pre_nms_topk=40,
+        post_nms_topk=12,
+        nms_threshold=0.5,
+    )
     shapes = [(8, 10), (4, 5)]
     logits = [torch.randn(3, 3, h, w, generator=g) for h, w in shapes]
     logits[0][2], logits[1][2] = -20.0, -20.0
     outputs = HeadOutputs(
-        logits, [torch.rand(3, 4, h, w, generator=g) * 3 for h, w in shapes],
-        [torch.randn(3, 1, h, w, generator=g) for h, w in shapes], [],
+        logits,
+        [torch.rand(3, 4, h, w, generator=g) * 3 for h, w in shapes],
+        [torch.randn(3, 1, h, w, generator=g) for h, w in shapes],
+        [],
     )
     locations = fcos.locations([torch.zeros(1, 1, h, w) for h, w in shapes])
     top_feats = [torch.randn(3, 7, h, w, generator=g) for h, w in shapes]
     expected = fcos_predict_per_image(fcos, outputs, locations, top_feats)
     batched = fcos.predict(outputs, locations, top_feats)
-    assert [d["scores"].numel() for d in batched] == [d["scores"].numel() for d in expected] == [12, 12, 0]
+    assert (
+        [d["scores"].numel() for d in batched]
+        == [d["scores"].numel() for d in expected]
+        == [12, 12, 0]
+    )
     for ours, reference in zip(batched, expected):
         assert ours.keys() == reference.keys()
         for key in reference:
@@ -163,11 +202,15 @@ def test_batched_predict_equals_predicting_image_by_image(thresh_with_ctr):
     flat = fcos.predict_batch(outputs, locations, top_feats, post_nms_topk=0)
     assert flat["im_inds"].tolist() == sorted(flat["im_inds"].tolist())
     unlimited = fcos_predict_per_image(fcos, outputs, locations, top_feats, post_nms_topk=0)
-    assert torch.bincount(flat["im_inds"], minlength=3).tolist() == [d["scores"].numel() for d in unlimited]
+    assert torch.bincount(flat["im_inds"], minlength=3).tolist() == [
+        d["scores"].numel() for d in unlimited
+    ]
 
 
 def test_nms_per_image_and_class_never_suppresses_across_groups():
     boxes = torch.tensor([[-40.0, -40.0, 10.0, 10.0]] * 4)
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
-    keep = nms_per_image_and_class(boxes, scores, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 0]), 0.5)
+    keep = nms_per_image_and_class(
+        boxes, scores, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 0]), 0.5
+    )
     assert keep.tolist() == [0, 1, 2]

@@ -1,6 +1,7 @@
 """Mixed supervision (MODEL.BOXINST.GT_MASKS): masks where the data has them, boxes elsewhere, for
 BoxInst and BoxTeacher: config checks, mapper, choice of the masked images, losses, pseudo
 labels and a short training run."""
+
 import copy
 import json
 from pathlib import Path
@@ -35,11 +36,25 @@ PSEUDO_LOSSES = {"loss_mask", "loss_mask_affinity", "num_pseudo_masks"}
 
 
 def mixed_model(arch="boxinst", *overrides):
-    options = ["MODEL.BOXINST.ENABLED", "True", "MODEL.BOXINST.GT_MASKS", "present",
-               "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", "1"]
+    options = [
+        "MODEL.BOXINST.ENABLED",
+        "True",
+        "MODEL.BOXINST.GT_MASKS",
+        "present",
+        "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS",
+        "1",
+    ]
     if arch == "boxteacher":
-        options += ["MODEL.META_ARCHITECTURE", "BoxTeacher", "INPUT.MIN_SIZE_TEST", "64",
-                    "MODEL.BOX_TEACHER.WARMUP_ITERS", "1", "MODEL.FCOS.INFERENCE_TH_TEST", "0.0"]
+        options += [
+            "MODEL.META_ARCHITECTURE",
+            "BoxTeacher",
+            "INPUT.MIN_SIZE_TEST",
+            "64",
+            "MODEL.BOX_TEACHER.WARMUP_ITERS",
+            "1",
+            "MODEL.FCOS.INFERENCE_TH_TEST",
+            "0.0",
+        ]
     return build_model(tiny_cfg(*options, *overrides))
 
 
@@ -67,11 +82,20 @@ def two_images(masked_first, masked_second):
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("overrides, key", [
-    (["MODEL.BOXINST.ENABLED", "True", "MODEL.BOXINST.GT_MASKS", "some"], "MODEL.BOXINST.GT_MASKS"),
-    (["MODEL.BOXINST.ENABLED", "True", "MODEL.BOXINST.GT_MASK_FRACTION", "1.5"], "MODEL.BOXINST.GT_MASK_FRACTION"),
-    (["MODEL.BOXINST.GT_MASKS", "present"], "MODEL.BOXINST.GT_MASKS"),  # CondInst
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (
+            ["MODEL.BOXINST.ENABLED", "True", "MODEL.BOXINST.GT_MASKS", "some"],
+            "MODEL.BOXINST.GT_MASKS",
+        ),
+        (
+            ["MODEL.BOXINST.ENABLED", "True", "MODEL.BOXINST.GT_MASK_FRACTION", "1.5"],
+            "MODEL.BOXINST.GT_MASK_FRACTION",
+        ),
+        (["MODEL.BOXINST.GT_MASKS", "present"], "MODEL.BOXINST.GT_MASKS"),  # CondInst
+    ],
+)
 def test_bad_settings_name_the_key(overrides, key):
     with pytest.raises(ValueError, match=key):
         build_model(tiny_cfg(*overrides))
@@ -93,13 +117,25 @@ def test_the_mapper_rasterises_masks_only_in_mixed_supervision():
 # ---------------------------------------------------------------------------------------------
 def test_the_mapper_keeps_masks_only_where_present(tmp_path):
     cv2.imwrite(str(tmp_path / "image.png"), np.full((60, 100, 3), 90, np.uint8))
-    record = {"file_name": str(tmp_path / "image.png"), "image_id": 3, "height": 60, "width": 100, "annotations": [
-        {"bbox": [10.0, 10.0, 40.0, 30.0], "category_id": 0, "segmentation": [[10, 10, 40, 10, 40, 30, 10, 30]]},
-        {"bbox": [60.0, 30.0, 30.0, 20.0], "category_id": 1},
-        {"bbox": [5.0, 40.0, 20.0, 10.0], "category_id": 1, "segmentation": []},
-    ]}
+    record = {
+        "file_name": str(tmp_path / "image.png"),
+        "image_id": 3,
+        "height": 60,
+        "width": 100,
+        "annotations": [
+            {
+                "bbox": [10.0, 10.0, 40.0, 30.0],
+                "category_id": 0,
+                "segmentation": [[10, 10, 40, 10, 40, 30, 10, 30]],
+            },
+            {"bbox": [60.0, 30.0, 30.0, 20.0], "category_id": 1},
+            {"bbox": [5.0, 40.0, 20.0, 10.0], "category_id": 1, "segmentation": []},
+        ],
+    }
     before = copy.deepcopy(record)
-    mapper = DatasetMapper(True, min_sizes=(120,), max_size=1000, with_masks=True, masks_optional=True)
+    mapper = DatasetMapper(
+        True, min_sizes=(120,), max_size=1000, with_masks=True, masks_optional=True
+    )
     outputs = [mapper(record, np.random.default_rng(seed)) for seed in range(8)]
     assert record == before
     flips = set()
@@ -109,7 +145,9 @@ def test_the_mapper_keeps_masks_only_where_present(tmp_path):
         assert inst["masks"].shape == (3, 120, 200) and inst["masks"].dtype == torch.bool
         assert not inst["masks"][1:].any()  # never a mask made from a box
         ys, xs = np.nonzero(inst["masks"][0].numpy())
-        np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], inst["boxes"][0], atol=1.5)
+        np.testing.assert_allclose(
+            [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], inst["boxes"][0], atol=1.5
+        )
         flips.add(bool(inst["boxes"][0, 0] > 100))
     assert flips == {False, True}  # aligned with and without a flip
     with pytest.raises(ValueError, match="masks_optional"):
@@ -125,8 +163,15 @@ def records_with_masks():
         if i < 8:
             annotations[0]["segmentation"] = polygon
         annotations.append({"bbox": [5, 5, 4, 4], "category_id": 0})  # box only
-        records.append({"image_id": 100 + i, "file_name": f"{i}.png", "height": 10, "width": 10,
-                        "annotations": annotations})
+        records.append(
+            {
+                "image_id": 100 + i,
+                "file_name": f"{i}.png",
+                "height": 10,
+                "width": 10,
+                "annotations": annotations,
+            }
+        )
     return records
 
 
@@ -137,7 +182,9 @@ def test_the_masked_images_are_chosen_by_the_seed_and_saved(tmp_path):
     assert len(chosen) == round(0.5 * 7) and set(chosen) <= {100 + i for i in range(7)}
     assert chosen == select_mask_images(records, 0.5, seed=3)
     assert any(select_mask_images(records, 0.5, seed=s) != chosen for s in (4, 5))
-    assert select_mask_images(records, 0.0, 3) == [] and len(select_mask_images(records, 1.0, 3)) == 7
+    assert (
+        select_mask_images(records, 0.0, 3) == [] and len(select_mask_images(records, 1.0, 3)) == 7
+    )
 
     restricted = restrict_masks_to_fraction(records, 0.5, 3, str(tmp_path))
     assert records == before
@@ -194,9 +241,13 @@ def test_a_batch_of_box_only_or_of_masked_instances_trains(arch, masked):
     model = mixed_model(arch)
     model.train()
     losses = model(two_images([masked, masked], [masked]), iteration=0)
-    counts = {"num_gt_masks", "num_box_only"} | ({"num_teacher_masks"} if arch == "boxteacher" else set())
+    counts = {"num_gt_masks", "num_box_only"} | (
+        {"num_teacher_masks"} if arch == "boxteacher" else set()
+    )
     pseudo = PSEUDO_LOSSES if arch == "boxteacher" else set()
-    assert set(losses) == BOX_LOSSES | {"loss_gt_mask"} | counts | pseudo  # the same set every batch
+    assert (
+        set(losses) == BOX_LOSSES | {"loss_gt_mask"} | counts | pseudo
+    )  # the same set every batch
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["num_gt_masks"].item() == (3 if masked else 0)
     by_teacher = losses["num_teacher_masks"].item() if arch == "boxteacher" else 0
@@ -227,7 +278,8 @@ def test_each_group_of_positives_weighs_its_share():
     box_masks = box_targets["box_masks"][sampled["gt_inds"]].unsqueeze(1)
     per_positive_dice = dice_loss(probs[masked], gt_masks[masked])
     per_positive_projection = sum(
-        dice_loss(probs[~masked].amax(dim=d), box_masks[~masked].amax(dim=d)) for d in (2, 3))
+        dice_loss(probs[~masked].amax(dim=d), box_masks[~masked].amax(dim=d)) for d in (2, 3)
+    )
     # sums over each group divided by all positives: each positive weighs as in CondInst / BoxInst
     torch.testing.assert_close(losses["loss_gt_mask"], per_positive_dice.sum() / masked.numel())
     torch.testing.assert_close(losses["loss_prj"], per_positive_projection.sum() / masked.numel())
@@ -257,12 +309,18 @@ def test_masked_instances_keep_their_mask_and_get_no_teacher_detection():
     probs = torch.zeros(1, 64, 64)
     probs[0, 9:40, 9:40] = 0.9
     # One detection, on the masked box (IoU 1); its IoU with the box-only one is 0.78.
-    prediction = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "scores": torch.tensor([0.9]),
-                  "mask_scores": torch.tensor([0.7]), "mask_probs": probs}
+    prediction = {
+        "boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]),
+        "scores": torch.tensor([0.9]),
+        "mask_scores": torch.tensor([0.7]),
+        "mask_probs": probs,
+    }
     labelled = label_one(model, x, prediction)
     assert labelled["pseudo_weights"].tolist() == pytest.approx([1.0, 0.7])
     assert torch.equal(labelled["pseudo_masks"][0], x["instances"]["masks"][0])  # its ground truth
-    assert torch.equal(labelled["pseudo_masks"][1], probs[0] > 0.5)  # the detection went to the other box
+    assert torch.equal(
+        labelled["pseudo_masks"][1], probs[0] > 0.5
+    )  # the detection went to the other box
     assert all(torch.equal(v, before[k]) for k, v in x["instances"].items())  # input not modified
 
     # Without masks the same detection labels the box it overlaps best.
@@ -276,10 +334,26 @@ def test_masked_instances_keep_their_mask_and_get_no_teacher_detection():
 # ---------------------------------------------------------------------------------------------
 def train_a_few_iterations(config, opts):
     seed_all_rng(0)
-    trainer = Trainer(setup_config(config, [
-        "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "4",
-        "SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()", "SEED", "5", *opts,
-    ]))
+    trainer = Trainer(
+        setup_config(
+            config,
+            [
+                "MODEL.DEVICE",
+                "cpu",
+                "DATALOADER.NUM_WORKERS",
+                "0",
+                "SOLVER.IMS_PER_BATCH",
+                "4",
+                "SOLVER.MAX_ITER",
+                "3",
+                "DATASETS.TEST",
+                "()",
+                "SEED",
+                "5",
+                *opts,
+            ],
+        )
+    )
     trainer.resume_or_load(resume=False)
     trainer.train()
     return trainer
@@ -288,18 +362,36 @@ def train_a_few_iterations(config, opts):
 @pytest.mark.slow
 def test_boxteacher_trains_on_a_dataset_where_half_the_images_have_masks(tmp_path, shapes_datasets):
     get_dataset_records("shapes_train")  # generates the shapes dataset if needed
-    coco = json.loads((Path(shapes_datasets) / "shapes/annotations/instances_train.json").read_text())
+    coco = json.loads(
+        (Path(shapes_datasets) / "shapes/annotations/instances_train.json").read_text()
+    )
     for ann in coco["annotations"]:
         if ann["image_id"] % 2:
             del ann["segmentation"]
     half = tmp_path / "half_masks.json"
     half.write_text(json.dumps(coco))
     register = str([["half_masks", str(half), str(Path(shapes_datasets) / "shapes/train")]])
-    trainer = train_a_few_iterations(BOXTEACHER_CONFIG, [
-        "DATASETS.REGISTER", register, "DATASETS.TRAIN", "('half_masks',)",
-        "MODEL.BOXINST.GT_MASKS", "present", "OUTPUT_DIR", str(tmp_path / "out"),
-    ])
-    for name in ("loss_gt_mask", "loss_prj", "loss_mask", "num_gt_masks", "num_teacher_masks", "num_box_only"):
+    trainer = train_a_few_iterations(
+        BOXTEACHER_CONFIG,
+        [
+            "DATASETS.REGISTER",
+            register,
+            "DATASETS.TRAIN",
+            "('half_masks',)",
+            "MODEL.BOXINST.GT_MASKS",
+            "present",
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        ],
+    )
+    for name in (
+        "loss_gt_mask",
+        "loss_prj",
+        "loss_mask",
+        "num_gt_masks",
+        "num_teacher_masks",
+        "num_box_only",
+    ):
         values = [v for v, _ in trainer.storage.history(name).values()]
         assert len(values) == 3 and all(np.isfinite(values)), name
     assert sum(v for v, _ in trainer.storage.history("num_gt_masks").values()) > 0
@@ -307,10 +399,17 @@ def test_boxteacher_trains_on_a_dataset_where_half_the_images_have_masks(tmp_pat
 
 @pytest.mark.slow
 def test_a_fraction_of_the_masks_trains_boxinst_and_saves_the_image_ids(tmp_path, shapes_datasets):
-    trainer = train_a_few_iterations(BOXINST_CONFIG, [
-        "MODEL.BOXINST.GT_MASKS", "fraction", "MODEL.BOXINST.GT_MASK_FRACTION", "0.5",
-        "OUTPUT_DIR", str(tmp_path),
-    ])
+    trainer = train_a_few_iterations(
+        BOXINST_CONFIG,
+        [
+            "MODEL.BOXINST.GT_MASKS",
+            "fraction",
+            "MODEL.BOXINST.GT_MASK_FRACTION",
+            "0.5",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ],
+    )
     saved = json.loads((tmp_path / "mask_image_ids.json").read_text())
     assert saved["seed"] == trainer.data_seed == 5
     assert len(saved["image_ids"]) == round(0.5 * saved["num_images_with_masks"]) > 0

@@ -1,4 +1,5 @@
 """BoxTeacher's assignment against a brute-force greedy loop, and the mask-aware scores."""
+
 import math
 
 import pytest
@@ -41,7 +42,11 @@ def random_case(g, num_dets, num_gts, size=40):
 
     gt = boxes(num_gts)
     # Detections: jittered copies of boxes (so that IoU >= 0.5 is common) and random ones.
-    jittered = gt[torch.randint(0, max(num_gts, 1), (num_dets,), generator=g)] if num_gts else boxes(num_dets)
+    jittered = (
+        gt[torch.randint(0, max(num_gts, 1), (num_dets,), generator=g)]
+        if num_gts
+        else boxes(num_dets)
+    )
     dets = jittered + torch.randn(num_dets, 4, generator=g) * 2
     dets[:, 2:] = torch.maximum(dets[:, 2:], dets[:, :2] + 1)
     scores = torch.rand(num_dets, generator=g)
@@ -75,7 +80,9 @@ def test_the_legacy_flag_reproduces_the_first_detection_off_by_one():
     dets = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 9.0]])
     scores = torch.tensor([0.9, 0.8])
     assert assign_detections_to_boxes(dets, scores, gt).tolist() == [0]
-    assert assign_detections_to_boxes(dets, scores, gt, legacy_first_detection_bug=True).tolist() == [1]
+    assert assign_detections_to_boxes(
+        dets, scores, gt, legacy_first_detection_bug=True
+    ).tolist() == [1]
 
 
 def test_mean_foreground_probability_and_scores_by_hand():
@@ -87,7 +94,7 @@ def test_mean_foreground_probability_and_scores_by_hand():
     assert mean[1].item() == 0.0
     ranking, weight = mask_aware_scores(torch.tensor([0.64, 0.81]), mean)
     assert ranking[0].item() == pytest.approx(math.sqrt(0.64 * 2.2 / 3), rel=1e-5)
-    assert weight[0].item() == pytest.approx(0.64 ** 0.25 * math.sqrt(2.2 / 3), rel=1e-5)
+    assert weight[0].item() == pytest.approx(0.64**0.25 * math.sqrt(2.2 / 3), rel=1e-5)
     assert ranking[1].item() == 0.0 and weight[1].item() == 0.0
 
 
@@ -108,9 +115,13 @@ def test_one_pass_over_several_images_equals_image_by_image(legacy):
         shapes = [(int(m), int(n)) for m, n in torch.randint(0, 12, (4, 2), generator=g)]
         images = [random_case(g, m, n) for m, n in shapes]
         dets, scores, gt = (torch.cat([x[k] for x in images]) for k in range(3))
-        got = assign_detections_to_boxes(dets, scores, gt, 0.5, 0.0, legacy, [m for m, _ in shapes], [n for _, n in shapes])
+        got = assign_detections_to_boxes(
+            dets, scores, gt, 0.5, 0.0, legacy, [m for m, _ in shapes], [n for _, n in shapes]
+        )
         offsets = [sum(m for m, _ in shapes[:i]) for i in range(len(shapes))]
-        expected = [d + offset if d >= 0 else -1
-                    for (d_boxes, d_scores, g_boxes), offset in zip(images, offsets)
-                    for d in greedy_reference(d_boxes, d_scores, g_boxes, 0.5, 0.0, legacy)]
+        expected = [
+            d + offset if d >= 0 else -1
+            for (d_boxes, d_scores, g_boxes), offset in zip(images, offsets)
+            for d in greedy_reference(d_boxes, d_scores, g_boxes, 0.5, 0.0, legacy)
+        ]
         assert got.tolist() == expected, (case, shapes)

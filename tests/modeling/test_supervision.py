@@ -1,5 +1,6 @@
 """The mask-supervision router: instance kinds, routing of criteria to their positives, the share
 scaling, loss weights and warm-ups, and the checks of its construction."""
+
 import pytest
 import torch
 
@@ -32,22 +33,36 @@ class MeanLogit:
         if not self.pairwise:
             return []
         k = sampled["gt_inds"].numel()
-        return [PairWeights(torch.ones(1, 8, 4, 4, dtype=torch.bool), torch.zeros(k, dtype=torch.long), torch.ones(k, 4, 4))]
+        return [
+            PairWeights(
+                torch.ones(1, 8, 4, 4, dtype=torch.bool),
+                torch.zeros(k, dtype=torch.long),
+                torch.ones(k, 4, 4),
+            )
+        ]
 
     def losses(self, logits, sampled, targets, pair_sums):
         self.seen.append(sampled["gt_inds"].clone())
         assert len(pair_sums) == (1 if self.pairwise else 0)
-        return {self.loss_names[0]: logits.mean(), self.metric_names[0]: torch.tensor(float(logits.shape[0]))}
+        return {
+            self.loss_names[0]: logits.mean(),
+            self.metric_names[0]: torch.tensor(float(logits.shape[0])),
+        }
 
 
 def target_batch(instances):
     inputs = [{"image": torch.zeros(3, 16, 16, dtype=torch.uint8)} for _ in instances]
-    return TargetBatch(inputs, instances, (16, 16), [(16, 16)] * len(instances), 4, 16, torch.device("cpu"))
+    return TargetBatch(
+        inputs, instances, (16, 16), [(16, 16)] * len(instances), 4, 16, torch.device("cpu")
+    )
 
 
 def instances(has_mask=None, pseudo_weights=None):
     n = len(has_mask if has_mask is not None else pseudo_weights)
-    out = {"boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]] * n), "labels": torch.zeros(n, dtype=torch.long)}
+    out = {
+        "boxes": torch.tensor([[0.0, 0.0, 8.0, 8.0]] * n),
+        "labels": torch.zeros(n, dtype=torch.long),
+    }
     if has_mask is not None:
         out["has_mask"] = torch.tensor(has_mask)
     if pseudo_weights is not None:
@@ -60,33 +75,66 @@ def test_instance_kinds_follow_has_mask_and_the_pseudo_weights():
     batch = target_batch([instances([True, False, False], [1.0, 0.7, 0.0])])
     assert router.instance_kinds(batch).tolist() == [MASK, PSEUDO, BOX]
     only_masks = MaskSupervision([], frozenset({MASK}))
-    assert only_masks.instance_kinds(target_batch([instances(pseudo_weights=[0.0, 0.0])])).tolist() == [MASK, MASK]
+    assert only_masks.instance_kinds(
+        target_batch([instances(pseudo_weights=[0.0, 0.0])])
+    ).tolist() == [MASK, MASK]
 
 
 def test_a_criterion_over_part_of_the_positives_sees_them_alone_and_weighs_their_share():
-    box, dice, everyone = MeanLogit("loss_box", pairwise=True), MeanLogit("loss_dice"), MeanLogit("loss_all", pairwise=True)
-    router = MaskSupervision(
-        [Route(box, frozenset({BOX})), Route(dice, frozenset({MASK})), Route(everyone, frozenset({MASK, BOX}))],
-        frozenset({MASK, BOX}), pairwise_offsets=[(dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2) if (dy, dx) != (0, 0)],
+    box, dice, everyone = (
+        MeanLogit("loss_box", pairwise=True),
+        MeanLogit("loss_dice"),
+        MeanLogit("loss_all", pairwise=True),
     )
-    batch = target_batch([instances([True, False]), instances([False])])  # instances 0 (mask), 1, 2 (box)
+    router = MaskSupervision(
+        [
+            Route(box, frozenset({BOX})),
+            Route(dice, frozenset({MASK})),
+            Route(everyone, frozenset({MASK, BOX})),
+        ],
+        frozenset({MASK, BOX}),
+        pairwise_offsets=[(dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2) if (dy, dx) != (0, 0)],
+    )
+    batch = target_batch(
+        [instances([True, False]), instances([False])]
+    )  # instances 0 (mask), 1, 2 (box)
     targets = router.targets(batch)
     assert targets["kinds"].tolist() == [MASK, BOX, BOX]
-    logits = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1, 1).expand(4, 1, 4, 4).clone().requires_grad_()
+    logits = (
+        torch.tensor([1.0, 2.0, 3.0, 4.0])
+        .view(4, 1, 1, 1)
+        .expand(4, 1, 4, 4)
+        .clone()
+        .requires_grad_()
+    )
     sampled = {"gt_inds": torch.tensor([0, 1, 2, 0]), "im_inds": torch.tensor([0, 0, 1, 0])}
     losses = router.losses(logits, sampled, targets, iteration=0)
-    assert box.seen[0].tolist() == [1, 2] and dice.seen[0].tolist() == [0, 0] and everyone.seen[0].tolist() == [0, 1, 2, 0]
-    assert losses["loss_box"].item() == pytest.approx(2.5 * 0.5)  # mean of its two positives, times 2/4
+    assert (
+        box.seen[0].tolist() == [1, 2]
+        and dice.seen[0].tolist() == [0, 0]
+        and everyone.seen[0].tolist() == [0, 1, 2, 0]
+    )
+    assert losses["loss_box"].item() == pytest.approx(
+        2.5 * 0.5
+    )  # mean of its two positives, times 2/4
     assert losses["loss_dice"].item() == pytest.approx(2.5 * 0.5)
     assert losses["loss_all"].item() == pytest.approx(2.5)  # covers every kind: not scaled
     assert losses["seen_by_loss_box"].item() == 2  # metrics are not scaled
     assert (losses["num_gt_masks"].item(), losses["num_box_only"].item()) == (1, 2)
-    assert list(losses)[::2] == ["loss_box", "loss_dice", "loss_all", "num_gt_masks"]  # the order of the routes
+    assert list(losses)[::2] == [
+        "loss_box",
+        "loss_dice",
+        "loss_all",
+        "num_gt_masks",
+    ]  # the order of the routes
 
 
 def test_a_criterion_without_positives_gives_connected_zeros_and_one_that_sits_out_gives_nothing():
     dice, pseudo = MeanLogit("loss_dice"), MeanLogit("loss_pseudo", available=False)
-    router = MaskSupervision([Route(dice, frozenset({MASK})), Route(pseudo, frozenset({MASK, BOX}))], frozenset({MASK, BOX}))
+    router = MaskSupervision(
+        [Route(dice, frozenset({MASK})), Route(pseudo, frozenset({MASK, BOX}))],
+        frozenset({MASK, BOX}),
+    )
     targets = router.targets(target_batch([instances([False, False])]))
     logits = torch.ones(2, 1, 4, 4, requires_grad=True)
     losses = router.losses(logits, {"gt_inds": torch.tensor([0, 1])}, targets, iteration=0)
@@ -107,6 +155,16 @@ def test_weights_and_linear_warm_ups_are_applied_in_one_place():
 
 def test_the_router_rejects_duplicate_loss_names_and_weights_of_unknown_losses():
     with pytest.raises(ValueError, match="same name"):
-        MaskSupervision([Route(MeanLogit("loss_a"), frozenset({BOX})), Route(MeanLogit("loss_a"), frozenset({BOX}))], frozenset({BOX}))
+        MaskSupervision(
+            [
+                Route(MeanLogit("loss_a"), frozenset({BOX})),
+                Route(MeanLogit("loss_a"), frozenset({BOX})),
+            ],
+            frozenset({BOX}),
+        )
     with pytest.raises(ValueError, match="loss_typo"):
-        MaskSupervision([Route(MeanLogit("loss_a"), frozenset({BOX}))], frozenset({BOX}), LossWeights({"loss_typo": 1.0}))
+        MaskSupervision(
+            [Route(MeanLogit("loss_a"), frozenset({BOX}))],
+            frozenset({BOX}),
+            LossWeights({"loss_typo": 1.0}),
+        )

@@ -1,4 +1,5 @@
 """Smoke calls of the benchmark tools (their figures are measured by hand, not in tests)."""
+
 import json
 import os
 import subprocess
@@ -14,7 +15,11 @@ pytestmark = pytest.mark.slow  # every tool runs as a command line
 def run_tool(name, *args, env=None):
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / name), *map(str, args)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -23,8 +28,22 @@ def run_tool(name, *args, env=None):
 def test_benchmark_accuracy_trains_and_tabulates_the_three_methods(tmp_path):
     env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
     out = run_tool(
-        "benchmark_accuracy.py", "--iters", "2", "--batch", "2", "--device", "cpu", "--min-size-train", "64",
-        "--min-size-test", "64", "--output-dir", tmp_path / "bench", "DATALOADER.NUM_WORKERS", "0", env=env,
+        "benchmark_accuracy.py",
+        "--iters",
+        "2",
+        "--batch",
+        "2",
+        "--device",
+        "cpu",
+        "--min-size-train",
+        "64",
+        "--min-size-test",
+        "64",
+        "--output-dir",
+        tmp_path / "bench",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        env=env,
     )
     assert "| CondInst" in out and "| BoxInst" in out and "| BoxTeacher" in out
     results = json.loads((tmp_path / "bench/results.json").read_text())["results"]
@@ -40,19 +59,45 @@ def test_benchmark_accuracy_of_mask_rcnn_over_seeds(tmp_path):
     mean and spread, the ratio to the same detector with masks."""
     env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
     out = run_tool(
-        "benchmark_accuracy.py", "--methods", "maskrcnn", "boxteacher_maskrcnn", "--seeds", "1", "2", "--iters", "2",
-        "--batch", "2", "--device", "cpu", "--min-size-train", "64", "--min-size-test", "64",
-        "--output-dir", tmp_path / "bench", "DATALOADER.NUM_WORKERS", "0", env=env,
+        "benchmark_accuracy.py",
+        "--methods",
+        "maskrcnn",
+        "boxteacher_maskrcnn",
+        "--seeds",
+        "1",
+        "2",
+        "--iters",
+        "2",
+        "--batch",
+        "2",
+        "--device",
+        "cpu",
+        "--min-size-train",
+        "64",
+        "--min-size-test",
+        "64",
+        "--output-dir",
+        tmp_path / "bench",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        env=env,
     )
     assert "| Mask R-CNN " in out and "| BoxTeacher, Mask R-CNN student" in out
     saved = json.loads((tmp_path / "bench/results.json").read_text())
     assert [(r["key"], r["seed"]) for r in saved["runs"]] == [
-        ("maskrcnn", 1), ("boxteacher_maskrcnn", 1), ("maskrcnn", 2), ("boxteacher_maskrcnn", 2)]
+        ("maskrcnn", 1),
+        ("boxteacher_maskrcnn", 1),
+        ("maskrcnn", 2),
+        ("boxteacher_maskrcnn", 2),
+    ]
     assert [r["seeds"] for r in saved["results"]] == [[1, 2], [1, 2]]
     for row in saved["results"]:
         runs = [r for r in saved["runs"] if r["key"] == row["key"]]
         assert row["seed_APs"] == [r["AP"] for r in runs]
-        assert row["AP"] == pytest.approx(sum(r["AP"] for r in runs) / 2, abs=0.051) and row["AP_std"] >= 0
+        assert (
+            row["AP"] == pytest.approx(sum(r["AP"] for r in runs) / 2, abs=0.051)
+            and row["AP_std"] >= 0
+        )
     assert all(f"SEED {r['seed']}" in r["command"] for r in saved["runs"])
     assert (tmp_path / "bench/boxteacher_maskrcnn/seed2/model_final.pth").is_file()
 
@@ -60,9 +105,26 @@ def test_benchmark_accuracy_of_mask_rcnn_over_seeds(tmp_path):
 def test_benchmark_accuracy_with_a_fraction_of_the_masks(tmp_path):
     env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
     out = run_tool(
-        "benchmark_accuracy.py", "--methods", "boxinst", "--mask-fraction", "0.5", "--iters", "2", "--batch", "2",
-        "--device", "cpu", "--min-size-train", "64", "--min-size-test", "64", "--output-dir", tmp_path / "bench",
-        "DATALOADER.NUM_WORKERS", "0", env=env,
+        "benchmark_accuracy.py",
+        "--methods",
+        "boxinst",
+        "--mask-fraction",
+        "0.5",
+        "--iters",
+        "2",
+        "--batch",
+        "2",
+        "--device",
+        "cpu",
+        "--min-size-train",
+        "64",
+        "--min-size-test",
+        "64",
+        "--output-dir",
+        tmp_path / "bench",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        env=env,
     )
     assert "| BoxInst" in out and "boxes + 50% masks" in out
     result = json.loads((tmp_path / "bench/results.json").read_text())["runs"][0]
@@ -73,9 +135,22 @@ def test_benchmark_accuracy_with_a_fraction_of_the_masks(tmp_path):
 def test_benchmark_speed_compares_boxinst_and_boxteacher_with_a_breakdown(tmp_path):
     env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
     out = run_tool(
-        "benchmark_speed.py", "--config-file", "configs/quickstart/boxinst_shapes.yaml",
-        "configs/quickstart/boxteacher_shapes.yaml", "--batch-size", "2", "--short-side", "64", "--iters", "2",
-        "--with-data", "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0", env=env,
+        "benchmark_speed.py",
+        "--config-file",
+        "configs/quickstart/boxinst_shapes.yaml",
+        "configs/quickstart/boxteacher_shapes.yaml",
+        "--batch-size",
+        "2",
+        "--short-side",
+        "64",
+        "--iters",
+        "2",
+        "--with-data",
+        "MODEL.DEVICE",
+        "cpu",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        env=env,
     )
     table, breakdown = out.strip().split("\n\n")
     assert "| BoxInst" in table and "| BoxTeacher" in table and "1.00x" in table
@@ -91,13 +166,32 @@ def test_benchmark_speed_compares_boxinst_and_boxteacher_with_a_breakdown(tmp_pa
 
 def test_benchmark_teacher_postprocess_keeps_the_assignable_detections():
     out = run_tool(
-        "benchmark_teacher_postprocess.py", "--teacher-size", "64", "96", "--student-size", "48", "64",
-        "--detections", "20", "--boxes", "3", "--near-fraction", "0.5", "--repeats", "1",
+        "benchmark_teacher_postprocess.py",
+        "--teacher-size",
+        "64",
+        "96",
+        "--student-size",
+        "48",
+        "64",
+        "--detections",
+        "20",
+        "--boxes",
+        "3",
+        "--near-fraction",
+        "0.5",
+        "--repeats",
+        "1",
     )
-    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "ms per" not in line]
+    rows = [
+        line.strip("|").split("|")
+        for line in out.splitlines()
+        if line.startswith("| ") and "ms per" not in line
+    ]
     masks = {name.strip(): float(count) for name, count, *_ in rows}
     assert masks["every detection (release)"] == 20
-    assert 10 <= masks["assignable detections only"] < 20  # the jittered copies of the boxes, maybe a few more
+    assert (
+        10 <= masks["assignable detections only"] < 20
+    )  # the jittered copies of the boxes, maybe a few more
     assert masks["assigned masks as they are"] == masks["guided filter, radius 4"] == 3
 
 
@@ -105,20 +199,56 @@ def test_benchmark_training_counts_operators_and_syncs_per_part(tmp_path):
     """Without --weights the tool first trains the first config (a 2-iteration BoxInst)."""
     env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
     out = run_tool(
-        "benchmark_training.py", "--config-file", "configs/quickstart/boxinst_shapes.yaml",
-        "configs/quickstart/boxteacher_shapes.yaml", "--pretrain-iters", "2", "--warmup", "1", "--iters", "1",
-        "--profile-iters", "1", "--json", tmp_path / "steps.json", "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0",
-        "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64", env=env,
+        "benchmark_training.py",
+        "--config-file",
+        "configs/quickstart/boxinst_shapes.yaml",
+        "configs/quickstart/boxteacher_shapes.yaml",
+        "--pretrain-iters",
+        "2",
+        "--warmup",
+        "1",
+        "--iters",
+        "1",
+        "--profile-iters",
+        "1",
+        "--json",
+        tmp_path / "steps.json",
+        "MODEL.DEVICE",
+        "cpu",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(64,)",
+        "INPUT.MIN_SIZE_TEST",
+        "64",
+        env=env,
     )
     assert "| BoxInst" in out and "| BoxTeacher" in out and "operator calls / step" in out
     boxinst, boxteacher = json.loads((tmp_path / "steps.json").read_text())["results"]
     for result in (boxinst, boxteacher):
-        assert result["seconds_per_iter"] > 0 and result["ops_per_step"] > 100 and result["syncs_per_step"] >= 1
+        assert (
+            result["seconds_per_iter"] > 0
+            and result["ops_per_step"] > 100
+            and result["syncs_per_step"] >= 1
+        )
         parts = {p["part"]: p for p in result["parts"]}
-        assert {"forward", "student: network", "student: mask losses", "backward", "optimizer"} <= set(parts)
+        assert {
+            "forward",
+            "student: network",
+            "student: mask losses",
+            "backward",
+            "optimizer",
+        } <= set(parts)
         assert sum(p["ops"] for p in result["parts"]) == result["ops_per_step"]
     teacher_parts = {p["part"] for p in boxteacher["parts"]}
-    assert {"teacher: network", "pseudo labels: assignment", "pseudo labels: refinement", "ema"} <= teacher_parts
+    assert {
+        "teacher: network",
+        "pseudo labels: assignment",
+        "pseudo labels: refinement",
+        "ema",
+    } <= teacher_parts
     assert not any(p["part"].startswith("teacher") for p in boxinst["parts"])
 
 
@@ -127,14 +257,34 @@ def test_gpu_check_runs_every_part_and_prints_one_table(tmp_path):
     a bfloat16 step on a CPU may even diverge: only its row is checked)."""
     env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "gpu_check.py"), "--quick", "--device", "cpu", "--skip", "pytest",
-         "--output", str(tmp_path / "check.json"), "DATALOADER.NUM_WORKERS", "0"],
-        cwd=REPO, capture_output=True, text=True, timeout=900, env=env,
+        [
+            sys.executable,
+            str(REPO / "tools" / "gpu_check.py"),
+            "--quick",
+            "--device",
+            "cpu",
+            "--skip",
+            "pytest",
+            "--output",
+            str(tmp_path / "check.json"),
+            "DATALOADER.NUM_WORKERS",
+            "0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
     assert proc.returncode in (0, 1), proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "check.json").read_text())
     checks = [r["check"] for r in rows]
-    assert checks[:2] == ["BoxTeacher / BoxInst step (float32, real data)", "BoxTeacher / BoxInst step (AMP, real data)"]
-    assert checks[2] == "AMP speed-up (synthetic batch)" and checks[3].startswith("pairwise term (packed), boxes, 16 instances")
+    assert checks[:2] == [
+        "BoxTeacher / BoxInst step (float32, real data)",
+        "BoxTeacher / BoxInst step (AMP, real data)",
+    ]
+    assert checks[2] == "AMP speed-up (synthetic batch)" and checks[3].startswith(
+        "pairwise term (packed), boxes, 16 instances"
+    )
     assert all(r["measured"] != "-" for i, r in enumerate(rows) if i != 1), rows
     assert "| check" in proc.stdout

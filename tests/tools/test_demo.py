@@ -1,5 +1,6 @@
 """The picture helpers (``boxteacher.utils.visualizer``), ``Predictor``, ``boxteacher.demo`` and
 ``tools/demo.py`` on tiny models."""
+
 import json
 import os
 import subprocess
@@ -29,8 +30,18 @@ from tiny_models import REPO, tiny_cfg
 
 # Few detections at a small test size, and class names and json ids (1, 3, 7) from shapes_val,
 # whose metadata needs no file.
-TINY_DEMO = ["DATASETS.TEST", "('shapes_val',)", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96",
-             "MODEL.FCOS.POST_NMS_TOPK_TEST", "4", "MODEL.FCOS.PRIOR_PROB", "0.5"]
+TINY_DEMO = [
+    "DATASETS.TEST",
+    "('shapes_val',)",
+    "INPUT.MIN_SIZE_TEST",
+    "64",
+    "INPUT.MAX_SIZE_TEST",
+    "96",
+    "MODEL.FCOS.POST_NMS_TOPK_TEST",
+    "4",
+    "MODEL.FCOS.PRIOR_PROB",
+    "0.5",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +81,9 @@ def test_draw_instances_colours_inside_the_mask_and_leaves_far_pixels_alone():
 def test_draw_instances_boxes_and_tags_are_drawn_near_their_instance():
     image = np.zeros((100, 100, 3), dtype=np.uint8)
     boxes = np.array([[40.0, 50.0, 90.0, 90.0]])
-    out = draw_instances(image, boxes=boxes, labels=["cat"], scores=[0.9], colors=np.array([[0, 255, 0]]))
+    out = draw_instances(
+        image, boxes=boxes, labels=["cat"], scores=[0.9], colors=np.array([[0, 255, 0]])
+    )
     changed = np.argwhere(out.any(axis=2))
     assert out[70, 40, 1] > 200 and out[50, 60, 1] > 200  # the rectangle's edges (anti-aliased)
     assert changed[:, 0].min() >= 50 - 20 and changed[:, 1].min() >= 38  # the tag sits on the box
@@ -79,7 +92,10 @@ def test_draw_instances_boxes_and_tags_are_drawn_near_their_instance():
 
 def test_draw_instances_without_instances_copies_the_image():
     image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
-    for out in (draw_instances(image), draw_instances(image, np.zeros((0, 20, 30), bool), labels=[], scores=[])):
+    for out in (
+        draw_instances(image),
+        draw_instances(image, np.zeros((0, 20, 30), bool), labels=[], scores=[]),
+    ):
         np.testing.assert_array_equal(out, image)
         assert out is not image
 
@@ -134,8 +150,10 @@ def write_tiny_setup(tmp_path, *overrides):
 def write_images(folder):
     folder.mkdir()
     rng = np.random.default_rng(0)
-    images = {"first.png": rng.integers(0, 256, (50, 70, 3), dtype=np.uint8),
-              "second.jpg": rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)}
+    images = {
+        "first.png": rng.integers(0, 256, (50, 70, 3), dtype=np.uint8),
+        "second.jpg": rng.integers(0, 256, (64, 48, 3), dtype=np.uint8),
+    }
     for name, image in images.items():
         cv2.imwrite(str(folder / name), image)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
@@ -149,10 +167,24 @@ def test_demo_draws_and_records_every_readable_image_and_skips_the_corrupt_one(t
     images = write_images(tmp_path / "images")
     out_dir = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools/demo.py"), "--config-file", str(config_file),
-         "--input", str(tmp_path / "images"), "--output", str(out_dir), "--confidence-threshold", "0",
-         "MODEL.WEIGHTS", str(weights)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "tools/demo.py"),
+            "--config-file",
+            str(config_file),
+            "--input",
+            str(tmp_path / "images"),
+            "--output",
+            str(out_dir),
+            "--confidence-threshold",
+            "0",
+            "MODEL.WEIGHTS",
+            str(weights),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "broken.jpg" in proc.stderr and "could not be decoded" in proc.stderr
@@ -165,8 +197,11 @@ def test_demo_draws_and_records_every_readable_image_and_skips_the_corrupt_one(t
     assert {r["file_name"] for r in results} == {str(tmp_path / "images" / n) for n in images}
     assert {r["category_id"] for r in results} <= {1, 3, 7}
     gt = COCO()
-    gt.dataset = {"images": [{"id": 1, "height": 50, "width": 70}, {"id": 2, "height": 64, "width": 48}],
-                  "categories": [{"id": i} for i in (1, 3, 7)], "annotations": []}
+    gt.dataset = {
+        "images": [{"id": 1, "height": 50, "width": 70}, {"id": 2, "height": 64, "width": 48}],
+        "categories": [{"id": i} for i in (1, 3, 7)],
+        "annotations": [],
+    }
     gt.createIndex()
     loaded = gt.loadRes(results)
     for ann in loaded.dataset["annotations"]:
@@ -179,7 +214,8 @@ def test_demo_draws_and_records_every_readable_image_and_skips_the_corrupt_one(t
 
 def test_demo_with_boxteacher_predicts_with_the_teacher_at_the_test_size(tmp_path):
     config_file, weights, model = write_tiny_setup(
-        tmp_path, "MODEL.META_ARCHITECTURE", "BoxTeacher", "MODEL.BOXINST.ENABLED", "True")
+        tmp_path, "MODEL.META_ARCHITECTURE", "BoxTeacher", "MODEL.BOXINST.ENABLED", "True"
+    )
     images = write_images(tmp_path / "images")
     out_dir = tmp_path / "out"
     path = str(tmp_path / "images" / "first.png")
@@ -190,11 +226,15 @@ def test_demo_with_boxteacher_predicts_with_the_teacher_at_the_test_size(tmp_pat
     record = {"file_name": path, "image_id": 1, "height": height, "width": width}
     sample = DatasetMapper.from_config(cfg, is_train=False)(record)
     model.eval()
-    teacher, student = (net([sample])[0]["instances"]["scores"] for net in (model.teacher, model.student))
+    teacher, student = (
+        net([sample])[0]["instances"]["scores"] for net in (model.teacher, model.student)
+    )
     assert not torch.equal(teacher, student)
     recorded = [r["score"] for r in json.loads((out_dir / "results.json").read_text())]
     assert recorded, "the tiny model should give detections above 0.3"
-    np.testing.assert_allclose(sorted(recorded), sorted(teacher[teacher >= 0.3].tolist()), rtol=1e-5)
+    np.testing.assert_allclose(
+        sorted(recorded), sorted(teacher[teacher >= 0.3].tolist()), rtol=1e-5
+    )
 
 
 def test_demo_draws_nothing_below_the_threshold_and_numbers_unknown_classes(tmp_path):
@@ -215,7 +255,12 @@ def test_demo_fails_when_no_image_can_be_read(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"garbage")
     predictor = Predictor(load_config(str(config_file), ["MODEL.WEIGHTS", str(weights)]))
     with pytest.raises(FileNotFoundError, match="could be read"):
-        run_demo(predictor, [str(tmp_path / "broken.png"), str(tmp_path / "missing.jpg")], str(tmp_path / "out"), 0.5)
+        run_demo(
+            predictor,
+            [str(tmp_path / "broken.png"), str(tmp_path / "missing.jpg")],
+            str(tmp_path / "out"),
+            0.5,
+        )
     assert not (tmp_path / "out" / "results.json").exists()
 
 
@@ -225,14 +270,34 @@ def test_output_names_are_unique_and_inputs_are_expanded_once(tmp_path):
     write_images(tmp_path / "images")
     folder = str(tmp_path / "images")
     expanded = expand_inputs([folder, f"{folder}/*.jpg", f"{folder}/first.png", "missing.png"])
-    assert [Path(p).name for p in expanded] == ["broken.jpg", "first.png", "second.jpg", "missing.png"]
+    assert [Path(p).name for p in expanded] == [
+        "broken.jpg",
+        "first.png",
+        "second.jpg",
+        "missing.png",
+    ]
 
 
 @pytest.mark.slow
 def test_demo_reports_config_overrides_given_as_inputs_and_missing_weights(tmp_path):
     misplaced = subprocess.run(
-        [sys.executable, str(REPO / "tools/demo.py"), "--config-file", "c.yaml", "--output", "o", "--input",
-         "a.jpg", "MODEL.WEIGHTS", "w.pth"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(REPO / "tools/demo.py"),
+            "--config-file",
+            "c.yaml",
+            "--output",
+            "o",
+            "--input",
+            "a.jpg",
+            "MODEL.WEIGHTS",
+            "w.pth",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert misplaced.returncode == 2 and "put config overrides after --output" in misplaced.stderr
     config_file, _, _ = write_tiny_setup(tmp_path)
     with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
@@ -244,22 +309,65 @@ def test_demo_runs_on_the_checkpoint_of_a_short_training_run(tmp_path):
     """train_net.py trains the tiny model for 2 iterations on the built-in shapes set; the demo
     loads its model_final.pth (a full training checkpoint) and draws with the dataset's names."""
     env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "datasets")}
-    cfg = tiny_cfg(*TINY_DEMO, "DATASETS.TRAIN", "('shapes_train',)", "SOLVER.MAX_ITER", "2",
-                   "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(64,)",
-                   "SEED", "0", "OUTPUT_DIR", str(tmp_path / "run"))
+    cfg = tiny_cfg(
+        *TINY_DEMO,
+        "DATASETS.TRAIN",
+        "('shapes_train',)",
+        "SOLVER.MAX_ITER",
+        "2",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(64,)",
+        "SEED",
+        "0",
+        "OUTPUT_DIR",
+        str(tmp_path / "run"),
+    )
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(cfg.dump())
-    train = subprocess.run([sys.executable, str(REPO / "train_net.py"), "--config-file", str(config_file),
-                            "DATASETS.TEST", "()"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    train = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train_net.py"),
+            "--config-file",
+            str(config_file),
+            "DATASETS.TEST",
+            "()",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     write_images(tmp_path / "images")
     out_dir = tmp_path / "out"
     demo = subprocess.run(
-        [sys.executable, str(REPO / "tools/demo.py"), "--config-file", str(config_file), "--input",
-         str(tmp_path / "images"), "--output", str(out_dir), "--confidence-threshold", "0",
-         "MODEL.WEIGHTS", str(tmp_path / "run/model_final.pth"),
-         "MODEL.FCOS.INFERENCE_TH_TEST", "0.0"],  # two iterations may leave every score low
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            str(REPO / "tools/demo.py"),
+            "--config-file",
+            str(config_file),
+            "--input",
+            str(tmp_path / "images"),
+            "--output",
+            str(out_dir),
+            "--confidence-threshold",
+            "0",
+            "MODEL.WEIGHTS",
+            str(tmp_path / "run/model_final.pth"),
+            "MODEL.FCOS.INFERENCE_TH_TEST",
+            "0.0",
+        ],  # two iterations may leave every score low
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-3000:]
     assert sorted(p.name for p in out_dir.iterdir()) == ["first.png", "results.json", "second.png"]

@@ -6,6 +6,7 @@ module. Another detector plugs in by registering its own builder, with the ``Arc
 its data needs (``register_architecture``). This is the only module that knows architectures by
 name: everything else reads ``architecture_spec(cfg)``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,7 +37,9 @@ from .utils.env import resolve_device
 logger = logging.getLogger(__name__)
 
 BACKBONE_REGISTRY = Registry("BACKBONE")
-BACKBONE_REGISTRY.__doc__ = "Backbone builders: f(cfg) -> module with strides, out_channels, size_divisibility."
+BACKBONE_REGISTRY.__doc__ = (
+    "Backbone builders: f(cfg) -> module with strides, out_channels, size_divisibility."
+)
 META_ARCH_REGISTRY = Registry("META_ARCH")
 META_ARCH_REGISTRY.__doc__ = "Model builders, registered under their MODEL.META_ARCHITECTURE name."
 
@@ -47,7 +50,9 @@ _Builder = TypeVar("_Builder", bound=Callable[[CfgNode], nn.Module])
 _ARCHITECTURE_SPECS: dict[str, SpecOrFunction] = {}
 
 
-def register_architecture(spec: SpecOrFunction = ArchitectureSpec()) -> Callable[[_Builder], _Builder]:
+def register_architecture(
+    spec: SpecOrFunction = ArchitectureSpec(),
+) -> Callable[[_Builder], _Builder]:
     """Decorator: register a model builder in ``META_ARCH_REGISTRY`` under its function name (the
     ``MODEL.META_ARCHITECTURE`` value), with the ``ArchitectureSpec`` of its data needs, or a
     function ``cfg -> ArchitectureSpec`` when they depend on the config.
@@ -86,7 +91,10 @@ def architecture_spec(cfg: CfgNode) -> ArchitectureSpec:
     spec = _ARCHITECTURE_SPECS.get(name, ArchitectureSpec())
     spec = spec if isinstance(spec, ArchitectureSpec) else spec(cfg)
     if not isinstance(spec, ArchitectureSpec):
-        raise TypeError(f"The spec function of architecture '{name}' returned {spec!r}, not an ArchitectureSpec.")
+        raise TypeError(
+            f"The spec function of architecture '{name}' returned {spec!r}, not an "
+            "ArchitectureSpec."
+        )
     return spec
 
 
@@ -95,7 +103,9 @@ def build_fcos_resnet_fpn_backbone(cfg: CfgNode) -> FPNBackbone:
     """ResNet + FPN with P6/P7 on P5, as AdelaiDet's builder of the same name."""
     r = cfg.MODEL.RESNETS
     if r.INIT not in INITIALISATIONS:
-        raise ValueError(f"MODEL.RESNETS.INIT must be one of {list(INITIALISATIONS)}, got {r.INIT!r}")
+        raise ValueError(
+            f"MODEL.RESNETS.INIT must be one of {list(INITIALISATIONS)}, got {r.INIT!r}"
+        )
     bottom_up = ResNet(
         depth=r.DEPTH,
         norm=get_norm(r.NORM),
@@ -134,7 +144,10 @@ def build_fcos(cfg: CfgNode, backbone: nn.Module) -> FCOS:
         )
     strides = [backbone.strides[name] for name in f.IN_FEATURES]
     if list(f.FPN_STRIDES) != strides:
-        raise ValueError(f"MODEL.FCOS.FPN_STRIDES {list(f.FPN_STRIDES)} disagree with the backbone strides {strides}")
+        raise ValueError(
+            f"MODEL.FCOS.FPN_STRIDES {list(f.FPN_STRIDES)} disagree with the backbone strides "
+            f"{strides}"
+        )
     if f.NORM not in ("GN", "none"):
         raise ValueError(f"MODEL.FCOS.NORM must be 'GN' or 'none', got '{f.NORM}'")
     head = FCOSHead(
@@ -248,11 +261,18 @@ def CondInst(cfg: CfgNode) -> CondInstDetector:  # noqa: N802 (registered under 
     """CondInst from ``MODEL.*``: trained with annotation masks, or from boxes (BoxInst) when
     ``MODEL.BOXINST.ENABLED``."""
     if not cfg.MODEL.BOXINST.ENABLED:
-        masks = MaskSupervision([Route(DiceMaskCriterion(), frozenset({SupervisionKind.MASK}))],
-                                frozenset({SupervisionKind.MASK}))
-        return CondInstDetector(supervision=masks, positive_centers="masks", **_condinst_kwargs(cfg))
-    return CondInstDetector(supervision=_supervision(cfg, pseudo_masks=False), positive_centers="box_masks",
-                            **_condinst_kwargs(cfg))
+        masks = MaskSupervision(
+            [Route(DiceMaskCriterion(), frozenset({SupervisionKind.MASK}))],
+            frozenset({SupervisionKind.MASK}),
+        )
+        return CondInstDetector(
+            supervision=masks, positive_centers="masks", **_condinst_kwargs(cfg)
+        )
+    return CondInstDetector(
+        supervision=_supervision(cfg, pseudo_masks=False),
+        positive_centers="box_masks",
+        **_condinst_kwargs(cfg),
+    )
 
 
 def teacher_pass(cfg: CfgNode) -> TeacherPass:
@@ -288,12 +308,17 @@ def _boxteacher_spec(cfg: CfgNode) -> ArchitectureSpec:
     ``MODEL.BOXINST.ENABLED`` when it is False: the student is always BoxInst."""
     if not cfg.MODEL.BOXINST.ENABLED:
         raise ValueError(
-            "MODEL.BOXINST.ENABLED must be True with MODEL.META_ARCHITECTURE BoxTeacher: BoxTeacher's "
+            "MODEL.BOXINST.ENABLED must be True with MODEL.META_ARCHITECTURE BoxTeacher: "
+            "BoxTeacher's "
             "student is BoxInst, trained from boxes (and the teacher's pseudo masks), never from "
             "mask annotations alone."
         )
-    return ArchitectureSpec(box_supervised=True, student_view=True, teacher_student=True,
-                            ema_teacher=not cfg.MODEL.BOX_TEACHER.TEACHER_CONFIG)
+    return ArchitectureSpec(
+        box_supervised=True,
+        student_view=True,
+        teacher_student=True,
+        ema_teacher=not cfg.MODEL.BOX_TEACHER.TEACHER_CONFIG,
+    )
 
 
 @register_architecture(_boxteacher_spec)
@@ -334,7 +359,9 @@ def _trained_network(cfg: CfgNode) -> tuple[str, str]:
     return "MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE
 
 
-def _boxteacher_network_kind(cfg: CfgNode, key: str, name: str) -> tuple[Callable[[CfgNode], nn.Module], Callable]:
+def _boxteacher_network_kind(
+    cfg: CfgNode, key: str, name: str
+) -> tuple[Callable[[CfgNode], nn.Module], Callable]:
     """The network builder and teacher view of a BoxTeacher network named ``name`` (the value of
     ``key``); ValueError naming the key for another name."""
     if name not in _BOXTEACHER_NETWORKS:
@@ -366,7 +393,9 @@ def _frozen_teacher(cfg: CfgNode) -> tuple[nn.Module, TeacherProtocol]:
 
 def _boxteacher_mask_rcnn(cfg: CfgNode) -> MaskRCNNDetector:
     """A Mask R-CNN of BoxTeacher: pseudo masks and box terms, mask-aware scores."""
-    return mask_rcnn_network(cfg, roi_supervision(cfg, "pseudo_masks", box_terms=True), mask_aware_scores=True)
+    return mask_rcnn_network(
+        cfg, roi_supervision(cfg, "pseudo_masks", box_terms=True), mask_aware_scores=True
+    )
 
 
 # The networks BoxTeacher's student (and its EMA teacher) can be, with their teacher views.
@@ -397,7 +426,9 @@ def pseudo_labeler(cfg: CfgNode) -> PseudoLabeler:
         iou_threshold=t.IOU_THR,
         score_threshold=t.SCORE_THR,
         legacy_first_detection_bug=t.LEGACY_ASSIGNMENT,
-        mask_threshold=None if t.RETURN_FLOAT_MASK or t.SOFT_PSEUDO_MASKS else t.TEACHER_MASK_THRESHOLD,
+        mask_threshold=None
+        if t.RETURN_FLOAT_MASK or t.SOFT_PSEUDO_MASKS
+        else t.TEACHER_MASK_THRESHOLD,
         refinement=mask_refinement(cfg),
     )
 
@@ -414,7 +445,8 @@ def build_pseudo_labelling_model(cfg: CfgNode) -> boxteacher.BoxTeacher:
 
 
 def mask_refinement(cfg: CfgNode) -> MaskRefinement | None:
-    """The guided-filter refinement of pseudo masks (``MODEL.BOX_TEACHER.REFINE_*``), None when off."""
+    """The guided-filter refinement of pseudo masks (``MODEL.BOX_TEACHER.REFINE_*``), None when
+    off."""
     t = cfg.MODEL.BOX_TEACHER
     if t.REFINE_RADIUS < 0 or t.REFINE_EPS <= 0:
         raise ValueError(

@@ -10,6 +10,7 @@ COCO results format to ``OUTPUT/results.json``: one dict per detection with ``fi
 ``bbox`` (XYWH), ``score`` and ``segmentation`` (RLE). Unreadable images are skipped with a
 warning.
 """
+
 from __future__ import annotations
 
 import glob
@@ -57,13 +58,20 @@ class ClassNames:
             names = list(metadata.thing_classes)
             to_contiguous = dict(metadata.thing_dataset_id_to_contiguous_id)
         except (OSError, AttributeError, ValueError) as e:
-            logger.warning("No class names from dataset '%s' (%s): labels are drawn as numbers.", name, e)
+            logger.warning(
+                "No class names from dataset '%s' (%s): labels are drawn as numbers.", name, e
+            )
             return fallback
         json_ids = sorted(to_contiguous, key=to_contiguous.get)
-        if len(names) != num_classes or [to_contiguous[i] for i in json_ids] != list(range(num_classes)):
+        if len(names) != num_classes or [to_contiguous[i] for i in json_ids] != list(
+            range(num_classes)
+        ):
             logger.warning(
-                "Dataset '%s' has %d classes but MODEL.FCOS.NUM_CLASSES is %d: labels are drawn as numbers.",
-                name, len(names), num_classes,
+                "Dataset '%s' has %d classes but MODEL.FCOS.NUM_CLASSES is %d: labels are drawn "
+                "as numbers.",
+                name,
+                len(names),
+                num_classes,
             )
             return fallback
         return cls(names, json_ids)
@@ -76,8 +84,10 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     for item in inputs:
         if os.path.isdir(item):
             found = sorted(
-                os.path.join(item, name) for name in os.listdir(item)
-                if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(item, name))
+                os.path.join(item, name)
+                for name in os.listdir(item)
+                if name.lower().endswith(IMAGE_EXTENSIONS)
+                and os.path.isfile(os.path.join(item, name))
             )
         elif any(char in item for char in "*?["):
             found = sorted(path for path in glob.glob(item) if os.path.isfile(path))
@@ -117,7 +127,9 @@ def confident(instances: dict[str, torch.Tensor], threshold: float) -> dict[str,
     return {key: value[order].cpu() for key, value in instances.items()}
 
 
-def draw(image_bgr: np.ndarray, instances: dict[str, torch.Tensor], classes: ClassNames) -> np.ndarray:
+def draw(
+    image_bgr: np.ndarray, instances: dict[str, torch.Tensor], classes: ClassNames
+) -> np.ndarray:
     """RGB uint8 (H, W, 3) picture of ``instances`` (most confident first, as ``confident``
     gives them; masks (N, H, W)) on the image; the most confident detections are drawn last, so
     that their masks and tags are on top (a reversed view of the masks, not a copy)."""
@@ -152,7 +164,9 @@ def run_demo(
             results.append({"file_name": path, **result})
         logger.info("%s: %d detections -> %s", path, len(instances["scores"]), name)
     if not pictures:
-        raise FileNotFoundError(f"None of the {len(paths)} input images could be read (see the warnings above).")
+        raise FileNotFoundError(
+            f"None of the {len(paths)} input images could be read (see the warnings above)."
+        )
     with atomic_open(os.path.join(output_dir, RESULTS_FILE), "w") as f:
         json.dump(results, f)
     return pictures, len(results), len(paths) - pictures

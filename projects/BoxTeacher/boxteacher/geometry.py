@@ -1,5 +1,6 @@
 """Image geometry shared by the data pipeline and the models (plain Python: imports nothing of
 the package, so that ``data/`` and ``modeling/`` both use it without depending on each other)."""
+
 from __future__ import annotations
 
 

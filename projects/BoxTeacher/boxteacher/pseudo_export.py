@@ -16,6 +16,7 @@ The output is the input COCO dict with, in every non-crowd annotation:
 Crowd annotations, every other field and every image are kept unchanged; the input's own masks
 are never shown to the network.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -61,7 +62,9 @@ class ExportSettings:
     log_period_s: float = 30.0
 
     @classmethod
-    def from_config(cls, cfg: Any, min_score: float = 0.0, box_fallback: bool = False) -> "ExportSettings":
+    def from_config(
+        cls, cfg: Any, min_score: float = 0.0, box_fallback: bool = False
+    ) -> "ExportSettings":
         """The settings of training's pseudo labels in ``cfg`` (mask threshold, image format)."""
         return cls(
             mask_threshold=cfg.MODEL.BOX_TEACHER.TEACHER_MASK_THRESHOLD,
@@ -71,7 +74,9 @@ class ExportSettings:
         )
 
 
-def box_labels(labels: dict[str, torch.Tensor], settings: ExportSettings) -> dict[str, torch.Tensor]:
+def box_labels(
+    labels: dict[str, torch.Tensor], settings: ExportSettings
+) -> dict[str, torch.Tensor]:
     """What the export writes of one image's pseudo labels (``BoxTeacher.pseudo_label``: ``masks``
     (N, h, w), ``weights`` (N,), ``assigned`` (N,)): ``masks`` bool (N, h, w) (empty where no
     detection was assigned), ``scores`` (N,) the pseudo-mask weights (0 where none) and
@@ -79,7 +84,9 @@ def box_labels(labels: dict[str, torch.Tensor], settings: ExportSettings) -> dic
     masks, scores = labels["masks"], labels["weights"]
     if masks.dtype != torch.bool:
         masks = masks > settings.mask_threshold
-    matched = (labels["assigned"] >= 0) & masks.flatten(1).any(dim=1) & (scores >= settings.min_score)
+    matched = (
+        (labels["assigned"] >= 0) & masks.flatten(1).any(dim=1) & (scores >= settings.min_score)
+    )
     return {"masks": masks, "scores": scores, "matched": matched}
 
 
@@ -139,8 +146,10 @@ class PseudoMaskExporter:
         for position, ann in enumerate(annotations):
             if not ann.get("iscrowd", 0):
                 positions[ann["image_id"]].append(position)
-        with_boxes = sorted((image for image in data["images"] if positions[image["id"]]),
-                            key=lambda image: (int(image["height"]), int(image["width"])))
+        with_boxes = sorted(
+            (image for image in data["images"] if positions[image["id"]]),
+            key=lambda image: (int(image["height"]), int(image["width"])),
+        )
         reader = _ImageReader(image_root, self.settings.image_format)
         labels: dict[int, BoxLabel] = {}
         without_area: list = []
@@ -154,8 +163,11 @@ class PseudoMaskExporter:
                 image_positions = positions[image["id"]]
                 sample, kept = _sample(image, pixels, [annotations[p] for p in image_positions])
                 batch.append((sample, [image_positions[k] for k in kept]))
-                without_area += [annotations[p].get("id", f"#{p}") for k, p in enumerate(image_positions)
-                                 if k not in kept]
+                without_area += [
+                    annotations[p].get("id", f"#{p}")
+                    for k, p in enumerate(image_positions)
+                    if k not in kept
+                ]
             if batch:
                 labels.update(self._label(batch))
             progress.step(len(chunk))
@@ -173,8 +185,13 @@ class PseudoMaskExporter:
         for (_, positions), label in zip(batch, labels):
             out = box_labels(label, self.settings)
             rles = iter(encode_rle(out["masks"][out["matched"]]))
-            for position, score, matched in zip(positions, out["scores"].tolist(), out["matched"].tolist()):
-                yield position, BoxLabel(next(rles) if matched else None, float(score), bool(matched))
+            for position, score, matched in zip(
+                positions, out["scores"].tolist(), out["matched"].tolist()
+            ):
+                yield (
+                    position,
+                    BoxLabel(next(rles) if matched else None, float(score), bool(matched)),
+                )
 
     def _exported_annotation(self, ann: dict, label: BoxLabel, image: dict) -> dict:
         if ann.get("iscrowd", 0):
@@ -186,7 +203,9 @@ class PseudoMaskExporter:
             out["segmentation"] = label.segmentation
         elif self.settings.box_fallback:
             height, width = int(image["height"]), int(image["width"])
-            out["segmentation"] = box_mask_rle(clipped_xyxy(ann["bbox"], height, width), height, width)
+            out["segmentation"] = box_mask_rle(
+                clipped_xyxy(ann["bbox"], height, width), height, width
+            )
         return out
 
 
@@ -202,7 +221,9 @@ class _ImageReader:
     def read(self, image: dict) -> np.ndarray | None:
         path = os.path.join(self.image_root, image["file_name"])
         size = (int(image["height"]), int(image["width"]))
-        pixels = image_io.read_image_or_warn(path, size, self.image_format, "its boxes get no pseudo mask")
+        pixels = image_io.read_image_or_warn(
+            path, size, self.image_format, "its boxes get no pseudo mask"
+        )
         if pixels is not None:
             self._failures_in_a_row = 0
             return pixels
@@ -210,7 +231,8 @@ class _ImageReader:
         self._failures_in_a_row += 1
         if self._failures_in_a_row >= MAX_CONSECUTIVE_UNREADABLE:
             raise OSError(
-                f"{self._failures_in_a_row} images in a row could not be read (the last: '{path}'); "
+                f"{self._failures_in_a_row} images in a row could not be read (the last: "
+                f"'{path}'); "
                 f"is the image folder '{self.image_root}' right?"
             )
         return None
@@ -236,7 +258,7 @@ def _chunks(items: list, size: int) -> Iterator[list]:
     if size < 1:
         raise ValueError(f"The batch size must be at least 1, got {size}.")
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def _summary(ann_ids: list, what: str) -> None:
@@ -261,5 +283,10 @@ class _Progress:
         self.last_log = now
         rate = self.done / max(now - self.start, 1e-9)
         eta = (self.total - self.done) / max(rate, 1e-9)
-        logger.info("Pseudo masks: %d/%d images, %.2f images/s, ETA %s", self.done, self.total, rate,
-                    datetime.timedelta(seconds=round(eta)))
+        logger.info(
+            "Pseudo masks: %d/%d images, %.2f images/s, ETA %s",
+            self.done,
+            self.total,
+            rate,
+            datetime.timedelta(seconds=round(eta)),
+        )

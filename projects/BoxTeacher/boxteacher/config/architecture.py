@@ -6,6 +6,7 @@ the training pictures and the tools read the spec (``boxteacher.build.architectu
 instead of asking for an architecture by name. This module imports no model, so that every layer
 (``data/`` included) may use it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,9 +24,9 @@ class ArchitectureSpec:
         box_supervised: the model learns from boxes. The mapper loads no annotation masks, except
             in a mixed mode of ``MODEL.BOXINST.GT_MASKS`` ("present", "fraction"), which only a
             box-supervised architecture accepts.
-        student_view: the model trains on a second, colour-perturbed view of each image: the mapper
-            adds ``aug_image`` (``INPUT.AUG_TYPE``; with ``INPUT.AUG_EXTRA False`` the perturbed view
-            replaces ``image`` instead).
+        student_view: the model trains on a second, colour-perturbed view of each image: the
+            mapper adds ``aug_image`` (``INPUT.AUG_TYPE``; with ``INPUT.AUG_EXTRA False`` the
+            perturbed view replaces ``image`` instead).
         teacher_student: the model holds ``teacher`` and ``student`` networks of one architecture
             and labels a batch with ``pseudo_label(batch)`` (``modeling/boxteacher.py``): the
             trainer adds the ``EMAHook`` (the teacher is the moving average of the student), the

@@ -1,4 +1,5 @@
 """Config objects: fvcore's ``CfgNode`` with errors that name the file and the key."""
+
 from __future__ import annotations
 
 import logging
@@ -54,7 +55,8 @@ class CfgNode(_FvcoreCfgNode):
     def merge_from_list(self, cfg_list: Sequence[str]) -> None:
         if len(cfg_list) % 2:
             raise ConfigError(
-                f"Command-line overrides must be KEY VALUE pairs; got an odd number: {list(cfg_list)}"
+                "Command-line overrides must be KEY VALUE pairs; got an odd number: "
+                f"{list(cfg_list)}"
             )
         try:
             super().merge_from_list(list(cfg_list))
@@ -69,11 +71,13 @@ class CfgNode(_FvcoreCfgNode):
             raise ConfigError(f"{where}: {' '.join(errors)}")
 
 
-def _load_with_bases(cls: type, filename: str, allow_unsafe: bool, chain: tuple[str, ...]) -> dict[str, Any]:
+def _load_with_bases(
+    cls: type, filename: str, allow_unsafe: bool, chain: tuple[str, ...]
+) -> dict[str, Any]:
     """``filename`` merged over its ``_BASE_`` files; ``chain``: the files that inherit from it."""
     path = os.path.realpath(filename)
     if path in chain:
-        cycle = " -> ".join([*chain[chain.index(path):], path])
+        cycle = " -> ".join([*chain[chain.index(path) :], path])
         raise ConfigError(f"_BASE_ cycle in config files: {cycle}")
     loaded = _read_mapping(cls, filename, allow_unsafe)
     bases = loaded.pop(BASE_KEY, None)
@@ -82,13 +86,20 @@ def _load_with_bases(cls: type, filename: str, allow_unsafe: bool, chain: tuple[
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"In config file '{filename}': _BASE_ must be a file name or a list of them, not {bases!r}.")
+        raise ConfigError(
+            f"In config file '{filename}': _BASE_ must be a file name or a list of them, not "
+            f"{bases!r}."
+        )
     merged: dict[str, Any] = {}
     for base in bases:
         base_file = _base_path(filename, base)
         if not os.path.isfile(base_file):
-            raise FileNotFoundError(f"While reading config '{filename}': its _BASE_ '{base_file}' does not exist.")
-        _merge_into(_load_with_bases(cls, base_file, allow_unsafe, (*chain, path)), merged, base_file)
+            raise FileNotFoundError(
+                f"While reading config '{filename}': its _BASE_ '{base_file}' does not exist."
+            )
+        _merge_into(
+            _load_with_bases(cls, base_file, allow_unsafe, (*chain, path)), merged, base_file
+        )
     _merge_into(loaded, merged, filename)
     return merged
 
@@ -101,12 +112,17 @@ def _read_mapping(cls: type, filename: str, allow_unsafe: bool) -> dict[str, Any
     try:
         loaded = _parse_yaml(text, filename, allow_unsafe)
     except yaml.YAMLError as e:
-        raise ConfigError(f"Config file '{filename}' is not valid YAML: {' '.join(str(e).split())}") from e
+        raise ConfigError(
+            f"Config file '{filename}' is not valid YAML: {' '.join(str(e).split())}"
+        ) from e
     if loaded is None:
-        raise ConfigError(f"Config file '{filename}' is empty; expected a YAML mapping of config keys.")
+        raise ConfigError(
+            f"Config file '{filename}' is empty; expected a YAML mapping of config keys."
+        )
     if not isinstance(loaded, dict):
         raise ConfigError(
-            f"Config file '{filename}' must hold a YAML mapping of config keys, not a {type(loaded).__name__}."
+            f"Config file '{filename}' must hold a YAML mapping of config keys, not a "
+            f"{type(loaded).__name__}."
         )
     return loaded
 
@@ -119,12 +135,15 @@ def _parse_yaml(text: str, filename: str, allow_unsafe: bool) -> Any:
     except yaml.constructor.ConstructorError:
         if not allow_unsafe:
             raise
-        logger.warning("Loading config %s with yaml.unsafe_load: it may run code from the file.", filename)
+        logger.warning(
+            "Loading config %s with yaml.unsafe_load: it may run code from the file.", filename
+        )
         return yaml.unsafe_load(text)
 
 
 def _base_path(filename: str, base: str) -> str:
-    """``base`` as written in ``filename``'s ``_BASE_``: absolute, ``~``, or relative to the file."""
+    """``base`` as written in ``filename``'s ``_BASE_``: absolute, ``~``, or relative to the
+    file."""
     base = os.path.expanduser(base)
     return base if os.path.isabs(base) else os.path.join(os.path.dirname(filename), base)
 
@@ -135,7 +154,8 @@ def _merge_into(a: dict[str, Any], b: dict[str, Any], filename: str) -> None:
         if isinstance(value, dict) and key in b:
             if not isinstance(b[key], dict):
                 raise ConfigError(
-                    f"In config file '{filename}': '{key}' is a group of keys, but its _BASE_ sets it to a value."
+                    f"In config file '{filename}': '{key}' is a group of keys, but its _BASE_ "
+                    "sets it to a value."
                 )
             _merge_into(value, b[key], filename)
         else:

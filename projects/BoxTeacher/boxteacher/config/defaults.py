@@ -5,6 +5,7 @@ key that is not here is an error when it appears in a YAML file or on the comman
 Values are those of detectron2 and AdelaiDet unless a comment says otherwise. The allowed range
 of every numeric key is in ``ranges.py``, checked whenever a file or overrides are merged.
 """
+
 from fvcore.common.config import CfgNode as CN
 
 _C = CN()
@@ -217,9 +218,10 @@ _C.MODEL.BOX_TEACHER.CLIP_MASKS_TO_BOXES = False
 # sizes are below the test size (not in the original).
 _C.MODEL.BOX_TEACHER.TEACHER_TEST_SIZE = True
 # Refine the assigned teacher masks inside their box with the colour guided filter (clean view
-# as guide; window radius in input pixels, 0: off as in the original) before they are binarised (not in the
-# original). The teacher's masks come from a stride-4 map and blur boundaries over a few
-# pixels, which self-training on them reinforces; the filter moves them onto colour edges.
+# as guide; window radius in input pixels, 0: off as in the original) before they are
+# binarised (not in the original). The teacher's masks come from a stride-4 map and blur
+# boundaries over a few pixels, which self-training on them reinforces; the filter moves them
+# onto colour edges.
 _C.MODEL.BOX_TEACHER.REFINE_RADIUS = 0
 # Regularisation of the filter for colours in [0, 1] (larger: follows weaker edges less).
 _C.MODEL.BOX_TEACHER.REFINE_EPS = 0.01

@@ -6,6 +6,7 @@ reason (a test checks that every numeric default key is in one of the two). A li
 range applies to each element. Values with a special meaning outside the range (``-1``: off) are
 listed in ``special`` and stay allowed.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,16 +46,21 @@ class Range:
             return False
         if any(value == v for v, _ in self.special):
             return True
-        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not self.infinite)):
+        if isinstance(value, float) and (
+            math.isnan(value) or (math.isinf(value) and not self.infinite)
+        ):
             return False
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False
-        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+        return self.high is None or not (
+            value > self.high or (self.high_open and value == self.high)
+        )
 
     def describe(self) -> str:
         """The interval in words: ">= 1", "in [0, 1]", "> 0, or -1 (off)"."""
         if self.low is not None and self.high is not None:
-            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"in {opening}{self.low:g}, {self.high:g}{closing}"
         elif self.low is not None:
             text = f"{'>' if self.low_open else '>='} {self.low:g}"
         elif self.high is not None:
@@ -95,12 +101,16 @@ RANGES: dict[str, Range] = {
     # FCOS
     "MODEL.FCOS.NUM_CLASSES": at_least(1),
     "MODEL.FCOS.FPN_STRIDES": at_least(1, increasing=True, non_empty=True),
-    "MODEL.FCOS.PRIOR_PROB": Range(low=0.0, high=1.0, low_open=True, high_open=True),  # log(p / (1 - p))
+    "MODEL.FCOS.PRIOR_PROB": Range(
+        low=0.0, high=1.0, low_open=True, high_open=True
+    ),  # log(p / (1 - p))
     "MODEL.FCOS.INFERENCE_TH_TEST": unit(),
     "MODEL.FCOS.PRE_NMS_TOPK_TEST": at_least(1),
     "MODEL.FCOS.NMS_TH": unit(),
     "MODEL.FCOS.POST_NMS_TOPK_TEST": at_least(1),
-    "MODEL.FCOS.LOSS_ALPHA": Range(high=1.0),  # torchvision's sigmoid_focal_loss: negative = no alpha
+    "MODEL.FCOS.LOSS_ALPHA": Range(
+        high=1.0
+    ),  # torchvision's sigmoid_focal_loss: negative = no alpha
     "MODEL.FCOS.LOSS_GAMMA": at_least(0),
     "MODEL.FCOS.SIZES_OF_INTEREST": above(0, increasing=True),
     "MODEL.FCOS.NUM_CLS_CONVS": at_least(0),

@@ -1,4 +1,5 @@
 """The kind of supervision a config asks for: ``MODEL.BOXINST.GT_MASKS`` and its fraction."""
+
 from __future__ import annotations
 
 from .architecture import ArchitectureSpec

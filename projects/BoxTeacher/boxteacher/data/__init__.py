@@ -2,6 +2,7 @@
 
 Importing this package registers the built-in datasets (``builtin.py``); that reads no file.
 """
+
 from ..geometry import resized_shape
 from .build import build_test_loader, build_train_loader, get_train_metadata, get_train_records
 from .builtin import datasets_root, register_builtin_datasets, register_datasets_from_config

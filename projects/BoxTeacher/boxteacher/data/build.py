@@ -4,6 +4,7 @@ Training batch t is a pure function of (datasets, config, seed, t): the sampler 
 it holds (see ``samplers.py``) and image j of the global batch is mapped with
 ``numpy.random.default_rng([seed, t, j])``, whatever the number of workers or processes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,14 +55,19 @@ def get_train_records(cfg) -> list[dict]:
     records = [r for name in cfg.DATASETS.TRAIN for r in get_dataset_records(name)]
     if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
         kept = [r for r in records if any(not a.get("iscrowd", 0) for a in r["annotations"])]
-        logger.info("Dropped %d of %d training images without non-crowd annotations.",
-                    len(records) - len(kept), len(records))
+        logger.info(
+            "Dropped %d of %d training images without non-crowd annotations.",
+            len(records) - len(kept),
+            len(records),
+        )
         records = kept
     missing = [r["file_name"] for r in records if not os.path.exists(r["file_name"])]
     if missing:
         logger.warning(
             "%d training images do not exist and are left out: %s%s",
-            len(missing), missing[:_LISTED_FILES], " ..." if len(missing) > _LISTED_FILES else "",
+            len(missing),
+            missing[:_LISTED_FILES],
+            " ..." if len(missing) > _LISTED_FILES else "",
         )
         missing_set = set(missing)
         records = [r for r in records if r["file_name"] not in missing_set]
@@ -81,7 +87,9 @@ def build_train_loader(
     masks (see ``mask_subset.py``)."""
     records = get_train_records(cfg)
     if gt_mask_mode(cfg, spec) == "fraction":
-        records = restrict_masks_to_fraction(records, cfg.MODEL.BOXINST.GT_MASK_FRACTION, seed, cfg.OUTPUT_DIR)
+        records = restrict_masks_to_fraction(
+            records, cfg.MODEL.BOXINST.GT_MASK_FRACTION, seed, cfg.OUTPUT_DIR
+        )
     mapper = DatasetMapper.from_config(cfg, is_train=True, spec=spec)
     if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
         groups = aspect_ratio_flags(records)

@@ -5,6 +5,7 @@ The datasets root is the environment variable ``DETECTRON2_DATASETS`` (read when
 layout is in ``datasets/README.md``. Registration reads no file: a missing file is reported when
 the dataset is first used.
 """
+
 from __future__ import annotations
 
 import os

@@ -16,6 +16,7 @@ Metadata (``get_metadata(name)``): ``thing_classes`` (list of K names, index = c
 Metadata that needs the dataset's files (the classes of a COCO json, say) can be registered as a
 ``lazy_metadata`` function: it runs on the first access of an attribute that is not set yet.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace

@@ -11,6 +11,7 @@ than 3 points and RLE masks of the wrong size or whose counts do not add up to h
 are dropped (the annotation stays as a box); each of these is reported by one summary warning
 per file. A UTF-8 byte order mark is accepted.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,19 +87,37 @@ def load_coco_ground_truth(json_file: str) -> dict[str, Any]:
     for k, i in enumerate(valid.kept):
         image = valid.images[valid.image_index[i]]
         x0, y0, x1, y1 = valid.boxes[i]
-        ann = {"id": ann_ids[k], "image_id": image["image_id"],
-               "category_id": to_json_id[valid.category[i]], "bbox": [x0, y0, x1 - x0, y1 - y0],
-               "iscrowd": valid.iscrowd[k]}
+        ann = {
+            "id": ann_ids[k],
+            "image_id": image["image_id"],
+            "category_id": to_json_id[valid.category[i]],
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "iscrowd": valid.iscrowd[k],
+        }
         if valid.segmentation[k] is not None:
             ann["segmentation"] = valid.segmentation[k]
         ann["area"] = _area(anns[i].get("area"), ann, image["height"], image["width"])
         annotations.append(ann)
-    images = [{"id": r["image_id"], "file_name": str(image["file_name"]), "height": r["height"],
-               "width": r["width"]} for r, image in zip(valid.images, data["images"])]
-    categories = [{"id": cid, "name": name} for cid, name in
-                  zip(sorted(to_json_id.values()), valid.metadata["thing_classes"])]
-    return {"info": {}, "licenses": [], "images": images, "annotations": annotations,
-            "categories": categories}
+    images = [
+        {
+            "id": r["image_id"],
+            "file_name": str(image["file_name"]),
+            "height": r["height"],
+            "width": r["width"],
+        }
+        for r, image in zip(valid.images, data["images"])
+    ]
+    categories = [
+        {"id": cid, "name": name}
+        for cid, name in zip(sorted(to_json_id.values()), valid.metadata["thing_classes"])
+    ]
+    return {
+        "info": {},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
 
 
 def _unique_ann_ids(ann_ids: list, json_file: str) -> list[int]:
@@ -115,8 +134,11 @@ def _unique_ann_ids(ann_ids: list, json_file: str) -> list[int]:
             out.append(next_id)
             renumbered.append(ann_id)
             next_id += 1
-    _summary(json_file, renumbered, "annotation(s) with a missing, non-positive or repeated id "
-             "were re-numbered for evaluation")
+    _summary(
+        json_file,
+        renumbered,
+        "annotation(s) with a missing, non-positive or repeated id were re-numbered for evaluation",
+    )
     return out
 
 
@@ -189,14 +211,15 @@ class _Validated(NamedTuple):
     segmentation: list[list | dict | None]  # per kept annotation, None: no (usable) mask
 
 
-def _parse_coco(
-    data: dict, json_file: str, image_root: str
-) -> tuple[list[dict], dict[str, Any]]:
+def _parse_coco(data: dict, json_file: str, image_root: str) -> tuple[list[dict], dict[str, Any]]:
     valid = _validate(data, json_file, image_root)
     records = valid.images
     for k, i in enumerate(valid.kept):
-        out = {"bbox": valid.boxes[i], "category_id": valid.category[i],
-               "iscrowd": valid.iscrowd[k]}
+        out = {
+            "bbox": valid.boxes[i],
+            "category_id": valid.category[i],
+            "iscrowd": valid.iscrowd[k],
+        }
         if valid.segmentation[k] is not None:
             out["segmentation"] = valid.segmentation[k]
         records[valid.image_index[i]]["annotations"].append(out)
@@ -228,8 +251,16 @@ def _validate(data: dict, json_file: str, image_root: str) -> _Validated:
             dropped.setdefault(reason, []).append(anns[i].get("id", f"#{i}"))
     for reason, ann_ids in dropped.items():
         _summary(json_file, ann_ids, reason)
-    return _Validated(metadata, records, kept, image_list, category.tolist(), boxes.tolist(),
-                      iscrowd, segmentations)
+    return _Validated(
+        metadata,
+        records,
+        kept,
+        image_list,
+        category.tolist(),
+        boxes.tolist(),
+        iscrowd,
+        segmentations,
+    )
 
 
 def _iscrowd(ann: dict) -> int:
@@ -271,13 +302,15 @@ def _parse_images(
     records = []
     for i, image in enumerate(images):
         try:
-            records.append({
-                "file_name": os.path.join(image_root, image["file_name"]),
-                "image_id": int(image["id"]),
-                "height": int(image["height"]),
-                "width": int(image["width"]),
-                "annotations": [],
-            })
+            records.append(
+                {
+                    "file_name": os.path.join(image_root, image["file_name"]),
+                    "image_id": int(image["id"]),
+                    "height": int(image["height"]),
+                    "width": int(image["width"]),
+                    "annotations": [],
+                }
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(
                 f"'{json_file}': image entry #{i} needs 'id', 'file_name', 'height' and 'width' "
@@ -347,10 +380,14 @@ def _validate_boxes(
     def ids(flags: np.ndarray) -> list:
         return [anns[i].get("id", f"#{i}") for i in np.flatnonzero(flags)]
 
-    _summary(json_file, ids(non_finite), "box(es) with non-finite values (NaN or infinity) were "
-             "skipped")
-    _summary(json_file, ids(degenerate & ~non_finite),
-             "box(es) without area (width or height <= 0) were skipped")
+    _summary(
+        json_file, ids(non_finite), "box(es) with non-finite values (NaN or infinity) were skipped"
+    )
+    _summary(
+        json_file,
+        ids(degenerate & ~non_finite),
+        "box(es) without area (width or height <= 0) were skipped",
+    )
     _summary(json_file, ids(outside), "box(es) entirely outside their image were skipped")
     _summary(json_file, ids(changed), "box(es) partly outside their image were clipped to it")
     return clipped, ~degenerate & ~outside
@@ -360,8 +397,9 @@ def _summary(json_file: str, ann_ids: list, what: str) -> None:
     if ann_ids:
         listed = ", ".join(str(i) for i in ann_ids[:_LISTED_IDS])
         more = ", ..." if len(ann_ids) > _LISTED_IDS else ""
-        logger.warning("%s: %d %s (annotation ids %s%s).", json_file, len(ann_ids), what, listed,
-                       more)
+        logger.warning(
+            "%s: %d %s (annotation ids %s%s).", json_file, len(ann_ids), what, listed, more
+        )
 
 
 def _set_metadata(dataset_name: str, metadata: dict[str, Any], json_file: str) -> None:

@@ -12,6 +12,7 @@ integers (uncompressed) or a string (compressed). Rules:
   height x width (pycocotools would decode garbage or spin in ``COCOeval.computeIoU``);
   an annotation left without a mask stays as a box.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,8 +75,9 @@ def _clean_polygons(polygons: list) -> tuple[list | None, str | None]:
 
 def _clean_rle(rle: dict, height: int, width: int) -> tuple[dict | None, str | None]:
     size, counts = rle.get("size"), rle.get("counts")
-    if not (isinstance(size, list) and len(size) == 2
-            and all(type(v) is int and v >= 0 for v in size)):
+    if not (
+        isinstance(size, list) and len(size) == 2 and all(type(v) is int and v >= 0 for v in size)
+    ):
         raise ValueError(
             f"has an RLE segmentation with size {_short(size)}; expected [height, width]"
         )

@@ -10,6 +10,7 @@ generator, so a sample's views are a function of the data seed and iteration.
 * ``weak``: with p = 0.2 a jitter of factors in [0.8, 1.2] and hue shift in [-0.1, 0.1].
 * ``none``: no perturbation (no separate student view).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,9 @@ from torchvision.transforms.v2 import functional as TF
 AUG_TYPES = ("strong", "strongv2", "weak", "none")
 
 
-def _jitter(image: torch.Tensor, strength: float, hue: float, rng: np.random.Generator) -> torch.Tensor:
+def _jitter(
+    image: torch.Tensor, strength: float, hue: float, rng: np.random.Generator
+) -> torch.Tensor:
     """torchvision's ColorJitter(strength, strength, strength, hue) with numpy randomness."""
     operations = [
         (TF.adjust_brightness, rng.uniform(1 - strength, 1 + strength)),
@@ -33,7 +36,9 @@ def _jitter(image: torch.Tensor, strength: float, hue: float, rng: np.random.Gen
     return image
 
 
-def perturb_colors(image: np.ndarray, aug_type: str, rng: np.random.Generator, image_format: str) -> np.ndarray:
+def perturb_colors(
+    image: np.ndarray, aug_type: str, rng: np.random.Generator, image_format: str
+) -> np.ndarray:
     """The student view of ``image`` (H, W, 3) uint8 in ``image_format`` ("BGR" / "RGB"),
     same shape, dtype and channel order."""
     if aug_type not in AUG_TYPES:

@@ -17,6 +17,7 @@ Rules of ``read_image`` (the README's "Bad input" table):
 - Every image comes out as uint8 with 3 channels: a grey image is repeated over the channels,
   an alpha channel is dropped, a 16-bit image is scaled to 8 bits (divided by 256).
 """
+
 from __future__ import annotations
 
 import logging
@@ -127,8 +128,11 @@ def _decode_in_frame(data: bytes, path: str, expected: tuple[int, int]) -> np.nd
         if rotated.shape[:2] == expected:
             return rotated
     height, width = stored.shape[:2]
-    hint = " (no EXIF orientation rotates it to that size; it is not transposed to fit)" \
-        if (width, height) == expected else ""
+    hint = (
+        " (no EXIF orientation rotates it to that size; it is not transposed to fit)"
+        if (width, height) == expected
+        else ""
+    )
     raise ImageSizeError(
         f"Image '{path}' is {width}x{height} (WxH) but its json entry says "
         f"{expected[1]}x{expected[0]}{hint}"
@@ -158,7 +162,7 @@ def _jpeg_truncation(data: bytes) -> str | None:
             continue
         if pos + 3 > len(data):
             return "it ends before its image data"
-        pos += 1 + int.from_bytes(data[pos + 1:pos + 3], "big")
+        pos += 1 + int.from_bytes(data[pos + 1 : pos + 3], "big")
     if data.rfind(_EOI, pos) < 0:
         return "no JPEG end-of-image marker after its image data"
     return None

@@ -10,6 +10,7 @@ Output of ``DatasetMapper(record, rng)``::
                                    "masks": bool [N, H, W] (only if with_masks),
                                    "has_mask": bool [N] (only if masks_optional)}}
 """
+
 from __future__ import annotations
 
 import logging
@@ -81,7 +82,9 @@ class DatasetMapper:
         self.masks_optional = masks_optional
         self.flip_class_map = dict(flip_class_map or {})
         if student_aug not in AUG_TYPES:
-            raise ValueError(f"Unknown INPUT.AUG_TYPE '{student_aug}'; expected one of {AUG_TYPES}.")
+            raise ValueError(
+                f"Unknown INPUT.AUG_TYPE '{student_aug}'; expected one of {AUG_TYPES}."
+            )
         self.student_aug = student_aug if is_train else "none"
         self.student_aug_separate = student_aug_separate
 
@@ -99,16 +102,25 @@ class DatasetMapper:
         (mask supervision, or a mixed mode of box supervision) and whether the student view
         ``aug_image`` is added."""
         if not is_train:
-            return cls(False, min_sizes=(cfg.INPUT.MIN_SIZE_TEST,),
-                       max_size=cfg.INPUT.MAX_SIZE_TEST, hflip=False, image_format=cfg.INPUT.FORMAT)
+            return cls(
+                False,
+                min_sizes=(cfg.INPUT.MIN_SIZE_TEST,),
+                max_size=cfg.INPUT.MAX_SIZE_TEST,
+                hflip=False,
+                image_format=cfg.INPUT.FORMAT,
+            )
         if spec is None:
-            raise ValueError("A training DatasetMapper needs the architecture's spec (architecture_spec(cfg)).")
+            raise ValueError(
+                "A training DatasetMapper needs the architecture's spec (architecture_spec(cfg))."
+            )
         names = list(cfg.DATASETS.TRAIN if dataset_names is None else dataset_names)
         flip_class_map = None
         if cfg.INPUT.HFLIP_TRAIN:
             if not names and cfg.DATASETS.FLIP_CLASS_PAIRS:
-                raise ValueError("DATASETS.FLIP_CLASS_PAIRS is set but there is no training "
-                                 "dataset to look the class names up in.")
+                raise ValueError(
+                    "DATASETS.FLIP_CLASS_PAIRS is set but there is no training "
+                    "dataset to look the class names up in."
+                )
             thing_classes = get_metadata(names[0]).thing_classes if names else []
             flip_class_map = build_flip_class_map(cfg.DATASETS.FLIP_CLASS_PAIRS, thing_classes)
         mixed = gt_mask_mode(cfg, spec) != "ignore"
@@ -152,7 +164,9 @@ class DatasetMapper:
             "image": _to_tensor(image),
         }
         if self.student_aug != "none":
-            student_view = _to_tensor(perturb_colors(image, self.student_aug, rng, self.image_format))
+            student_view = _to_tensor(
+                perturb_colors(image, self.student_aug, rng, self.image_format)
+            )
             out["aug_image" if self.student_aug_separate else "image"] = student_view
         if self.is_train:
             out["instances"] = self._instances(record, transform)
@@ -163,7 +177,9 @@ class DatasetMapper:
         ``image_format``: ``{"image": uint8 (3, h, w) resized as ``__call__`` resizes,
         "height": H, "width": W}``."""
         if self.is_train:
-            raise ValueError("map_image is test-time mapping; this DatasetMapper is a training one.")
+            raise ValueError(
+                "map_image is test-time mapping; this DatasetMapper is a training one."
+            )
         height, width = image.shape[:2]
         new_size = resized_shape(height, width, self.min_sizes[0], self.max_size)
         resized = ResizeFlip(height, width, *new_size).apply_image(image)
@@ -190,7 +206,8 @@ class DatasetMapper:
                 if "segmentation" not in ann:
                     raise ValueError(
                         f"Image {record['image_id']}: annotation #{i} has no segmentation, but "
-                        "masks are required (mask supervision; set MODEL.BOXINST.ENABLED True to train from boxes)."
+                        "masks are required (mask supervision; set MODEL.BOXINST.ENABLED True to "
+                        "train from boxes)."
                     )
         new_h, new_w = transform.new_height, transform.new_width
         boxes = np.array([a["bbox"] for _, a in indexed], dtype=np.float64).reshape(-1, 4)
@@ -207,7 +224,8 @@ class DatasetMapper:
         }
         if self.with_masks:
             masks = [
-                _transformed_mask(record, *indexed[k], transform) if indexed[k][1].get("segmentation")
+                _transformed_mask(record, *indexed[k], transform)
+                if indexed[k][1].get("segmentation")
                 else np.zeros((new_h, new_w), dtype=bool)
                 for k in keep
             ]
@@ -269,8 +287,11 @@ def build_flip_class_map(
 
 def _warn_left_right(thing_classes: Sequence[str]) -> None:
     lowered = {name.lower() for name in thing_classes}
-    couples = [name for name in thing_classes
-               if "left" in name.lower() and name.lower().replace("left", "right") in lowered]
+    couples = [
+        name
+        for name in thing_classes
+        if "left" in name.lower() and name.lower().replace("left", "right") in lowered
+    ]
     if couples:
         logger.warning(
             "Classes such as %s have a 'right' counterpart, but DATASETS.FLIP_CLASS_PAIRS is empty "

@@ -1,6 +1,7 @@
 """Mixed supervision with a fraction of the masks (``MODEL.BOXINST.GT_MASKS "fraction"``): which
 training images keep their annotation masks, chosen from the data seed so that a run can be
 repeated, and the records with the other images' segmentations dropped."""
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,13 @@ def keep_masks_of(records: Sequence[dict], image_ids: Sequence[int]) -> list[dic
     """Copies of the records in which only the images of ``image_ids`` keep their segmentations."""
     kept = set(image_ids)
     return [
-        record if record["image_id"] in kept else {
+        record
+        if record["image_id"] in kept
+        else {
             **record,
-            "annotations": [{k: v for k, v in a.items() if k != "segmentation"} for a in record["annotations"]],
+            "annotations": [
+                {k: v for k, v in a.items() if k != "segmentation"} for a in record["annotations"]
+            ],
         }
         for record in records
     ]
@@ -54,13 +59,26 @@ def restrict_masks_to_fraction(
     image_ids = select_mask_images(records, fraction, seed)
     num_candidates = sum(has_annotation_mask(r) for r in records)
     logger.info(
-        "Mixed supervision: %d of the %d training images with masks keep them (fraction %g, seed %d); "
-        "image ids %s%s", len(image_ids), num_candidates, fraction, seed, image_ids[:_LOGGED_IDS],
+        "Mixed supervision: %d of the %d training images with masks keep them (fraction %g, seed "
+        "%d); "
+        "image ids %s%s",
+        len(image_ids),
+        num_candidates,
+        fraction,
+        seed,
+        image_ids[:_LOGGED_IDS],
         " ..." if len(image_ids) > _LOGGED_IDS else "",
     )
     if comm.is_main_process():
         os.makedirs(output_dir, exist_ok=True)
         with atomic_open(os.path.join(output_dir, MASK_IMAGE_IDS_FILE), "w") as f:
-            json.dump({"fraction": fraction, "seed": seed, "num_images_with_masks": num_candidates,
-                       "image_ids": image_ids}, f)
+            json.dump(
+                {
+                    "fraction": fraction,
+                    "seed": seed,
+                    "num_images_with_masks": num_candidates,
+                    "image_ids": image_ids,
+                },
+                f,
+            )
     return keep_masks_of(records, image_ids)

@@ -3,6 +3,7 @@
 The one place where masks become RLEs (evaluation results, pseudo-mask export, demo results,
 the synthetic dataset) and where COCO segmentations (polygons or RLEs) become RLEs.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,7 +29,9 @@ def encode_rle(masks: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
     for mask in masks:
         pixels = mask.view(np.uint8) if mask.dtype == bool else (mask != 0).astype(np.uint8)
         rle = mask_util.encode(np.asfortranarray(pixels[:, :, None]))[0]
-        rles.append({"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")})
+        rles.append(
+            {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        )
     return rles
 
 

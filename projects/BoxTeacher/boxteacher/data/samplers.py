@@ -7,6 +7,7 @@ aspect-ratio grouping: landscape and portrait), and a group emits a global batch
 (records, batch size, seed, t); every rank takes its own contiguous slice of it, so the union over
 ranks does not depend on the world size, and resuming at t replays the stream without any I/O.
 """
+
 from __future__ import annotations
 
 from itertools import islice

@@ -6,6 +6,7 @@ learns it in minutes. Layout under ``<root>/shapes/``: ``train/`` and ``val/`` (
 Each annotation is the object's visible region: its polygon when nothing covers it, else an RLE
 of what remains visible. Every object is painted exactly on the pixels of its annotation mask.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,8 +79,12 @@ def generate_shapes_dataset(
     if os.path.exists(target):
         raise FileExistsError(f"'{target}' already exists.")
     os.makedirs(root, exist_ok=True)
-    logger.info("Generating the synthetic shapes dataset (%d train, %d val images) in %s.",
-                num_train, num_val, target)
+    logger.info(
+        "Generating the synthetic shapes dataset (%d train, %d val images) in %s.",
+        num_train,
+        num_val,
+        target,
+    )
     staging = tempfile.mkdtemp(prefix=".shapes-tmp-", dir=root)
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes it private to this user
@@ -122,8 +127,9 @@ def _write_split(folder: str, num_images: int, rng: np.random.Generator) -> dict
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i, "name": n, "supercategory": "shape"}
-                       for i, n in SHAPES_CATEGORIES.items()],
+        "categories": [
+            {"id": i, "name": n, "supercategory": "shape"} for i, n in SHAPES_CATEGORIES.items()
+        ],
     }
 
 
@@ -141,13 +147,15 @@ def _draw_image(rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:
         mask = segmentation_to_mask(segmentation, height, width)
         colours.append(_colour(rng, background[mask].mean(axis=0), colours))
         image[mask] = colours[-1]
-        objects.append({
-            "category_id": category,
-            "segmentation": segmentation,
-            "bbox": mask_util.toBbox(encode_rle(mask[None])).tolist()[0],
-            "area": int(mask.sum()),
-            "iscrowd": 0,
-        })
+        objects.append(
+            {
+                "category_id": category,
+                "segmentation": segmentation,
+                "bbox": mask_util.toBbox(encode_rle(mask[None])).tolist()[0],
+                "area": int(mask.sum()),
+                "iscrowd": 0,
+            }
+        )
     return image, objects
 
 
@@ -162,8 +170,9 @@ def _place_shapes(
             category = int(rng.choice(list(SHAPES_CATEGORIES)))
             polygon = _polygon(rng, category, height, width)
             full = segmentation_to_mask([polygon], height, width)
-            if all((visible & ~full).sum() >= _MIN_VISIBLE * old.sum()
-                   for _, _, old, visible in placed):
+            if all(
+                (visible & ~full).sum() >= _MIN_VISIBLE * old.sum() for _, _, old, visible in placed
+            ):
                 for _, _, _, visible in placed:
                     visible &= ~full
                 placed.append((category, polygon, full, full.copy()))

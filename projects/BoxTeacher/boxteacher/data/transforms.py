@@ -4,6 +4,7 @@ horizontal flip, applied alike to images, boxes, polygons and masks.
 The resize rule and the interpolation are detectron2's ``ResizeShortestEdge`` (PIL bilinear for
 images, nearest for masks), so that models trained there see the same inputs here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

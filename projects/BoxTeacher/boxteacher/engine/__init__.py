@@ -1,4 +1,5 @@
 """Training engine: loop and hooks, events and writers, solver, checkpoints, launching."""
+
 from .checkpoint import Checkpointer, RNGState, atomic_open, load_model_weights
 from .defaults import (
     create_ddp_model,

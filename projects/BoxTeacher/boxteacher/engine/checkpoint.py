@@ -12,6 +12,7 @@ holding only tensors and plain python values, so ``torch.load(weights_only=True)
 A model made of several networks loads the weights of one of them through the
 ``MultiNetworkCheckpointing`` protocol.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,11 +64,12 @@ class MultiNetworkCheckpointing(Protocol):
 def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     """A copy without ``prefix`` when every key has it (detectron2's rule)."""
     if state_dict and all(key.startswith(prefix) for key in state_dict):
-        return {key[len(prefix):]: value for key, value in state_dict.items()}
+        return {key[len(prefix) :]: value for key, value in state_dict.items()}
     return dict(state_dict)
 
 
-#: Where a torchvision detection backbone (``BackboneWithFPN``, e.g. of Mask R-CNN) keeps its ResNet.
+#: Where a torchvision detection backbone (``BackboneWithFPN``, e.g. of Mask R-CNN) keeps its
+#: ResNet.
 TORCHVISION_RESNET_PREFIX = "backbone.body."
 
 
@@ -79,9 +81,11 @@ def _rehome_resnet(
     under that prefix; else ``state_dict`` unchanged. ``prefix`` is the network the checkpoint
     was placed in ("student." for a one-network checkpoint in BoxTeacher, else "")."""
     ours, theirs = prefix + RESNET_PREFIX, prefix + TORCHVISION_RESNET_PREFIX
-    if not all(key.startswith(ours) for key in state_dict) or any(key in model_state for key in state_dict):
+    if not all(key.startswith(ours) for key in state_dict) or any(
+        key in model_state for key in state_dict
+    ):
         return state_dict
-    moved = {theirs + key[len(ours):]: value for key, value in state_dict.items()}
+    moved = {theirs + key[len(ours) :]: value for key, value in state_dict.items()}
     return moved if any(key in model_state for key in moved) else state_dict
 
 
@@ -96,9 +100,13 @@ def _keys_of_model(
     one_network = bool(prefix) and not any(key in model_state for key in state_dict)
     if one_network:
         state_dict = {prefix + key: value for key, value in state_dict.items()}
-    if not any(key in model_state for key in state_dict) and any(k.startswith("teacher.") for k in state_dict):
+    if not any(key in model_state for key in state_dict) and any(
+        k.startswith("teacher.") for k in state_dict
+    ):
         logger.info("'%s' is a teacher-student checkpoint: loading its teacher.", source)
-        state_dict = {k[len("teacher."):]: v for k, v in state_dict.items() if k.startswith("teacher.")}
+        state_dict = {
+            k[len("teacher.") :]: v for k, v in state_dict.items() if k.startswith("teacher.")
+        }
     return _rehome_resnet(state_dict, model_state, prefix if one_network else ""), one_network
 
 
@@ -119,7 +127,10 @@ def _loadable_tensors(
         if tuple(value.shape) != expected:
             logger.warning(
                 "Skip loading '%s' from '%s': shape %s in the checkpoint, %s in the model.",
-                key, source, tuple(value.shape), expected,
+                key,
+                source,
+                tuple(value.shape),
+                expected,
             )
             continue
         loadable[key] = value
@@ -135,14 +146,16 @@ def _loadable_tensors(
 def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
     """Names of the floating-point tensors of ``state_dict`` that hold a NaN or an infinity."""
     return [
-        name for name, value in state_dict.items()
-        if isinstance(value, torch.Tensor) and value.is_floating_point()
+        name
+        for name, value in state_dict.items()
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
         and not bool(torch.isfinite(value).all())
     ]
 
 
 def describe_tensors(names: list[str], total: int, shown: int = 3) -> str:
-    """"2 of 10 tensors (a, b)"-style summary naming the first ``shown`` of ``names``."""
+    """ "2 of 10 tensors (a, b)"-style summary naming the first ``shown`` of ``names``."""
     listed = ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
     return f"{len(names)} of {total} tensors ({listed})"
 
@@ -186,7 +199,8 @@ def load_model_weights(
     if non_finite:
         logger.warning(
             "'%s' holds NaN or infinite values in %s: the model will predict garbage.",
-            source, describe_tensors(non_finite, len(loadable)),
+            source,
+            describe_tensors(non_finite, len(loadable)),
         )
     incompatible = model.load_state_dict(loadable, strict=False)
     if multi_network:
@@ -221,7 +235,8 @@ class RNGState:
             logger.warning(
                 "The checkpoint holds RNG states of %d processes but %d run now: the random "
                 "streams after resuming differ from an uninterrupted run.",
-                len(states), world_size,
+                len(states),
+                world_size,
             )
         set_rng_state(states[rank % len(states)])
 
@@ -266,7 +281,8 @@ class Checkpointer(_FvcoreCheckpointer):
         non_finite = non_finite_tensors(model_state)
         if non_finite:
             raise FloatingPointError(
-                f"Not writing checkpoint '{name}.pth' to '{self.save_dir}': the model's weights hold "
+                f"Not writing checkpoint '{name}.pth' to '{self.save_dir}': the model's weights "
+                "hold "
                 f"NaN or infinite values in {describe_tensors(non_finite, len(model_state))}."
             )
         data = {"model": model_state}

@@ -1,5 +1,6 @@
 """Common set-up of a training / evaluation script: command-line flags, logging, seeding,
 devices and the DDP wrapper."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,12 @@ logger = logging.getLogger(__name__)
 _CONFIG_FILE_FLAGS = {
     "optional": {"default": "", "metavar": "FILE", "help": "path to a YAML config"},
     "required": {"required": True, "metavar": "FILE", "help": "path to a YAML config"},
-    "many": {"required": True, "nargs": "+", "metavar": "FILE",
-             "help": "paths to YAML configs, run with the same overrides"},
+    "many": {
+        "required": True,
+        "nargs": "+",
+        "metavar": "FILE",
+        "help": "paths to YAML configs, run with the same overrides",
+    },
 }
 
 

@@ -3,6 +3,7 @@
 Engine code (trainer, hooks) reads the storage of the running training with
 ``get_event_storage()``; models never do: they return their metrics in the loss dict.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -230,4 +231,3 @@ class CommonMetricPrinter(EventWriter):
         if torch.cuda.is_available():
             parts.append(f"max_mem: {torch.cuda.max_memory_allocated() / 1024 / 1024:.0f}M")
         logger.info("  ".join(parts))
-

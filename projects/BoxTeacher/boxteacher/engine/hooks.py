@@ -1,6 +1,7 @@
 """Hooks of the training loop. Order used by the trainer: ``IterationTimer``, ``LRScheduler``,
 ``PeriodicCheckpointer``, ``EvalHook``, ``PeriodicWriter`` (writers last, so they see the
 evaluation results of the same iteration)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,7 +18,12 @@ from fvcore.common.timer import Timer
 from torch.profiler import record_function
 
 from ..evaluation.evaluator import flatten_results_dict
-from ..modeling.ema import copy_student_to_teacher, ema_momentum, ema_update, mean_parameter_distance
+from ..modeling.ema import (
+    copy_student_to_teacher,
+    ema_momentum,
+    ema_update,
+    mean_parameter_distance,
+)
 from ..utils import comm
 from ..utils.env import get_rng_state, set_rng_state
 from .checkpoint import Checkpointer
@@ -67,7 +73,9 @@ class IterationTimer(HookBase):
         if num_iter > 0:
             logger.info(
                 "Overall training speed: %d iterations in %s (%.4f s / it)",
-                num_iter, _duration(steps), steps / num_iter,
+                num_iter,
+                _duration(steps),
+                steps / num_iter,
             )
         logger.info(
             "Total training time: %s (%s on hooks)", _duration(total), _duration(total - steps)
@@ -292,4 +300,6 @@ class EMAHook(HookBase):
         storage = self.trainer.storage
         storage.put_scalar("ema_momentum", momentum, smoothing_hint=False)
         if (self.trainer.iter + 1) % self._log_period == 0:
-            storage.put_scalar("param_diff", mean_parameter_distance(teacher, student), smoothing_hint=False)
+            storage.put_scalar(
+                "param_diff", mean_parameter_distance(teacher, student), smoothing_hint=False
+            )

@@ -1,4 +1,5 @@
 """Start (multi-process) training: ``--num-gpus`` processes per machine, or under ``torchrun``."""
+
 from __future__ import annotations
 
 import datetime
@@ -82,8 +83,15 @@ def launch(
     mp.start_processes(
         _worker,
         nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args),
-              timeout),
+        args=(
+            main_func,
+            world_size,
+            num_gpus_per_machine,
+            machine_rank,
+            dist_url,
+            tuple(args),
+            timeout,
+        ),
         daemon=False,
         start_method="spawn",
     )

@@ -1,5 +1,6 @@
 """A trained model of a config, and ``Predictor``: that model on one image in memory, as
 detectron2's ``DefaultPredictor``."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -25,7 +26,8 @@ def build_trained_model(
     mode. Raises ``ValueError`` when ``MODEL.WEIGHTS`` is empty."""
     if not cfg.MODEL.WEIGHTS:
         raise ValueError(
-            "MODEL.WEIGHTS is empty: name the checkpoint to run, e.g. MODEL.WEIGHTS model_final.pth."
+            "MODEL.WEIGHTS is empty: name the checkpoint to run, e.g. MODEL.WEIGHTS "
+            "model_final.pth."
         )
     model = builder(cfg)
     Checkpointer(model, save_to_disk=False).load(cfg.MODEL.WEIGHTS, checkpointables=[])
@@ -59,8 +61,13 @@ class Predictor:
         in 0..K-1 and ``masks`` bool (N, H, W), all in the frame of ``image_bgr``."""
         if image_bgr.ndim != 3 or image_bgr.shape[2] != 3 or image_bgr.dtype != np.uint8:
             raise ValueError(
-                f"Predictor takes a uint8 (H, W, 3) BGR image, got {image_bgr.dtype} {image_bgr.shape}."
+                f"Predictor takes a uint8 (H, W, 3) BGR image, got {image_bgr.dtype} "
+                f"{image_bgr.shape}."
             )
-        image = image_bgr if self.cfg.INPUT.FORMAT == "BGR" else cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+        image = (
+            image_bgr
+            if self.cfg.INPUT.FORMAT == "BGR"
+            else cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB)
+        )
         with torch.no_grad():
             return self.model([self.mapper.map_image(image)])[0]["instances"]

@@ -1,4 +1,5 @@
 """Optimizer, gradient clipping and learning-rate schedule from the ``SOLVER.*`` config keys."""
+
 from __future__ import annotations
 
 import logging

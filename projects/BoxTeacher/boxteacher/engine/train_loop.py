@@ -9,6 +9,7 @@ The loop is four visible steps inside an ``EventStorage``::
 
 Everything else (LR schedule, checkpoints, evaluation, EMA, writers) is a hook.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -177,7 +178,9 @@ class SimpleTrainer(TrainerBase):
         self._params = [p for p in model.parameters() if p.requires_grad]
         self.device = self._params[0].device if self._params else torch.device("cpu")
         self.amp_dtype = amp_dtype
-        self.grad_scaler = torch.amp.GradScaler(self.device.type) if amp_dtype == torch.float16 else None
+        self.grad_scaler = (
+            torch.amp.GradScaler(self.device.type) if amp_dtype == torch.float16 else None
+        )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The mixed-precision context of the forward pass (nothing without AMP)."""
@@ -285,7 +288,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _check_finite(values: Mapping[str, float], iteration: int) -> None:
-    """Raise ``NonFiniteLossError`` (one line: the iteration and every value) if a loss is not finite."""
+    """Raise ``NonFiniteLossError`` (one line: the iteration and every value) if a loss is not
+    finite."""
     if not all(math.isfinite(v) for k, v in values.items() if k.startswith("loss")):
         listed = ", ".join(f"{name}={value:.6g}" for name, value in values.items())
         raise NonFiniteLossError(f"non-finite loss at iteration {iteration}: {listed}")

@@ -1,5 +1,6 @@
 """The trainer a config describes: model, optimizer, schedule, data, checkpoints, evaluation
 and writers, assembled as detectron2's ``DefaultTrainer`` assembles them."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,12 @@ def build_evaluator(cfg: CfgNode, dataset_name: str) -> DatasetEvaluator:
     """The evaluator of a test dataset, by its ``evaluator_type`` metadata."""
     evaluator_type = getattr(get_metadata(dataset_name), "evaluator_type", "coco")
     if evaluator_type != "coco":
-        raise ValueError(f"Dataset '{dataset_name}' asks for evaluator '{evaluator_type}'; only 'coco' exists.")
-    return COCOEvaluator(dataset_name, output_dir=os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name))
+        raise ValueError(
+            f"Dataset '{dataset_name}' asks for evaluator '{evaluator_type}'; only 'coco' exists."
+        )
+    return COCOEvaluator(
+        dataset_name, output_dir=os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    )
 
 
 def evaluate(cfg: CfgNode, model: nn.Module) -> dict[str, Any]:
@@ -46,7 +51,9 @@ def evaluate(cfg: CfgNode, model: nn.Module) -> dict[str, Any]:
     """
     results = {}
     for name in cfg.DATASETS.TEST:
-        result = inference_on_dataset(model, build_test_loader(cfg, name), build_evaluator(cfg, name))
+        result = inference_on_dataset(
+            model, build_test_loader(cfg, name), build_evaluator(cfg, name)
+        )
         if comm.is_main_process():
             logger.info("Evaluation results of %s:", name)
             print_csv_format(result)
@@ -73,7 +80,9 @@ def amp_dtype(cfg: CfgNode, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``SOLVER.AMP`` on ``device`` (None: AMP off)."""
     precision = cfg.SOLVER.AMP.PRECISION
     if precision != "auto" and precision not in AMP_PRECISIONS:
-        raise ValueError(f"SOLVER.AMP.PRECISION must be 'auto', 'bfloat16' or 'float16', got {precision!r}")
+        raise ValueError(
+            f"SOLVER.AMP.PRECISION must be 'auto', 'bfloat16' or 'float16', got {precision!r}"
+        )
     if not cfg.SOLVER.AMP.ENABLED:
         return None
     if precision == "auto":
@@ -154,9 +163,15 @@ class Trainer(SimpleTrainer):
         ]
         if cfg.VIS_PERIOD > 0:
             # Before the writers, so that they write the pictures of the same iteration.
-            result.append(TrainingVisualizer(
-                cfg.VIS_PERIOD, cfg.OUTPUT_DIR, get_train_metadata(cfg).thing_classes, self.spec, cfg.INPUT.FORMAT
-            ))
+            result.append(
+                TrainingVisualizer(
+                    cfg.VIS_PERIOD,
+                    cfg.OUTPUT_DIR,
+                    get_train_metadata(cfg).thing_classes,
+                    self.spec,
+                    cfg.INPUT.FORMAT,
+                )
+            )
         if comm.is_main_process():
             result.append(hooks.PeriodicWriter(self.build_writers(), period=20))
         if self.spec.teacher_student and self.spec.ema_teacher:
@@ -187,7 +202,9 @@ class Trainer(SimpleTrainer):
         """Train from ``start_iter`` to ``SOLVER.MAX_ITER``; returns the last evaluation results."""
         if self.data_seed is None:
             self.resume_or_load(resume=False)
-        self.data_loader = build_train_loader(self.cfg, self.spec, seed=self.data_seed, start_iter=self.start_iter)
+        self.data_loader = build_train_loader(
+            self.cfg, self.spec, seed=self.data_seed, start_iter=self.start_iter
+        )
         super().train(self.start_iter, self.max_iter)
         return self.last_results
 
@@ -202,7 +219,9 @@ def train_or_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.eval_only:
         model = build_model(cfg)
         if not cfg.MODEL.WEIGHTS and not args.resume:
-            logger.warning("--eval-only without MODEL.WEIGHTS: evaluating randomly initialised weights.")
+            logger.warning(
+                "--eval-only without MODEL.WEIGHTS: evaluating randomly initialised weights."
+            )
         Checkpointer(model, cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return evaluate(cfg, model)
     trainer = Trainer(cfg)

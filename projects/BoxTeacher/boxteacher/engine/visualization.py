@@ -7,6 +7,7 @@ student's predictions on its own view. CondInst / BoxInst give two: the view the
 on with the ground-truth boxes, and the network's predictions. Drawing a picture never changes
 training: see ``TrainingVisualizer``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,12 @@ from ..utils.visualizer import draw_instances, save_png, side_by_side
 from .hooks import _preserved_rng
 from .train_loop import HookBase, unwrap_model
 
-__all__ = ["TrainingVisualizer", "draw_training_picture", "network_outputs", "preserved_model_state"]
+__all__ = [
+    "TrainingVisualizer",
+    "draw_training_picture",
+    "network_outputs",
+    "preserved_model_state",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +59,9 @@ def to_rgb(image: torch.Tensor, input_format: str) -> np.ndarray:
     return cv2.cvtColor(hwc, cv2.COLOR_BGR2RGB) if input_format == "BGR" else hwc
 
 
-def predict(network: nn.Module, image: torch.Tensor, score_threshold: float) -> dict[str, np.ndarray]:
+def predict(
+    network: nn.Module, image: torch.Tensor, score_threshold: float
+) -> dict[str, np.ndarray]:
     """Detections of ``network`` (run in eval mode) on a uint8 (3, H, W) image, scores >=
     ``score_threshold``: ``boxes`` (M, 4), ``scores`` (M,), ``labels`` (M,), ``masks`` bool
     (M, H, W), at the image's own resolution."""
@@ -112,12 +120,19 @@ def draw_training_picture(
     predictions on its view ``aug_image``.
     """
     instances = sample.get("instances", {})
-    gt_boxes = instances["boxes"].cpu().numpy() if "boxes" in instances else np.zeros((0, 4), np.float32)
-    gt_names = _names(instances["labels"].cpu().numpy(), class_names) if "labels" in instances else []
+    gt_boxes = (
+        instances["boxes"].cpu().numpy() if "boxes" in instances else np.zeros((0, 4), np.float32)
+    )
+    gt_names = (
+        _names(instances["labels"].cpu().numpy(), class_names) if "labels" in instances else []
+    )
     view = to_rgb(sample.get("aug_image", sample["image"]), input_format)
     predictions = outputs["predictions"]
     prediction_panel = draw_instances(
-        view, predictions["masks"], predictions["boxes"], _names(predictions["labels"], class_names),
+        view,
+        predictions["masks"],
+        predictions["boxes"],
+        _names(predictions["labels"], class_names),
         predictions["scores"].tolist(),
     )
     if "pseudo_labels" not in outputs:
@@ -133,7 +148,11 @@ def draw_training_picture(
             draw_instances(clean, pseudo["masks"], gt_boxes, gt_names, pseudo["weights"].tolist()),
             prediction_panel,
         ],
-        ["clean view, GT boxes", "teacher pseudo masks, weights", f"student, score >= {score_threshold:g}"],
+        [
+            "clean view, GT boxes",
+            "teacher pseudo masks, weights",
+            f"student, score >= {score_threshold:g}",
+        ],
     )
 
 

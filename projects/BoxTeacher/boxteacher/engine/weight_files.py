@@ -17,6 +17,7 @@ project's parameter names.
 * torchvision detection models (Mask R-CNN) keep their names; the FPN and RPN convolutions of
   files saved by older torchvision (``backbone.fpn.inner_blocks.0.weight``) get today's names.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,6 +34,7 @@ from ..utils.io import atomic_open
 
 logger = logging.getLogger(__name__)
 
+
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read or does not fit the model."""
 
@@ -47,7 +49,7 @@ def resolve_weights_path(path: str) -> str:
     (``https://download.pytorch.org/models/resnet50-0676ba61.pth``) are looked up in
     ``pretrained_models/`` by file name, as is a bare file name not found in the working folder."""
     if path.startswith(DETECTRON2_PREFIX):
-        url = DETECTRON2_DOWNLOAD_ROOT + path[len(DETECTRON2_PREFIX):]
+        url = DETECTRON2_DOWNLOAD_ROOT + path[len(DETECTRON2_PREFIX) :]
     elif path.startswith(("https://", "http://")):
         url = path
     elif os.path.basename(path) == path and not os.path.exists(path):
@@ -56,7 +58,9 @@ def resolve_weights_path(path: str) -> str:
         return path
     local = os.path.join(PRETRAINED_DIR, os.path.basename(path))
     if not os.path.isfile(local):
-        fetch = f"Download {url} into {PRETRAINED_DIR}/" if url else f"Put it into {PRETRAINED_DIR}/"
+        fetch = (
+            f"Download {url} into {PRETRAINED_DIR}/" if url else f"Put it into {PRETRAINED_DIR}/"
+        )
         raise FileNotFoundError(
             f"MODEL.WEIGHTS '{path}' is looked up as '{local}', which does not exist. {fetch} (see "
             f"{PRETRAINED_DIR}/README.md), or set MODEL.WEIGHTS to a local file or ''."
@@ -102,17 +106,28 @@ def caffe2_to_detectron2_name(name: str) -> str:
     ``res2.0.conv1.norm.weight``, ``res_conv1_bn_b`` -> ``stem.conv1.norm.bias``)."""
     name = name.replace("_", ".")
     for pattern, replacement in (
-        (r"\.b$", ".bias"), (r"\.w$", ".weight"),
-        (r"bn\.s$", "norm.weight"), (r"bn\.bias$", "norm.bias"),
-        (r"bn\.rm$", "norm.running_mean"), (r"bn\.running\.mean$", "norm.running_mean"),
-        (r"bn\.riv$", "norm.running_var"), (r"bn\.running\.var$", "norm.running_var"),
-        (r"bn\.gamma$", "norm.weight"), (r"bn\.beta$", "norm.bias"),
-        (r"gn\.s$", "norm.weight"), (r"gn\.bias$", "norm.bias"),
-        (r"^res\.conv1\.norm\.", "conv1.norm."), (r"^conv1\.", "stem.conv1."),
+        (r"\.b$", ".bias"),
+        (r"\.w$", ".weight"),
+        (r"bn\.s$", "norm.weight"),
+        (r"bn\.bias$", "norm.bias"),
+        (r"bn\.rm$", "norm.running_mean"),
+        (r"bn\.running\.mean$", "norm.running_mean"),
+        (r"bn\.riv$", "norm.running_var"),
+        (r"bn\.running\.var$", "norm.running_var"),
+        (r"bn\.gamma$", "norm.weight"),
+        (r"bn\.beta$", "norm.bias"),
+        (r"gn\.s$", "norm.weight"),
+        (r"gn\.bias$", "norm.bias"),
+        (r"^res\.conv1\.norm\.", "conv1.norm."),
+        (r"^conv1\.", "stem.conv1."),
     ):
         name = re.sub(pattern, replacement, name)
-    for old, new in ((".branch1.", ".shortcut."), (".branch2a.", ".conv1."),
-                     (".branch2b.", ".conv2."), (".branch2c.", ".conv3.")):
+    for old, new in (
+        (".branch1.", ".shortcut."),
+        (".branch2a.", ".conv1."),
+        (".branch2b.", ".conv2."),
+        (".branch2c.", ".conv3."),
+    ):
         name = name.replace(old, new)
     return name
 
@@ -131,17 +146,24 @@ def detectron2_to_project_name(name: str) -> str:
         return f"{match.group(1)}layer{int(match.group(2)) - 1}.{match.group(3)}.{rest}"
 
     name = re.sub(r"(^|\.)res(\d)\.(\d+)\.(.*)", stage, name)
-    name = re.sub(r"backbone\.fpn_lateral(\d)", lambda m: f"backbone.fpn.inner_blocks.{int(m[1]) - 3}.0", name)
-    name = re.sub(r"backbone\.fpn_output(\d)", lambda m: f"backbone.fpn.layer_blocks.{int(m[1]) - 3}.0", name)
+    name = re.sub(
+        r"backbone\.fpn_lateral(\d)", lambda m: f"backbone.fpn.inner_blocks.{int(m[1]) - 3}.0", name
+    )
+    name = re.sub(
+        r"backbone\.fpn_output(\d)", lambda m: f"backbone.fpn.layer_blocks.{int(m[1]) - 3}.0", name
+    )
     return name.replace("backbone.top_block.", "backbone.fpn.extra_blocks.")
 
 
 def torchvision_legacy_to_current_name(name: str) -> str:
     """Name in a torchvision detection model saved by older torchvision -> today's, where the FPN
-    and RPN convolutions are ``Conv2dNormActivation`` blocks (``backbone.fpn.inner_blocks.0.weight``
-    -> ``backbone.fpn.inner_blocks.0.0.weight``, ``rpn.head.conv.bias`` -> ``rpn.head.conv.0.0.bias``).
-    torchvision renames these in ``_load_from_state_dict``, which only sees the keys the model has."""
-    name = re.sub(r"(^|\.)fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(weight|bias)$", r"\1fpn.\2.\3.0.\4", name)
+    and RPN convolutions are ``Conv2dNormActivation`` blocks
+    (``backbone.fpn.inner_blocks.0.weight`` -> ``backbone.fpn.inner_blocks.0.0.weight``,
+    ``rpn.head.conv.bias`` -> ``rpn.head.conv.0.0.bias``). torchvision renames these in
+    ``_load_from_state_dict``, which only sees the keys the model has."""
+    name = re.sub(
+        r"(^|\.)fpn\.(inner_blocks|layer_blocks)\.(\d+)\.(weight|bias)$", r"\1fpn.\2.\3.0.\4", name
+    )
     return re.sub(r"(^|\.)rpn\.head\.conv\.(weight|bias)$", r"\1rpn.head.conv.0.0.\2", name)
 
 
@@ -155,7 +177,8 @@ def to_project_names(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Rename to this project's names; a ResNet-only state dict (ImageNet weights) goes under
     ``RESNET_PREFIX`` and loses its classifier (``fc``)."""
     renamed = {
-        torchvision_legacy_to_current_name(detectron2_to_project_name(k)): v for k, v in state_dict.items()
+        torchvision_legacy_to_current_name(detectron2_to_project_name(k)): v
+        for k, v in state_dict.items()
     }
     if renamed and all(_RESNET_ONLY.match(k) for k in renamed):
         renamed = {RESNET_PREFIX + k: v for k, v in renamed.items() if not k.startswith("fc")}
@@ -217,12 +240,17 @@ def read_model_weights(path: str) -> dict[str, Any]:
     if local.endswith(".pkl"):
         content = read_array_pickle(local)
         if not isinstance(content, dict):
-            raise CheckpointError(f"'{local}' holds a {type(content).__name__}, not a dict of arrays.")
+            raise CheckpointError(
+                f"'{local}' holds a {type(content).__name__}, not a dict of arrays."
+            )
         if "model" in content and "__author__" in content:  # detectron2 model zoo
             state = content["model"]
         else:  # Caffe2 / Detectron: detection models keep their arrays under "blobs"
-            state = {caffe2_to_detectron2_name(k): v for k, v in content.get("blobs", content).items()
-                     if not k.endswith("_momentum") and k != "weight_order"}
+            state = {
+                caffe2_to_detectron2_name(k): v
+                for k, v in content.get("blobs", content).items()
+                if not k.endswith("_momentum") and k != "weight_order"
+            }
         logger.info("Read %d arrays from the pickle '%s'.", len(state), local)
         return {"model": to_project_names(state)}
     checkpoint = load_checkpoint_file(local)

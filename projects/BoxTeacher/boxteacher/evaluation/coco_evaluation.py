@@ -11,6 +11,7 @@ undefined (no object of an area range, a class without GT)::
     {"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-<class name>", ...},
      "segm": {...}}
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -82,8 +83,11 @@ def instances_to_coco_json(
             f"Predicted labels {sorted(set(labels))} outside 0..{len(contiguous_to_json_id) - 1}"
         )
     results = [
-        {"image_id": int(image_id), "category_id": int(contiguous_to_json_id[label]),
-         "score": float(score)}
+        {
+            "image_id": int(image_id),
+            "category_id": int(contiguous_to_json_id[label]),
+            "score": float(score),
+        }
         for label, score in zip(labels, scores)
     ]
     if "bbox" in tasks and "boxes" in instances:
@@ -107,8 +111,10 @@ def _load_results(coco_gt: COCO, results: list[dict[str, Any]], drop_key: str) -
     if not results:
         coco_dt = COCO()
         coco_dt.dataset = {
-            "info": {}, "images": list(coco_gt.dataset["images"]),
-            "categories": list(coco_gt.dataset["categories"]), "annotations": [],
+            "info": {},
+            "images": list(coco_gt.dataset["images"]),
+            "categories": list(coco_gt.dataset["categories"]),
+            "annotations": [],
         }
         _quietly(coco_dt.createIndex)
         return coco_dt
@@ -282,8 +288,10 @@ class COCOEvaluator(DatasetEvaluator):
                 return self._coco_segm_gt
             logger.warning(
                 "%s: %d annotation(s) have no mask; mask AP ignores detections on their boxes "
-                "(as crowd regions) and does not count them as misses", self._json_file,
-                len(boxes_only))
+                "(as crowd regions) and does not count them as misses",
+                self._json_file,
+                len(boxes_only),
+            )
             dataset = dict(self.coco_gt.dataset)
             dataset["annotations"] = [
                 a if "segmentation" in a else {**a, "iscrowd": 1, "segmentation": _box_polygon(a)}
@@ -322,25 +330,37 @@ class COCOEvaluator(DatasetEvaluator):
                 f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''}"
             )
         results = [r for image_id in image_ids for r in predictions[image_id]]
-        logger.info("Evaluating %d predictions on %d images (%s)", len(results), len(image_ids),
-                    ", ".join(self._tasks))
+        logger.info(
+            "Evaluating %d predictions on %d images (%s)",
+            len(results),
+            len(image_ids),
+            ", ".join(self._tasks),
+        )
         if self._output_dir:
             path = os.path.join(self._output_dir, RESULTS_FILE)
             _write_json_atomically(path, results)
             logger.info("Saved %d COCO results to %s", len(results), path)
         if not results:
-            logger.warning("No predictions on the %d evaluated images: AP is 0 wherever the "
-                           "ground truth defines it", len(image_ids))
+            logger.warning(
+                "No predictions on the %d evaluated images: AP is 0 wherever the "
+                "ground truth defines it",
+                len(image_ids),
+            )
         for task in sorted(missing):
-            logger.warning("Skipping '%s' evaluation: the model outputs have no '%s'",
-                           task, _TASK_FIELDS[task])
+            logger.warning(
+                "Skipping '%s' evaluation: the model outputs have no '%s'", task, _TASK_FIELDS[task]
+            )
         if "segm" in self._tasks and "segm" not in missing and self._segm_gt() is None:
-            logger.warning("Skipping 'segm' evaluation: mask AP needs masks, and the ground truth "
-                           "%s has none (box annotations only)", self._json_file)
+            logger.warning(
+                "Skipping 'segm' evaluation: mask AP needs masks, and the ground truth "
+                "%s has none (box annotations only)",
+                self._json_file,
+            )
             missing = missing | {"segm"}
         return {
             task: self._evaluate_task(task, results, image_ids)
-            for task in self._tasks if task not in missing
+            for task in self._tasks
+            if task not in missing
         }
 
     def _evaluate_task(

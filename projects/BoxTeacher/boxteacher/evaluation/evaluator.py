@@ -6,6 +6,7 @@ loader in eval mode, times it and returns the evaluator's metrics: a dict
 ``{task: {metric: value}}`` (for example ``{"segm": {"AP": 31.2, ...}}``), empty on the non-main
 processes of a distributed run.
 """
+
 from __future__ import annotations
 
 import abc
@@ -50,7 +51,9 @@ class DatasetEvaluator(abc.ABC):
 
 
 @contextlib.contextmanager
-def _encoding_masks(model: Callable[..., Any], encode: Callable[[torch.Tensor], list[Any]] | None) -> Iterator[None]:
+def _encoding_masks(
+    model: Callable[..., Any], encode: Callable[[torch.Tensor], list[Any]] | None
+) -> Iterator[None]:
     """Give ``encode`` to a model that takes one (``encode_masks``) and restore its own after."""
     module = comm.unwrap_model(model) if isinstance(model, nn.Module) else model
     if encode is None or not hasattr(module, "encode_masks"):
@@ -93,7 +96,9 @@ def _log_progress(done: int, num_batches: int | None, seconds_per_batch: float) 
         logger.info("Inference done %d. %.4f s / batch", done, seconds_per_batch)
         return
     eta = _format_seconds(seconds_per_batch * (num_batches - done))
-    logger.info("Inference done %d/%d. %.4f s / batch. ETA=%s", done, num_batches, seconds_per_batch, eta)
+    logger.info(
+        "Inference done %d/%d. %.4f s / batch. ETA=%s", done, num_batches, seconds_per_batch, eta
+    )
 
 
 def inference_on_dataset(
@@ -118,8 +123,10 @@ def inference_on_dataset(
     if num_batches is not None:
         # Keep at least one timed batch.
         num_warmup = min(num_warmup, max(num_batches - 1, 0))
-    logger.info("Start inference on %s batches", "an unknown number of" if num_batches is None
-                else num_batches)
+    logger.info(
+        "Start inference on %s batches",
+        "an unknown number of" if num_batches is None else num_batches,
+    )
     evaluator.reset()
 
     loop_start = last_log = timed_start = time.perf_counter()
@@ -147,11 +154,17 @@ def inference_on_dataset(
     per_image = total_time / max(timed_images, 1)
     logger.info(
         "Total inference time: %s (%.6f s / image per device, on %d devices, %d warm-up batches "
-        "excluded)", _format_seconds(total_time), per_image, num_devices, num_warmup,
+        "excluded)",
+        _format_seconds(total_time),
+        per_image,
+        num_devices,
+        num_warmup,
     )
     logger.info(
         "Total inference pure compute time: %s (%.6f s / image per device, on %d devices)",
-        _format_seconds(compute_time), compute_time / max(timed_images, 1), num_devices,
+        _format_seconds(compute_time),
+        compute_time / max(timed_images, 1),
+        num_devices,
     )
     return evaluator.evaluate()
 

@@ -1,6 +1,8 @@
 """The parity fixtures of the official BoxTeacher / AdelaiDet implementation (compared by
-``evaluation/parity.py``, printed by ``tools/parity_report.py``): where they are, how one is read and run, the tolerances of their
-README (section 10), and the bookkeeping of the largest difference of each compared quantity."""
+``evaluation/parity.py``, printed by ``tools/parity_report.py``): where they are, how one is
+read and run, the tolerances of their README (section 10), and the bookkeeping of the largest
+difference of each compared quantity."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +34,9 @@ def fixtures_root(default: Path) -> Path:
 
 def fixture_folders(root: Path) -> list[Path]:
     """Every sub-folder of ``root`` holding ``expected.pt`` (none if ``root`` does not exist)."""
-    return sorted(p for p in root.glob("*") if (p / "expected.pt").is_file()) if root.is_dir() else []
+    return (
+        sorted(p for p in root.glob("*") if (p / "expected.pt").is_file()) if root.is_dir() else []
+    )
 
 
 @dataclass
@@ -64,7 +68,10 @@ class Fixture:
             sample = self.image(i)[0]
             if aug:
                 sample["aug_image"] = self.inputs[f"aug_image_{i}"]
-            sample["instances"] = {"boxes": self.inputs[f"gt_boxes_{i}"], "labels": self.inputs[f"gt_classes_{i}"]}
+            sample["instances"] = {
+                "boxes": self.inputs[f"gt_boxes_{i}"],
+                "labels": self.inputs[f"gt_classes_{i}"],
+            }
             if masks:
                 sample["instances"]["masks"] = self.inputs[f"gt_masks_{i}"]
             batch.append(sample)
@@ -80,7 +87,7 @@ class Fixture:
         model = build_model(cfg)
         state = read_model_weights(str(self.folder / "model_final_fp16.pth"))["model"]
         if network:
-            state = {k[len(network):]: v for k, v in state.items() if k.startswith(network)}
+            state = {k[len(network) :]: v for k, v in state.items() if k.startswith(network)}
         missing, unexpected = load_model_weights(model, state, str(self.folder))
         if missing or unexpected:
             raise RuntimeError(f"{self.folder}: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -113,13 +120,17 @@ class Comparison:
         row = self.rows.setdefault(quantity, Row(self.section, quantity, 0.0, tolerance, kind))
         row.diff = max(row.diff, float(diff))
 
-    def close(self, quantity: str, ours: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
+    def close(
+        self, quantity: str, ours: torch.Tensor, expected: torch.Tensor, tolerance: float
+    ) -> None:
         """abs difference, plus a relative allowance of 1e-5 of the value (the README's rule)."""
         if ours.shape != expected.shape:
             self.add(quantity, float("inf"), tolerance, "abs")
             return
         excess = (ours.float() - expected.float()).abs() - 1e-5 * expected.float().abs()
-        self.add(quantity, excess.max().clamp(min=0).item() if excess.numel() else 0.0, tolerance, "abs")
+        self.add(
+            quantity, excess.max().clamp(min=0).item() if excess.numel() else 0.0, tolerance, "abs"
+        )
 
     def relative(self, quantity: str, ours: float, expected: float, tolerance: float) -> None:
         self.add(quantity, abs(ours - expected) / max(abs(expected), 1e-3), tolerance, "rel")
@@ -129,12 +140,19 @@ class Comparison:
         self.add(quantity, 0.0 if same else 1.0, 0.0, "exact")
 
     def masks(self, quantity: str, ours: torch.Tensor, packed: torch.Tensor, width: int) -> None:
-        expected = torch.from_numpy(np.unpackbits(packed.numpy(), axis=-1, count=width).astype(bool))
+        expected = torch.from_numpy(
+            np.unpackbits(packed.numpy(), axis=-1, count=width).astype(bool)
+        )
         if ours.shape != expected.shape:
             self.add(quantity, 1.0, MASK_DISAGREEMENT, "pixels")
             return
         disagreement = (ours != expected).flatten(1).float().mean(dim=1)
-        self.add(quantity, disagreement.max().item() if len(disagreement) else 0.0, MASK_DISAGREEMENT, "pixels")
+        self.add(
+            quantity,
+            disagreement.max().item() if len(disagreement) else 0.0,
+            MASK_DISAGREEMENT,
+            "pixels",
+        )
 
 
 @contextlib.contextmanager

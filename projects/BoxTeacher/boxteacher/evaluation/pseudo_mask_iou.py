@@ -10,6 +10,7 @@ has a true mask::
      "mean_iou_matched":  the same over the matched boxes only,
      "per_category": [{"category_id", "name", <the same fields>}, ...]}
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -46,8 +47,14 @@ def _summary(matched: np.ndarray, iou: np.ndarray) -> dict[str, Any]:
 def pseudo_mask_report(original: dict[str, Any], exported: dict[str, Any]) -> dict[str, Any]:
     """Compare the exported COCO dict with the one it was made from (annotations in the same
     order; ``pseudo_mask_matched`` says which boxes got a mask). See the module docstring."""
-    sizes = {image["id"]: (int(image["height"]), int(image["width"])) for image in original["images"]}
-    pairs = [(a, b) for a, b in zip(original["annotations"], exported["annotations"]) if not a.get("iscrowd", 0)]
+    sizes = {
+        image["id"]: (int(image["height"]), int(image["width"])) for image in original["images"]
+    }
+    pairs = [
+        (a, b)
+        for a, b in zip(original["annotations"], exported["annotations"])
+        if not a.get("iscrowd", 0)
+    ]
     categories = np.array([a["category_id"] for a, _ in pairs], dtype=np.int64)
     matched = np.array([bool(b.get("pseudo_mask_matched", False)) for _, b in pairs], dtype=bool)
     iou = np.full(len(pairs), np.nan)
@@ -69,8 +76,24 @@ def report_table(report: dict[str, Any]) -> str:
     """A markdown table: one row per category and one for all boxes."""
 
     def cells(row: dict[str, Any]) -> list:
-        return [row[k] for k in ("boxes", "matched_fraction", "boxes_with_masks", "mean_iou", "mean_iou_matched")]
+        return [
+            row[k]
+            for k in (
+                "boxes",
+                "matched_fraction",
+                "boxes_with_masks",
+                "mean_iou",
+                "mean_iou_matched",
+            )
+        ]
 
     rows = [[c["name"], *cells(c)] for c in report["per_category"]] + [["all", *cells(report)]]
-    headers = ["category", "boxes", "matched (fraction)", "with true mask", "mean IoU", "mean IoU (matched)"]
+    headers = [
+        "category",
+        "boxes",
+        "matched (fraction)",
+        "with true mask",
+        "mean IoU",
+        "mean IoU (matched)",
+    ]
     return tabulate(rows, headers=headers, tablefmt="github", floatfmt=".3f", missingval="-")

@@ -1,5 +1,6 @@
 """Mask AP over seeds: one row per method with the means, the spread and every seed's AP, and
 the markdown table of ``tools/benchmark_accuracy.py``."""
+
 from __future__ import annotations
 
 import statistics
@@ -23,11 +24,18 @@ def summarise_seeds(runs: list[dict]) -> list[dict]:
         mean = {name: round(statistics.fmean(r[name] for r in mine), 1) for name in _MEANS}
         spread = round(statistics.stdev(r["AP"] for r in mine), 1) if len(mine) > 1 else None
         first = mine[0]
-        rows.append({
-            "key": key, "method": first["method"], "supervision": first["supervision"],
-            "reference": first["reference"], **mean, "AP_std": spread,
-            "seed_APs": [r["AP"] for r in mine], "seeds": [r["seed"] for r in mine],
-        })
+        rows.append(
+            {
+                "key": key,
+                "method": first["method"],
+                "supervision": first["supervision"],
+                "reference": first["reference"],
+                **mean,
+                "AP_std": spread,
+                "seed_APs": [r["AP"] for r in mine],
+                "seeds": [r["seed"] for r in mine],
+            }
+        )
     return rows
 
 
@@ -41,8 +49,28 @@ def seed_table(rows: list[dict]) -> str:
         ratio = f"{r['AP'] / reference['AP']:.2f}" if reference and reference["AP"] > 0 else "-"
         seeds = " / ".join(str(ap) for ap in r["seed_APs"])
         ap = r["AP"] if r["AP_std"] is None else f"{r['AP']} ± {r['AP_std']}"
-        table.append([r["method"], r["supervision"], ap, seeds, r["AP50"], r["AP75"],
-                      r["box_AP"], ratio, r["wall_minutes"]])
-    headers = ["method", "supervision", "mask AP (mean ± sd)", "mask AP per seed", "AP50", "AP75",
-               "box AP", "mask AP / same detector with masks", "minutes per run"]
+        table.append(
+            [
+                r["method"],
+                r["supervision"],
+                ap,
+                seeds,
+                r["AP50"],
+                r["AP75"],
+                r["box_AP"],
+                ratio,
+                r["wall_minutes"],
+            ]
+        )
+    headers = [
+        "method",
+        "supervision",
+        "mask AP (mean ± sd)",
+        "mask AP per seed",
+        "AP50",
+        "AP75",
+        "box AP",
+        "mask AP / same detector with masks",
+        "minutes per run",
+    ]
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)

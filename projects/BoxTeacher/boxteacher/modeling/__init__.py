@@ -6,6 +6,7 @@ student and an EMA teacher of any detector that follows the teacher protocol
 ``MaskRCNNTeacherView`` of a ``MaskRCNN``. ``boxteacher.build_model(cfg)`` builds them from a
 config; the constructors here take plain arguments.
 """
+
 from .backbone import FPNBackbone, ResNet
 from .boxteacher import BoxTeacher
 from .criteria import BoxInstCriterion, DiceMaskCriterion, PseudoMaskCriterion

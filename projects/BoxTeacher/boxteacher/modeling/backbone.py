@@ -4,6 +4,7 @@ Parameter names follow torchvision (``conv1``, ``bn1``, ``layer1.0.conv1`` ...) 
 torchvision ImageNet weights load as they are; detectron2 / AdelaiDet checkpoints load through a
 rename table.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -36,9 +37,18 @@ class DeformableConv3x3(DeformConv2d):
     for DCNv2 the 27 (per offset group) are split in three; the first two thirds are the
     offsets, the last third the mask logits."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, groups: int,
-                 deform_groups: int, modulated: bool):
-        super().__init__(in_channels, out_channels, 3, stride=stride, padding=1, groups=groups, bias=False)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        groups: int,
+        deform_groups: int,
+        modulated: bool,
+    ):
+        super().__init__(
+            in_channels, out_channels, 3, stride=stride, padding=1, groups=groups, bias=False
+        )
         self.modulated = modulated
         per_group = 27 if modulated else 18
         self.offset = nn.Conv2d(in_channels, per_group * deform_groups, 3, stride=stride, padding=1)
@@ -100,7 +110,9 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet depth must be one of {sorted(BLOCKS_PER_STAGE)}, got {depth}")
         unknown = set(out_features) - set(STAGE_NAMES)
         if unknown:
-            raise ValueError(f"Unknown ResNet output features {sorted(unknown)}; valid: {STAGE_NAMES}")
+            raise ValueError(
+                f"Unknown ResNet output features {sorted(unknown)}; valid: {STAGE_NAMES}"
+            )
         self.out_features = tuple(out_features)
         block = BasicBlock if depth < 50 else Bottleneck
         if block is BasicBlock and any(deform_on_per_stage):
@@ -119,14 +131,25 @@ class ResNet(nn.Module):
         for index, num_blocks in enumerate(BLOCKS_PER_STAGE[depth]):
             stride = 1 if index == 0 else 2
             stage = self._make_stage(
-                block, num_blocks, in_channels, out_channels, bottleneck_width, num_groups,
-                stride, norm, stride_in_1x1,
+                block,
+                num_blocks,
+                in_channels,
+                out_channels,
+                bottleneck_width,
+                num_groups,
+                stride,
+                norm,
+                stride_in_1x1,
             )
             if deform_on_per_stage[index]:
                 for b in stage:
                     b.conv2 = DeformableConv3x3(
-                        b.conv2.in_channels, b.conv2.out_channels, b.conv2.stride[0],
-                        b.conv2.groups, deform_num_groups, deform_modulated,
+                        b.conv2.in_channels,
+                        b.conv2.out_channels,
+                        b.conv2.stride[0],
+                        b.conv2.groups,
+                        deform_num_groups,
+                        deform_modulated,
                     )
             self.add_module(f"layer{index + 1}", stage)
             self.out_channels[STAGE_NAMES[index]] = out_channels

@@ -4,6 +4,7 @@ validity mask, LAB colour similarity of neighbouring pixels, and the projection 
 Maps "at stride s" sample the full-resolution padded frame at pixel (s*i + s//2, s*j + s//2),
 as the original does with ``[s//2::s, s//2::s]``; they are computed directly at that stride.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,11 +23,14 @@ _WHITE = (0.95047, 1.0, 1.08883)
 
 
 def _sample_positions(size: int, stride: int, device: torch.device) -> torch.Tensor:
-    """Full-resolution coordinates sampled by a stride-``stride`` map of ``size // stride`` cells."""
+    """Full-resolution coordinates sampled by a stride-``stride`` map of ``size // stride``
+    cells."""
     return torch.arange(size // stride, device=device) * stride + stride // 2
 
 
-def box_masks_at_stride(boxes: torch.Tensor, padded_size: tuple[int, int], stride: int) -> torch.Tensor:
+def box_masks_at_stride(
+    boxes: torch.Tensor, padded_size: tuple[int, int], stride: int
+) -> torch.Tensor:
     """Box masks (N, H/s, W/s) float: 1 on rows int(y0) .. int(y1 + 1) - 1 and columns
     int(x0) .. int(x1 + 1) - 1 of the full-resolution frame (truncating casts), sampled at
     stride s. boxes: (N, 4) XYXY."""
@@ -93,7 +97,9 @@ def downsampled_lab(images: torch.Tensor, stride: int, rgb_channels: list[int]) 
     return rgb_to_lab(pooled.to(torch.uint8).float())
 
 
-def color_similarity(lab: torch.Tensor, valid: torch.Tensor, offsets: list[tuple[int, int]]) -> torch.Tensor:
+def color_similarity(
+    lab: torch.Tensor, valid: torch.Tensor, offsets: list[tuple[int, int]]
+) -> torch.Tensor:
     """S[b, n, y, x] = exp(-||lab(y, x) - lab(neighbour n)|| / 2) * valid(neighbour n), zero when
     the neighbour is outside the grid. lab: (B, 3, h, w); valid: (B, h, w). Returns
     (B, len(offsets), h, w)."""

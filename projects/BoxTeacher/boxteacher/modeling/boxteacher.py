@@ -6,6 +6,7 @@ Any detector with a teacher view (``forward_teacher(batch)``, the teacher protoc
 ``teacher.py``) can teach, and any detector whose training ``forward`` accepts ``pseudo_masks``
 (N, H, W) and ``pseudo_weights`` (N,) in its instances can learn.
 """
+
 from __future__ import annotations
 
 import logging
@@ -87,7 +88,9 @@ class BoxTeacher(nn.Module):
             predictions = self.teacher_view.forward_teacher(batched_inputs)
         return self.assign(batched_inputs, predictions)
 
-    def assign(self, batched_inputs: list[dict], predictions: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    def assign(
+        self, batched_inputs: list[dict], predictions: list[dict[str, torch.Tensor]]
+    ) -> list[dict[str, torch.Tensor]]:
         """Per sample, from the teacher's ``predictions`` (see the teacher protocol): ``masks``
         (N, h, w) at the input resolution (bool, or probabilities without a mask threshold; all
         zero for a box no detection matched), ``weights`` (N,) and ``assigned`` (N,) int64 (the
@@ -100,14 +103,24 @@ class BoxTeacher(nn.Module):
         with record_function("pseudo labels"), full_precision(self.device):
             # The instances are on the host as the data loader gives them: no device sync here.
             given = [x["instances"] for x in batched_inputs]
-            box_only = [None if "has_mask" not in g or not bool(g["has_mask"].any()) else torch.nonzero(~g["has_mask"])[:, 0]
-                        for g in given]
-            boxes = [g["boxes"] if keep is None else g["boxes"][keep] for g, keep in zip(given, box_only)]
+            box_only = [
+                None
+                if "has_mask" not in g or not bool(g["has_mask"].any())
+                else torch.nonzero(~g["has_mask"])[:, 0]
+                for g in given
+            ]
+            boxes = [
+                g["boxes"] if keep is None else g["boxes"][keep] for g, keep in zip(given, box_only)
+            ]
             labels = self.labeler.label(predictions, boxes, [x["image"] for x in batched_inputs])
-            return [label if keep is None else self._with_annotation_masks(g, keep, label)
-                    for g, keep, label in zip(given, box_only, labels)]
+            return [
+                label if keep is None else self._with_annotation_masks(g, keep, label)
+                for g, keep, label in zip(given, box_only, labels)
+            ]
 
-    def _with_annotation_masks(self, given: dict, box_only: torch.Tensor, labels: dict) -> dict[str, torch.Tensor]:
+    def _with_annotation_masks(
+        self, given: dict, box_only: torch.Tensor, labels: dict
+    ) -> dict[str, torch.Tensor]:
         """The labels of an image's box-only instances ``box_only`` (K,) spread over all its N
         instances, the masked ones labelled by their annotation mask with weight 1."""
         box_only = box_only.to(self.device)
@@ -130,16 +143,29 @@ class BoxTeacher(nn.Module):
         if self.frozen_teacher:
             return
         if loaded_keys and not any(k.startswith("teacher.") for k in loaded_keys):
-            logger.warning("No teacher weights were loaded: the teacher starts as a copy of the student.")
+            logger.warning(
+                "No teacher weights were loaded: the teacher starts as a copy of the student."
+            )
             self.teacher.load_state_dict(self.student.state_dict())
 
 
-def with_pseudo_labels(batched_inputs: list[dict], labels: list[dict[str, torch.Tensor]]) -> list[dict]:
+def with_pseudo_labels(
+    batched_inputs: list[dict], labels: list[dict[str, torch.Tensor]]
+) -> list[dict]:
     """Copies of the samples whose instances (moved to the labels' device) carry the
     ``pseudo_masks`` (N, h, w) and ``pseudo_weights`` (N,) of ``labels`` (``BoxTeacher.assign``)."""
     out = []
     for sample, label in zip(batched_inputs, labels):
         device = label["weights"].device
         instances = {k: v.to(device) for k, v in sample["instances"].items()}
-        out.append({**sample, "instances": {**instances, "pseudo_masks": label["masks"], "pseudo_weights": label["weights"]}})
+        out.append(
+            {
+                **sample,
+                "instances": {
+                    **instances,
+                    "pseudo_masks": label["masks"],
+                    "pseudo_weights": label["weights"],
+                },
+            }
+        )
     return out

@@ -1,5 +1,6 @@
 """CondInst's mask side: the shared mask branch, the dynamic (per-instance) mask head whose
 weights the controller predicts, and the selection of positives that train it."""
+
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,9 @@ class MaskBranch(nn.Module):
         self.refine = nn.ModuleList(
             [_conv_norm_relu(in_channels, channels, norm) for _ in self.in_features]
         )
-        tower: list[nn.Module] = [_conv_norm_relu(channels, channels, norm) for _ in range(num_convs)]
+        tower: list[nn.Module] = [
+            _conv_norm_relu(channels, channels, norm) for _ in range(num_convs)
+        ]
         tower.append(nn.Conv2d(channels, out_channels, 1))
         self.tower = nn.Sequential(*tower)
         self.out_channels = out_channels
@@ -85,7 +88,9 @@ class DynamicMaskHead(nn.Module):
         self.weight_nums = [o * i for o, i in self.layer_shapes]
         self.bias_nums = [o for o, _ in self.layer_shapes]
         self.num_gen_params = sum(self.weight_nums) + sum(self.bias_nums)
-        self.register_buffer("sizes_of_interest", torch.tensor(list(sizes_of_interest), dtype=torch.int64))
+        self.register_buffer(
+            "sizes_of_interest", torch.tensor(list(sizes_of_interest), dtype=torch.int64)
+        )
         self.register_buffer("_iter", torch.zeros([1]))
 
     def split_params(self, params: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -2,6 +2,7 @@
 annotation masks, BoxInst's projection and colour-pairwise terms (Tian et al., CVPR 2021), and
 BoxTeacher's noise-aware pixel and affinity terms with pseudo masks (Cheng et al., CVPR 2023).
 Their losses are unweighted; ``supervision.MaskSupervision`` weighs them."""
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,9 @@ class DiceMaskCriterion:
         """``masks`` (N_total, H/s, W/s) float."""
         missing = [i for i, g in enumerate(batch.instances) if "masks" not in g]
         if missing:
-            raise ValueError(f"The mask loss needs instance 'masks', which images {missing} of the batch lack.")
+            raise ValueError(
+                f"The mask loss needs instance 'masks', which images {missing} of the batch lack."
+            )
         return {"masks": batch.masks_at_stride("masks")}
 
     def pair_weights(self, sampled: dict[str, torch.Tensor], targets: dict) -> list[PairWeights]:
@@ -76,14 +79,27 @@ class BoxInstCriterion:
     def targets(self, batch: TargetBatch) -> dict:
         """Box masks (``box_masks``: (N_total, H/s, W/s)) and per-image neighbour weights
         1[colour similarity >= threshold] (``pair_weights``: (B, neighbours, H/s, W/s) bool)."""
-        raw, _ = batch_images([x["image"].to(batch.device) for x in batch.inputs], batch.size_divisibility)
+        raw, _ = batch_images(
+            [x["image"].to(batch.device) for x in batch.inputs], batch.size_divisibility
+        )
         valid = batch.valid_pixels(self.bottom_pixels_removed)
-        similarity = color_similarity(downsampled_lab(raw, batch.stride, self.rgb_channels), valid, self.pairwise_offsets)
-        return {"box_masks": batch.box_masks, "pair_weights": similarity >= self.pairwise_color_thresh}
+        similarity = color_similarity(
+            downsampled_lab(raw, batch.stride, self.rgb_channels), valid, self.pairwise_offsets
+        )
+        return {
+            "box_masks": batch.box_masks,
+            "pair_weights": similarity >= self.pairwise_color_thresh,
+        }
 
     def pair_weights(self, sampled: dict[str, torch.Tensor], targets: dict) -> list[PairWeights]:
         """Each image's colour similarities, inside each positive's box."""
-        return [PairWeights(targets["pair_weights"], sampled["im_inds"], targets["box_masks"][sampled["gt_inds"]])]
+        return [
+            PairWeights(
+                targets["pair_weights"],
+                sampled["im_inds"],
+                targets["box_masks"][sampled["gt_inds"]],
+            )
+        ]
 
     def losses(self, logits, sampled, targets, pair_sums) -> dict[str, torch.Tensor]:
         box_masks = targets["box_masks"][sampled["gt_inds"]].unsqueeze(1)
@@ -105,9 +121,15 @@ def pseudo_mask_affinity(
     masks: (N, h, w) float in [0, 1]; valid: (N, h, w) validity of each mask's image.
     Returns (N, len(offsets), h, w): ``A >= threshold`` as bool, or A itself if threshold < 0.
     """
-    q = (F.avg_pool2d(masks[:, None], 3, stride=1, padding=1, count_include_pad=True)[:, 0] + masks) / 2
+    q = (
+        F.avg_pool2d(masks[:, None], 3, stride=1, padding=1, count_include_pad=True)[:, 0] + masks
+    ) / 2
     n, h, w = masks.shape
-    out = torch.zeros((n, len(offsets), h, w), dtype=torch.bool if threshold >= 0 else masks.dtype, device=masks.device)
+    out = torch.zeros(
+        (n, len(offsets), h, w),
+        dtype=torch.bool if threshold >= 0 else masks.dtype,
+        device=masks.device,
+    )
     for i, (dy, dx) in enumerate(offsets):
         rows, cols, rows_n, cols_n = overlap(h, w, dy, dx)
         a, b = q[:, rows, cols], q[:, rows_n, cols_n]
@@ -118,7 +140,9 @@ def pseudo_mask_affinity(
 
 def mean_projection_loss(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Dice between the mean-projections along y and along x, summed: (K, 1, h, w) -> (K,)."""
-    return dice_loss(probs.mean(dim=2), targets.mean(dim=2)) + dice_loss(probs.mean(dim=3), targets.mean(dim=3))
+    return dice_loss(probs.mean(dim=2), targets.mean(dim=2)) + dice_loss(
+        probs.mean(dim=3), targets.mean(dim=3)
+    )
 
 
 class PseudoMaskCriterion:
@@ -160,7 +184,9 @@ class PseudoMaskCriterion:
         self.affinity_threshold = affinity_threshold
         self.fix_reduction = fix_reduction
         self.mask_threshold = mask_threshold
-        self.loss_names = ("loss_mask", "loss_mask_affinity") + (("loss_avg",) if mean_projection else ())
+        self.loss_names = ("loss_mask", "loss_mask_affinity") + (
+            ("loss_avg",) if mean_projection else ()
+        )
 
     def targets(self, batch: TargetBatch) -> dict | None:
         """``pseudo_masks`` (N_total, H/s, W/s) inside their box (bool, or float when soft),
@@ -173,9 +199,13 @@ class PseudoMaskCriterion:
         valid = batch.valid_pixels(self.bottom_pixels_removed)[batch.instance_images()]
         return {
             "box_masks": box_masks,
-            "pseudo_pair_weights": pseudo_mask_affinity(masks, valid, self.pairwise_offsets, self.affinity_threshold),
+            "pseudo_pair_weights": pseudo_mask_affinity(
+                masks, valid, self.pairwise_offsets, self.affinity_threshold
+            ),
             "pseudo_masks": masks if self.mask_threshold is None else masks > self.mask_threshold,
-            "pseudo_weights": torch.cat([g["pseudo_weights"].to(masks.dtype) for g in batch.instances]),
+            "pseudo_weights": torch.cat(
+                [g["pseudo_weights"].to(masks.dtype) for g in batch.instances]
+            ),
         }
 
     def pair_weights(self, sampled: dict[str, torch.Tensor], targets: dict) -> list[PairWeights]:
@@ -199,5 +229,7 @@ class PseudoMaskCriterion:
             "num_pseudo_masks": num_masks.detach(),
         }
         if "loss_avg" in self.loss_names:
-            losses["loss_avg"] = (weights * mean_projection_loss(probs, pseudo.to(probs.dtype))).sum() / num_masks
+            losses["loss_avg"] = (
+                weights * mean_projection_loss(probs, pseudo.to(probs.dtype))
+            ).sum() / num_masks
         return losses

@@ -1,4 +1,5 @@
 """Exponential moving average of a network's parameters (BoxTeacher's teacher)."""
+
 from __future__ import annotations
 
 import torch
@@ -33,13 +34,17 @@ def copy_student_to_teacher(teacher: nn.Module, student: nn.Module) -> None:
 def norm_statistics(module: nn.Module) -> list[torch.Tensor]:
     """The running mean and variance of every BatchNorm / SyncBatchNorm layer, in module order."""
     return [
-        buffer for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        buffer
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
         for buffer in (m.running_mean, m.running_var)
     ]
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, norm_stats: bool = False) -> None:
+def ema_update(
+    teacher: nn.Module, student: nn.Module, momentum: float, norm_stats: bool = False
+) -> None:
     """teacher_param := momentum * teacher_param + (1 - momentum) * student_param.
 
     BoxTeacher averages the parameters only: frozen BN statistics are constant, and a teacher

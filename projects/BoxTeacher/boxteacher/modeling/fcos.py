@@ -1,5 +1,6 @@
 """FCOS: the head, its losses and its inference (AdelaiDet's improved FCOS: centre sampling,
 GIoU, centerness on the box tower, ReLU regression in stride units)."""
+
 from __future__ import annotations
 
 import math
@@ -152,12 +153,21 @@ class FCOS(nn.Module):
         gt_centers: list[torch.Tensor | None] | None = None,
     ) -> FCOSTargets:
         return compute_targets(
-            locations, self.strides, self.sizes_of_interest, gt_boxes, gt_labels,
-            self.num_classes, self.center_sampling_radius, gt_centers,
+            locations,
+            self.strides,
+            self.sizes_of_interest,
+            gt_boxes,
+            gt_labels,
+            self.num_classes,
+            self.center_sampling_radius,
+            gt_centers,
         )
 
     def losses(
-        self, outputs: HeadOutputs, targets: FCOSTargets, top_feats: list[torch.Tensor] | None = None
+        self,
+        outputs: HeadOutputs,
+        targets: FCOSTargets,
+        top_feats: list[torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """FCOS losses and the positive locations.
 
@@ -174,17 +184,27 @@ class FCOS(nn.Module):
 
         class_targets = torch.zeros_like(logits)
         class_targets[pos_inds, targets.labels[pos_inds]] = 1.0
-        loss_cls = sigmoid_focal_loss(
-            logits, class_targets, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
-        ) / num_pos
+        loss_cls = (
+            sigmoid_focal_loss(
+                logits,
+                class_targets,
+                alpha=self.focal_alpha,
+                gamma=self.focal_gamma,
+                reduction="sum",
+            )
+            / num_pos
+        )
 
         reg_targets = targets.reg_targets[pos_inds]
         ctr_targets = centerness_targets(reg_targets)
         ctr_denorm = max(reduce_mean(ctr_targets.sum()).item(), 1e-6)
-        loss_loc = iou_loss(reg_pred[pos_inds], reg_targets, self.loc_loss_type, ctr_targets) / ctr_denorm
-        loss_ctr = F.binary_cross_entropy_with_logits(
-            ctr_pred[pos_inds], ctr_targets, reduction="sum"
-        ) / num_pos
+        loss_loc = (
+            iou_loss(reg_pred[pos_inds], reg_targets, self.loc_loss_type, ctr_targets) / ctr_denorm
+        )
+        loss_ctr = (
+            F.binary_cross_entropy_with_logits(ctr_pred[pos_inds], ctr_targets, reduction="sum")
+            / num_pos
+        )
 
         positives = {
             "pos_inds": pos_inds,
@@ -217,8 +237,13 @@ class FCOS(nn.Module):
         and, when given, ``top_feat`` (M, G). See ``predict_batch``.
         """
         detections = self.predict_batch(outputs, locations, top_feats, post_nms_topk)
-        counts = torch.bincount(detections.pop("im_inds"), minlength=outputs.logits[0].shape[0]).tolist()
-        return [dict(zip(detections, values)) for values in zip(*(v.split(counts) for v in detections.values()))]
+        counts = torch.bincount(
+            detections.pop("im_inds"), minlength=outputs.logits[0].shape[0]
+        ).tolist()
+        return [
+            dict(zip(detections, values))
+            for values in zip(*(v.split(counts) for v in detections.values()))
+        ]
 
     @torch.no_grad()
     def predict_batch(
@@ -235,13 +260,26 @@ class FCOS(nn.Module):
         first within an image."""
         post_nms_topk = self.post_nms_topk if post_nms_topk is None else post_nms_topk
         num_images = outputs.logits[0].shape[0]
-        levels = [self._level_candidates(outputs, locations, top_feats, level) for level in range(len(locations))]
+        levels = [
+            self._level_candidates(outputs, locations, top_feats, level)
+            for level in range(len(locations))
+        ]
         merged = {k: torch.cat([c[k] for c in levels], dim=1).flatten(0, 1) for k in levels[0]}
         per_image = sum(c["scores"].shape[1] for c in levels)
-        merged["im_inds"] = torch.arange(num_images, device=merged["scores"].device).repeat_interleave(per_image)
+        merged["im_inds"] = torch.arange(
+            num_images, device=merged["scores"].device
+        ).repeat_interleave(per_image)
         merged = select_rows(merged, merged.pop("valid"))
-        keep = nms_per_image_and_class(merged["boxes"], merged["scores"], merged["im_inds"], merged["labels"], self.nms_threshold)
-        keep = keep[torch.argsort(merged["im_inds"][keep], stable=True)]  # grouped by image, best first
+        keep = nms_per_image_and_class(
+            merged["boxes"],
+            merged["scores"],
+            merged["im_inds"],
+            merged["labels"],
+            self.nms_threshold,
+        )
+        keep = keep[
+            torch.argsort(merged["im_inds"][keep], stable=True)
+        ]  # grouped by image, best first
         if post_nms_topk > 0:
             keep = keep[rank_within_groups(merged["im_inds"][keep], num_images) < post_nms_topk]
         return {k: v[keep] for k, v in merged.items()}
@@ -280,12 +318,18 @@ class FCOS(nn.Module):
         }
         if top_feats is not None:
             feats = top_feats[level].flatten(2).transpose(1, 2)  # (B, h*w, G)
-            result["top_feat"] = feats.gather(1, loc_index[..., None].expand(-1, -1, feats.shape[2]))
+            result["top_feat"] = feats.gather(
+                1, loc_index[..., None].expand(-1, -1, feats.shape[2])
+            )
         return result
 
 
 def nms_per_image_and_class(
-    boxes: torch.Tensor, scores: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, iou_threshold: float
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    iou_threshold: float,
 ) -> torch.Tensor:
     """Indices kept by NMS run separately for every (image, class), by decreasing score.
 

@@ -3,6 +3,7 @@
 All functions are pure; shapes are in the docstrings. L = number of locations of all levels of
 one image, N = number of ground-truth boxes of one image.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -103,7 +104,12 @@ def assign_image(
         )
     xs, ys = locations[:, 0:1], locations[:, 1:2]
     reg = torch.stack(
-        [xs - boxes[None, :, 0], ys - boxes[None, :, 1], boxes[None, :, 2] - xs, boxes[None, :, 3] - ys],
+        [
+            xs - boxes[None, :, 0],
+            ys - boxes[None, :, 1],
+            boxes[None, :, 2] - xs,
+            boxes[None, :, 3] - ys,
+        ],
         dim=2,
     )  # (L, N, 4)
     if center_sampling_radius is None:
@@ -111,7 +117,9 @@ def assign_image(
     else:
         if centers is None:
             centers = (boxes[:, :2] + boxes[:, 2:]) / 2
-        inside = _in_center_region(locations, location_strides, boxes, centers, center_sampling_radius)
+        inside = _in_center_region(
+            locations, location_strides, boxes, centers, center_sampling_radius
+        )
     max_reg = reg.max(dim=2).values
     cared = (max_reg >= size_ranges[:, 0:1]) & (max_reg <= size_ranges[:, 1:2])
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -158,8 +166,14 @@ def compute_targets(
     for i, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels)):
         centers = gt_centers[i] if gt_centers is not None else None
         lab, reg, idx = assign_image(
-            locations, location_strides, size_ranges, boxes, labels, num_classes,
-            center_sampling_radius, centers,
+            locations,
+            location_strides,
+            size_ranges,
+            boxes,
+            labels,
+            num_classes,
+            center_sampling_radius,
+            centers,
         )
         idx = torch.where(idx >= 0, idx + offset, idx)
         offset += boxes.shape[0]
@@ -171,7 +185,9 @@ def compute_targets(
         return torch.cat([chunk for level in zip(*split) for chunk in level])
 
     num_images = len(per_image)
-    im_inds = torch.arange(num_images, device=device)[:, None].expand(num_images, locations.shape[0])
+    im_inds = torch.arange(num_images, device=device)[:, None].expand(
+        num_images, locations.shape[0]
+    )
     return FCOSTargets(
         labels=level_major([p[0] for p in per_image]),
         reg_targets=level_major([p[1] for p in per_image]),

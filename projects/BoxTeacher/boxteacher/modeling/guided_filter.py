@@ -10,6 +10,7 @@ guides' statistics (window means, inverse regularised colour covariances) are co
 the zero-padded batch, every window mean counting only the pixels of its own image, and every
 mask is filtered on fixed-size tiles of its box, all tiles of the batch together.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,8 +58,12 @@ def inverse_regularised_covariance(covariance: torch.Tensor, eps: float) -> torc
     if entries == 1:
         return 1.0 / (covariance + eps)
     if entries != 6:
-        raise ValueError(f"The guided filter takes a guide of 1 or 3 channels, got {entries} covariance entries")
-    a, b, c, d, e, f = (covariance[..., k, :, :] + (eps if k in (0, 3, 5) else 0.0) for k in range(6))
+        raise ValueError(
+            f"The guided filter takes a guide of 1 or 3 channels, got {entries} covariance entries"
+        )
+    a, b, c, d, e, f = (
+        covariance[..., k, :, :] + (eps if k in (0, 3, 5) else 0.0) for k in range(6)
+    )
     cof_a, cof_b, cof_c = d * f - e * e, c * e - b * f, b * e - c * d
     cof_d, cof_e, cof_f = a * f - c * c, b * c - a * e, a * d - b * b
     det = a * cof_a + b * cof_b + c * cof_c
@@ -73,14 +78,21 @@ def guide_statistics(
     ``unpack_symmetric``)."""
     channels = guide.shape[1]
     guide = guide * valid
-    sums = window_sum(torch.cat([valid, guide, upper_triangle_products(guide, guide)], dim=1), radius)
+    sums = window_sum(
+        torch.cat([valid, guide, upper_triangle_products(guide, guide)], dim=1), radius
+    )
     means = sums[:, 1:] / sums[:, :1].clamp(min=1.0)
     mean, second = means[:, :channels], means[:, channels:]
     return mean, inverse_regularised_covariance(second - upper_triangle_products(mean, mean), eps)
 
 
 def filter_with_statistics(
-    guide: torch.Tensor, valid: torch.Tensor, mean: torch.Tensor, inverse: torch.Tensor, src: torch.Tensor, radius: int
+    guide: torch.Tensor,
+    valid: torch.Tensor,
+    mean: torch.Tensor,
+    inverse: torch.Tensor,
+    src: torch.Tensor,
+    radius: int,
 ) -> torch.Tensor:
     """The guided filter of N maps, each with its own guide, valid pixels and guide statistics.
 
@@ -125,12 +137,18 @@ def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: floa
     mean, inverse = guide_statistics(guide, valid, radius, eps)
     n = src.shape[0]
     return filter_with_statistics(
-        guide.expand(n, -1, -1, -1), valid.expand(n, -1, -1, -1), mean.expand(n, -1, -1, -1),
-        inverse.expand(n, -1, -1, -1), src, radius,
+        guide.expand(n, -1, -1, -1),
+        valid.expand(n, -1, -1, -1),
+        mean.expand(n, -1, -1, -1),
+        inverse.expand(n, -1, -1, -1),
+        src,
+        radius,
     )
 
 
-def box_tiles(boxes: torch.Tensor, tile: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def box_tiles(
+    boxes: torch.Tensor, tile: int, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Square tiles of side ``tile`` that cover each box's pixel rows int(y0) .. int(y1) and
     columns int(x0) .. int(x1) (clipped to the (height, width) frame) in a grid from its
     top-left pixel; the last row and column of tiles may reach past the box and the frame.
@@ -153,7 +171,8 @@ def box_tiles(boxes: torch.Tensor, tile: int, height: int, width: int) -> tuple[
 
 @dataclass(frozen=True)
 class MaskRefinement:
-    """Guided-filter refinement of pseudo masks (``MODEL.BOX_TEACHER.REFINE_RADIUS``, ``REFINE_EPS``).
+    """Guided-filter refinement of pseudo masks (``MODEL.BOX_TEACHER.REFINE_RADIUS``,
+    ``REFINE_EPS``).
 
     radius: window radius in pixels of the masks' frame (about the mask stride);
     eps: regularisation, for colours scaled to [0, 1].
@@ -162,7 +181,9 @@ class MaskRefinement:
     radius: int = 4
     eps: float = 0.01
 
-    def __call__(self, image: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, image: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor
+    ) -> torch.Tensor:
         """Refine each mask of one image inside its box; zero outside it.
 
         image: (C, H, W) uint8 (any channel order); masks: (N, H, W) bool or probabilities;
@@ -198,7 +219,9 @@ class MaskRefinement:
         sizes = [tuple(m.shape[-2:]) for m in masks]
         height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
         # Room for the tiles that reach past the frame; cropped at the end.
-        out = torch.zeros((sum(counts), height + self.tile, width + self.tile), dtype=torch.float32, device=device)
+        out = torch.zeros(
+            (sum(counts), height + self.tile, width + self.tile), dtype=torch.float32, device=device
+        )
         if out.shape[0] > 0:
             self._refine_into(out, images, masks, boxes, counts, sizes, height, width)
         return [o[:, :h, :w] for o, (h, w) in zip(out.split(counts), sizes)]
@@ -231,25 +254,49 @@ class MaskRefinement:
         rows_read, cols_read = rows.clamp(0, height - 1), cols.clamp(0, width - 1)
         near = slice(self.radius, -self.radius)
 
-        def crops(statistic: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (B, K, H, W) -> (T, K, r, c)
+        def crops(
+            statistic: torch.Tensor, r: torch.Tensor, c: torch.Tensor
+        ) -> torch.Tensor:  # (B, K, H, W) -> (T, K, r, c)
             return statistic[image_of_tile[:, None, None], :, r, c].permute(0, 3, 1, 2)
 
         crop_valid = crops(valid, rows_read, cols_read) * in_frame
-        sources = torch.cat([
-            mask[box[:, None, None], r.clamp(0, h - 1), c.clamp(0, w - 1)].float()
-            for mask, (h, w), box, r, c in zip(
-                masks, sizes, box_in_image.split(tiles_per_image), rows.split(tiles_per_image), cols.split(tiles_per_image)
-            )
-        ])
+        sources = torch.cat(
+            [
+                mask[box[:, None, None], r.clamp(0, h - 1), c.clamp(0, w - 1)].float()
+                for mask, (h, w), box, r, c in zip(
+                    masks,
+                    sizes,
+                    box_in_image.split(tiles_per_image),
+                    rows.split(tiles_per_image),
+                    cols.split(tiles_per_image),
+                )
+            ]
+        )
         rows_near, cols_near = rows_read[:, near], cols_read[:, :, near]
         refined = filter_with_statistics(
-            crops(guides, rows_read, cols_read), crop_valid, crops(mean, rows_near, cols_near),
-            crops(inverse, rows_near, cols_near), sources, self.radius,
+            crops(guides, rows_read, cols_read),
+            crop_valid,
+            crops(mean, rows_near, cols_near),
+            crops(inverse, rows_near, cols_near),
+            sources,
+            self.radius,
         )
-        in_crop, in_refined = slice(margin, margin + tile), slice(margin - self.radius, margin - self.radius + tile)
+        in_crop, in_refined = (
+            slice(margin, margin + tile),
+            slice(margin - self.radius, margin - self.radius + tile),
+        )
         rows, cols = rows[:, in_crop], cols[:, :, in_crop]
         box = all_boxes.to(device, torch.float32)[box_of_tile][:, :, None, None]
         centre_y, centre_x = rows + 0.5, cols + 0.5
-        inside = (centre_y >= box[:, 1]) & (centre_y <= box[:, 3]) & (centre_x >= box[:, 0]) & (centre_x <= box[:, 2])
-        kept = refined[:, in_refined, in_refined].clamp_(0.0, 1.0) * inside * crop_valid[:, 0, in_crop, in_crop]
+        inside = (
+            (centre_y >= box[:, 1])
+            & (centre_y <= box[:, 3])
+            & (centre_x >= box[:, 0])
+            & (centre_x <= box[:, 2])
+        )
+        kept = (
+            refined[:, in_refined, in_refined].clamp_(0.0, 1.0)
+            * inside
+            * crop_valid[:, 0, in_crop, in_crop]
+        )
         out[box_of_tile[:, None, None], rows, cols] = kept

@@ -1,5 +1,6 @@
 """Small building blocks shared by the heads: normalisation factory, per-level scale,
 aligned bilinear upsampling, location grids and image batching."""
+
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +26,9 @@ def get_norm(name: str) -> NormFactory | None:
     if name in ("", "none"):
         return None
     if name not in factories:
-        raise ValueError(f"Unknown normalisation '{name}'; expected one of {sorted(factories)} or ''.")
+        raise ValueError(
+            f"Unknown normalisation '{name}'; expected one of {sorted(factories)} or ''."
+        )
     return factories[name]
 
 
@@ -117,7 +120,9 @@ def select_rows(fields: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str
 def group_indices(counts: list[int]) -> torch.Tensor:
     """(sum(counts),) int64 on the host: the group of every element of consecutive groups of
     these sizes (e.g. the image of every box of a batch)."""
-    return torch.tensor([group for group, count in enumerate(counts) for _ in range(count)], dtype=torch.int64)
+    return torch.tensor(
+        [group for group, count in enumerate(counts) for _ in range(count)], dtype=torch.int64
+    )
 
 
 def inside_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

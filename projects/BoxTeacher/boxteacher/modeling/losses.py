@@ -1,4 +1,5 @@
 """Pure loss functions. Shapes are in the docstrings; reductions are explicit."""
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,9 @@ def dice_loss(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1e-5) -> 
     return 1.0 - 2.0 * intersection / union
 
 
-def masked_dice_loss(probs: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+def masked_dice_loss(
+    probs: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor
+) -> torch.Tensor:
     """Mean ``dice_loss`` over the ``selected`` (K,) bool rows of probs (K, ...) and targets
     (K, ...) (same number of elements per row); with no row selected, a zero that is still
     connected to ``probs`` (gradient 0)."""
@@ -25,7 +28,9 @@ def masked_dice_loss(probs: torch.Tensor, targets: torch.Tensor, selected: torch
     return dice_loss(probs[selected], targets[selected]).mean()
 
 
-def ltrb_iou_and_giou(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ltrb_iou_and_giou(
+    pred: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """IoU and generalised IoU of boxes given as (l, t, r, b) distances from a common point.
 
     FCOS smooths the IoU as (I + 1) / (U + 1) (in stride units), which torchvision's box-corner

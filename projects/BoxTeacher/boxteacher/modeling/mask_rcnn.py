@@ -8,6 +8,7 @@ the project's: the data contract of ``meta_arch.py`` (inputs resized by the data
 losses of ``roi_masks.RoIMaskSupervision`` (annotation masks, pseudo masks, boxes), and the
 teacher protocol of ``teacher.py`` (``MaskRCNNTeacherView``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,7 +79,9 @@ class MaskRCNN(nn.Module):
         self.rpn = rpn
         self.roi_heads = roi_heads
         self.supervision = supervision
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False
+        )
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
         self.size_divisibility = size_divisibility
         self.mask_threshold = mask_threshold
@@ -89,22 +92,31 @@ class MaskRCNN(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def forward(self, batched_inputs: list[dict], iteration: int | None = None) -> dict[str, torch.Tensor] | list[dict]:
+    def forward(
+        self, batched_inputs: list[dict], iteration: int | None = None
+    ) -> dict[str, torch.Tensor] | list[dict]:
         """Training (``iteration``: the engine's iteration, required): the losses; evaluation:
         the detections (see ``meta_arch.py`` for both)."""
         if not self.training:
             return self.inference(batched_inputs)
         if iteration is None:
-            raise ValueError("A training forward needs the iteration (it drives the loss warm-ups): model(batch, iteration=t).")
+            raise ValueError(
+                "A training forward needs the iteration (it drives the loss warm-ups): "
+                "model(batch, iteration=t)."
+            )
         return self.forward_train(batched_inputs, iteration)
 
     def normalise(self, image: torch.Tensor) -> torch.Tensor:
         """(3, h, w) uint8 -> normalised float on the model's device."""
         return (image.to(self.device).float() - self.pixel_mean) / self.pixel_std
 
-    def preprocess(self, batched_inputs: list[dict], key: str = "image") -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def preprocess(
+        self, batched_inputs: list[dict], key: str = "image"
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """The normalised images ``key`` zero-padded into (B, 3, H, W), and their unpadded sizes."""
-        return batch_images([self.normalise(x[key]) for x in batched_inputs], self.size_divisibility)
+        return batch_images(
+            [self.normalise(x[key]) for x in batched_inputs], self.size_divisibility
+        )
 
     # ------------------------------------------------------------------------------------
     # Training
@@ -114,7 +126,9 @@ class MaskRCNN(nn.Module):
         ``loss_classifier``, ``loss_box_reg``) and the mask losses of ``supervision`` on the
         positive RoIs. The network sees ``aug_image`` when the data provides it."""
         with full_precision(self.device):
-            images, sizes = self.preprocess(batched_inputs, "aug_image" if "aug_image" in batched_inputs[0] else "image")
+            images, sizes = self.preprocess(
+                batched_inputs, "aug_image" if "aug_image" in batched_inputs[0] else "image"
+            )
             gt = [self._instances_to_device(x) for x in batched_inputs]
         targets = [{"boxes": g["boxes"], "labels": g["labels"] + 1} for g in gt]  # 0: background
         with record_function("student: network"):
@@ -122,26 +136,34 @@ class MaskRCNN(nn.Module):
             proposals, losses = self.rpn(ImageList(images, sizes), features, targets)
             rois, matched, labels, regression_targets = self.sample_proposals(proposals, targets)
             heads = self.roi_heads
-            class_logits, box_regression = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, rois, sizes)))
+            class_logits, box_regression = heads.box_predictor(
+                heads.box_head(heads.box_roi_pool(features, rois, sizes))
+            )
             losses["loss_classifier"], losses["loss_box_reg"] = fastrcnn_loss(
                 class_logits, box_regression, labels, regression_targets
             )
             # One host synchronisation per image, as torchvision's own.
             positive = [torch.nonzero(image_labels > 0)[:, 0] for image_labels in labels]
             positive_rois = [r[p] for r, p in zip(rois, positive)]
-            mask_logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, positive_rois, sizes)))
+            mask_logits = heads.mask_predictor(
+                heads.mask_head(heads.mask_roi_pool(features, positive_rois, sizes))
+            )
         with record_function("student: mask losses"), full_precision(self.device):
             classes = torch.cat([image_labels[p] for image_labels, p in zip(labels, positive)])
-            logits = mask_logits.float()[torch.arange(classes.numel(), device=classes.device), classes]
-            losses.update(self.supervision.losses(
-                logits,
-                torch.cat(positive_rois),
-                [image for image, p in enumerate(positive) for _ in range(p.numel())],
-                torch.cat([m[p] for m, p in zip(matched, positive)]),
-                gt,
-                [x["image"] for x in batched_inputs],
-                iteration,
-            ))
+            logits = mask_logits.float()[
+                torch.arange(classes.numel(), device=classes.device), classes
+            ]
+            losses.update(
+                self.supervision.losses(
+                    logits,
+                    torch.cat(positive_rois),
+                    [image for image, p in enumerate(positive) for _ in range(p.numel())],
+                    torch.cat([m[p] for m, p in zip(matched, positive)]),
+                    gt,
+                    [x["image"] for x in batched_inputs],
+                    iteration,
+                )
+            )
         return losses
 
     def sample_proposals(
@@ -154,12 +176,16 @@ class MaskRCNN(nn.Module):
         heads = self.roi_heads
         gt_boxes = [t["boxes"].to(proposals[0].dtype) for t in targets]
         proposals = heads.add_gt_proposals(proposals, gt_boxes)
-        matched, labels = heads.assign_targets_to_proposals(proposals, gt_boxes, [t["labels"] for t in targets])
+        matched, labels = heads.assign_targets_to_proposals(
+            proposals, gt_boxes, [t["labels"] for t in targets]
+        )
         sampled = heads.subsample(labels)
         proposals = [p[s] for p, s in zip(proposals, sampled)]
         matched = [m[s] for m, s in zip(matched, sampled)]
         labels = [c[s] for c, s in zip(labels, sampled)]
-        matched_boxes = [(b if b.numel() else b.new_zeros((1, 4)))[m] for b, m in zip(gt_boxes, matched)]
+        matched_boxes = [
+            (b if b.numel() else b.new_zeros((1, 4)))[m] for b, m in zip(gt_boxes, matched)
+        ]
         return proposals, matched, labels, heads.box_coder.encode(matched_boxes, proposals)
 
     def _instances_to_device(self, sample: dict) -> dict[str, torch.Tensor]:
@@ -177,7 +203,9 @@ class MaskRCNN(nn.Module):
     # Inference
     # ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def detect(self, images: torch.Tensor, sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    def detect(
+        self, images: torch.Tensor, sizes: list[tuple[int, int]]
+    ) -> list[dict[str, torch.Tensor]]:
         """Detections per image of a padded batch (unpadded ``sizes``) in the network input
         frame: ``boxes`` (M, 4), ``scores``, ``labels`` (M,) in 0..K-1 and the probabilities of
         the RoI masks ``mask_probs`` (M, S, S), best score first. In eval mode only (in train
@@ -185,8 +213,15 @@ class MaskRCNN(nn.Module):
         features = self.backbone(images)
         proposals, _ = self.rpn(ImageList(images, sizes), features)
         detections, _ = self.roi_heads(features, proposals, sizes)
-        return [{"boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"] - 1, "mask_probs": d["masks"][:, 0]}
-                for d in detections]
+        return [
+            {
+                "boxes": d["boxes"],
+                "scores": d["scores"],
+                "labels": d["labels"] - 1,
+                "mask_probs": d["masks"][:, 0],
+            }
+            for d in detections
+        ]
 
     @torch.no_grad()
     def inference(self, batched_inputs: list[dict]) -> list[dict]:
@@ -199,13 +234,28 @@ class MaskRCNN(nn.Module):
             keep = torch.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))[:, 0]
             boxes, probs = boxes[keep], det["mask_probs"][keep]
             masks, means = binarise_in_chunks(
-                keep.numel(), lambda chunk: paste_roi_maps(probs[chunk], boxes[chunk], output_size), output_size,
-                self.mask_threshold, PASTE_CHUNK_PIXELS, self.encode_masks, probs.device, probs.dtype,
+                keep.numel(),
+                lambda chunk: paste_roi_maps(probs[chunk], boxes[chunk], output_size),
+                output_size,
+                self.mask_threshold,
+                PASTE_CHUNK_PIXELS,
+                self.encode_masks,
+                probs.device,
+                probs.dtype,
             )
             scores = det["scores"][keep]
             if self.mask_aware_scores:
                 scores = mask_aware_scores(scores, means)[0]
-            results.append({"instances": {"boxes": boxes, "scores": scores, "labels": det["labels"][keep], "masks": masks}})
+            results.append(
+                {
+                    "instances": {
+                        "boxes": boxes,
+                        "scores": scores,
+                        "labels": det["labels"][keep],
+                        "masks": masks,
+                    }
+                }
+            )
         return results
 
 
@@ -236,20 +286,35 @@ class MaskRCNNTeacherView:
         resized = [resize_to_test_size(im, settings.min_size, settings.max_size) for im in images]
         batch, sizes = batch_images(resized, detector.size_divisibility)
         with record_function("teacher: network"), eval_mode(detector):
-            detections = [{k: v[: settings.post_nms_topk] for k, v in d.items()} for d in detector.detect(batch, sizes)]
+            detections = [
+                {k: v[: settings.post_nms_topk] for k, v in d.items()}
+                for d in detector.detect(batch, sizes)
+            ]
         with record_function("teacher: post-processing"), full_precision(detector.device):
             counts = [d["scores"].numel() for d in detections]
             merged = {k: torch.cat([d[k] for d in detections]) for k in detections[0]}
-            merged["im_inds"] = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(detector.device)
-            merged["boxes"] = to_student_frame(merged["boxes"], merged["im_inds"], sizes, student_sizes)
-            keep = (merged["boxes"][:, 2] > merged["boxes"][:, 0]) & (merged["boxes"][:, 3] > merged["boxes"][:, 1])
+            merged["im_inds"] = torch.repeat_interleave(
+                torch.arange(len(counts)), torch.tensor(counts)
+            ).to(detector.device)
+            merged["boxes"] = to_student_frame(
+                merged["boxes"], merged["im_inds"], sizes, student_sizes
+            )
+            keep = (merged["boxes"][:, 2] > merged["boxes"][:, 0]) & (
+                merged["boxes"][:, 3] > merged["boxes"][:, 1]
+            )
             merged = {k: v[keep] for k, v in merged.items()}
             if settings.candidate_iou is not None and all("instances" in x for x in batched_inputs):
-                merged = assignable_detections(merged, merged["boxes"], [x["instances"]["boxes"] for x in batched_inputs],
-                                               settings.candidate_iou)
+                merged = assignable_detections(
+                    merged,
+                    merged["boxes"],
+                    [x["instances"]["boxes"] for x in batched_inputs],
+                    settings.candidate_iou,
+                )
             return self._outputs(merged, student_sizes)
 
-    def _outputs(self, detections: dict[str, torch.Tensor], student_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    def _outputs(
+        self, detections: dict[str, torch.Tensor], student_sizes: list[tuple[int, int]]
+    ) -> list[dict[str, torch.Tensor]]:
         settings = self.settings
         threshold = -1.0 if settings.float_masks else settings.mask_threshold
         counts = torch.bincount(detections.pop("im_inds"), minlength=len(student_sizes)).tolist()
@@ -263,6 +328,14 @@ class MaskRCNNTeacherView:
                 probs = probs * (rows[:, :, None] & cols[:, None, :])
             sums = foreground_sums(probs, threshold, boxes if settings.score_in_box else None)
             ranking, weights = mask_aware_scores(fields["scores"][i], mean_of_sums(*sums))
-            outputs.append({"boxes": boxes, "scores": ranking, "mask_scores": weights, "detector_scores": fields["scores"][i],
-                            "labels": fields["labels"][i], "mask_probs": probs})
+            outputs.append(
+                {
+                    "boxes": boxes,
+                    "scores": ranking,
+                    "mask_scores": weights,
+                    "detector_scores": fields["scores"][i],
+                    "labels": fields["labels"][i],
+                    "mask_probs": probs,
+                }
+            )
         return outputs

@@ -1,5 +1,6 @@
 """BoxTeacher's mask-aware score of a detection: its FCOS score combined with the mean foreground
 probability of its mask (used to rank detections at inference and to weigh pseudo masks)."""
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,9 @@ def foreground_sums(
     if boxes is None:
         count = foreground.sum(dim=(1, 2))
         return foreground.mul_(mask_probs).sum(dim=(1, 2)), count
-    rows, cols = (inside.to(mask_probs.dtype) for inside in inside_boxes(boxes, mask_probs.shape[-2:]))
+    rows, cols = (
+        inside.to(mask_probs.dtype) for inside in inside_boxes(boxes, mask_probs.shape[-2:])
+    )
     count = region_sum(foreground, rows, cols)
     return region_sum(foreground.mul_(mask_probs), rows, cols), count
 

@@ -28,6 +28,7 @@ when ``CondInst.encode_masks`` is set).
 
 Inputs are never mutated. Normalisation constants are buffers (not saved in checkpoints).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -42,10 +43,9 @@ from .condinst import DynamicMaskHead, MaskBranch, sample_top_per_object
 from .fcos import FCOS, HeadOutputs
 from .fcos_targets import mask_centers
 from .layers import aligned_bilinear, batch_images, full_precision
+from .mask_scores import mask_aware_scores
 from .postprocess import detections_to_output_frame
 from .supervision import MaskSupervision, TargetBatch
-from .mask_scores import mask_aware_scores
-
 
 POSITIVE_CENTERS = ("masks", "box_masks", "boxes")
 
@@ -106,13 +106,17 @@ class CondInst(nn.Module):
         self.mask_branch = mask_branch
         self.supervision = supervision
         if positive_centers not in POSITIVE_CENTERS:
-            raise ValueError(f"positive_centers must be one of {POSITIVE_CENTERS}, got {positive_centers!r}")
+            raise ValueError(
+                f"positive_centers must be one of {POSITIVE_CENTERS}, got {positive_centers!r}"
+            )
         self.positive_centers = positive_centers
         head_channels = proposal_generator.fcos_head.cls_logits.in_channels
         self.controller = nn.Conv2d(head_channels, mask_head.num_gen_params, 3, padding=1)
         nn.init.normal_(self.controller.weight, std=0.01)
         nn.init.constant_(self.controller.bias, 0.0)
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False
+        )
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
 
         self.fcos_in_features = list(fcos_in_features)
@@ -133,13 +137,18 @@ class CondInst(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def forward(self, batched_inputs: list[dict], iteration: int | None = None) -> dict[str, torch.Tensor] | list[dict]:
+    def forward(
+        self, batched_inputs: list[dict], iteration: int | None = None
+    ) -> dict[str, torch.Tensor] | list[dict]:
         """Training (``iteration``: the engine's iteration, required): the losses; evaluation:
         the detections."""
         if not self.training:
             return self.inference(batched_inputs)
         if iteration is None:
-            raise ValueError("A training forward needs the iteration (it drives the loss warm-ups): model(batch, iteration=t).")
+            raise ValueError(
+                "A training forward needs the iteration (it drives the loss warm-ups): "
+                "model(batch, iteration=t)."
+            )
         return self.forward_train(batched_inputs, iteration)
 
     # ------------------------------------------------------------------------------------
@@ -150,7 +159,10 @@ class CondInst(nn.Module):
     ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Normalise ``batched_inputs[i][key]`` and zero-pad them into (B, 3, H, W); returns the
         batch and the unpadded sizes."""
-        images = [(x[key].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [
+            (x[key].to(self.device).float() - self.pixel_mean) / self.pixel_std
+            for x in batched_inputs
+        ]
         return batch_images(images, self.backbone.size_divisibility)
 
     def run_heads(
@@ -169,13 +181,19 @@ class CondInst(nn.Module):
         locations = self.proposal_generator.locations(head_inputs)
         return mask_feats, outputs, top_feats, locations
 
-    def mask_logits(self, mask_feats: torch.Tensor, instances: dict[str, torch.Tensor], params_key: str) -> torch.Tensor:
+    def mask_logits(
+        self, mask_feats: torch.Tensor, instances: dict[str, torch.Tensor], params_key: str
+    ) -> torch.Tensor:
         """Dynamic-head logits (K, 1, H/4, W/4) at the mask output stride for K instances
         with ``im_inds``, ``locations``, ``fpn_levels`` and parameters ``instances[params_key]``;
         float32 also under autocast (the losses and the pseudo masks need it)."""
         logits = self.mask_head(
-            mask_feats, self.mask_feat_stride, instances[params_key],
-            instances["im_inds"], instances["locations"], instances["fpn_levels"],
+            mask_feats,
+            self.mask_feat_stride,
+            instances[params_key],
+            instances["im_inds"],
+            instances["locations"],
+            instances["fpn_levels"],
         )
         return aligned_bilinear(logits.float(), self.mask_feat_stride // self.mask_out_stride)
 
@@ -186,7 +204,9 @@ class CondInst(nn.Module):
         # The network trains on the student view ``aug_image`` when the data provides one;
         # ``image`` (the clean view) still feeds the targets computed from colours.
         with record_function("student: targets"), full_precision(self.device):
-            images, sizes = self.preprocess(batched_inputs, "aug_image" if "aug_image" in batched_inputs[0] else "image")
+            images, sizes = self.preprocess(
+                batched_inputs, "aug_image" if "aug_image" in batched_inputs[0] else "image"
+            )
             gt = [self._instances_to_device(x) for x in batched_inputs]
             mask_targets = self.mask_targets(batched_inputs, gt, tuple(images.shape[-2:]), sizes)
             centers = self.centers_of_positives(gt, tuple(images.shape[-2:]))
@@ -201,7 +221,9 @@ class CondInst(nn.Module):
         with record_function("student: mask losses"):
             sampled = self.sample_positives(positives)
             if sampled["gt_inds"].numel() == 0:
-                losses.update(self.supervision.zero_losses(self.zero_loss(mask_feats, sampled), mask_targets))
+                losses.update(
+                    self.supervision.zero_losses(self.zero_loss(mask_feats, sampled), mask_targets)
+                )
             else:
                 logits = self.mask_logits(mask_feats, sampled, "top_feats")
                 losses.update(self.supervision.losses(logits, sampled, mask_targets, iteration))
@@ -216,11 +238,20 @@ class CondInst(nn.Module):
     ) -> dict:
         """The targets of the mask criteria (``MaskSupervision.targets``), built before the heads
         run, for the instances ``gt`` (on the device) of a batch padded to ``padded_size``."""
-        batch = TargetBatch(batched_inputs, gt, tuple(padded_size), image_sizes, self.mask_out_stride,
-                            self.backbone.size_divisibility, self.device)
+        batch = TargetBatch(
+            batched_inputs,
+            gt,
+            tuple(padded_size),
+            image_sizes,
+            self.mask_out_stride,
+            self.backbone.size_divisibility,
+            self.device,
+        )
         return self.supervision.targets(batch)
 
-    def centers_of_positives(self, gt: list[dict[str, torch.Tensor]], padded_size: tuple[int, int]) -> list[torch.Tensor | None]:
+    def centers_of_positives(
+        self, gt: list[dict[str, torch.Tensor]], padded_size: tuple[int, int]
+    ) -> list[torch.Tensor | None]:
         """Per image the (N_i, 2) points FCOS samples each object's positives around (None: the
         box centres); see ``positive_centers``."""
         if self.positive_centers == "masks":
@@ -269,15 +300,24 @@ class CondInst(nn.Module):
         for det, size, sample in zip(detections, sizes, batched_inputs):
             output_size = (int(sample.get("height", size[0])), int(sample.get("width", size[1])))
             result = detections_to_output_frame(
-                det, det["mask_probs"], self.mask_out_stride, size, output_size, self.mask_threshold,
+                det,
+                det["mask_probs"],
+                self.mask_out_stride,
+                size,
+                output_size,
+                self.mask_threshold,
                 encode_masks=self.encode_masks,
             )
             if self.mask_aware_scores:
                 result["scores"] = mask_aware_scores(result["scores"], result["mask_means"])[0]
-            results.append({"instances": {k: result[k] for k in ("boxes", "scores", "labels", "masks")}})
+            results.append(
+                {"instances": {k: result[k] for k in ("boxes", "scores", "labels", "masks")}}
+            )
         return results
 
-    def detect(self, images: torch.Tensor, post_nms_topk: int | None = None) -> list[dict[str, torch.Tensor]]:
+    def detect(
+        self, images: torch.Tensor, post_nms_topk: int | None = None
+    ) -> list[dict[str, torch.Tensor]]:
         """Detections per image of a padded batch with their stride-4 mask probabilities
         (``mask_probs``: (M, 1, H/4, W/4)) in the network input frame."""
         return self.with_mask_probs(*self.detect_boxes(images, post_nms_topk))
@@ -288,7 +328,9 @@ class CondInst(nn.Module):
         """The mask features (B, C, H/8, W/8) of a padded batch and its FCOS detections per image
         (boxes, scores, labels, levels, locations and controller outputs ``top_feat``)."""
         mask_feats, outputs, top_feats, locations = self.run_heads(images)
-        return mask_feats, self.proposal_generator.predict(outputs, locations, top_feats, post_nms_topk)
+        return mask_feats, self.proposal_generator.predict(
+            outputs, locations, top_feats, post_nms_topk
+        )
 
     def with_mask_probs(
         self, mask_feats: torch.Tensor, detections: list[dict[str, torch.Tensor]]
@@ -298,7 +340,8 @@ class CondInst(nn.Module):
         counts = [d["scores"].numel() for d in detections]
         merged = {k: torch.cat([d[k] for d in detections]) for k in detections[0]}
         merged["im_inds"] = torch.repeat_interleave(
-            torch.arange(len(counts), device=mask_feats.device), torch.tensor(counts, device=mask_feats.device)
+            torch.arange(len(counts), device=mask_feats.device),
+            torch.tensor(counts, device=mask_feats.device),
         )
         probs = self.mask_logits(mask_feats, merged, "top_feat").sigmoid()
         return [dict(d, mask_probs=p) for d, p in zip(detections, probs.split(counts))]

@@ -11,6 +11,7 @@ logits at once.
 ``pairwise_loss_reference`` is the direct ``unfold`` formulation of the original code, used to
 check the fast one and by ``tools/benchmark_pairwise.py``.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -49,7 +50,9 @@ class PairWeights(NamedTuple):
     centre_weights: torch.Tensor
 
 
-def support_regions(support: torch.Tensor, margin: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def support_regions(
+    support: torch.Tensor, margin: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """First row, first column, height and width (each (K,) int64) of the bounding box of each
     instance's support (K, h, w) bool, grown by ``margin`` pixels and clipped to the grid; an
     instance without support gets an empty region."""
@@ -93,8 +96,11 @@ class Canvas(NamedTuple):
         """(K, h, w) per-instance maps -> (R, C) their canvas."""
         return maps.unfold(2, self.columns, 1)[self.row_instance, self.grid_row, self.first_column]
 
-    def gather_pair_weights(self, pair_weights: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
-        """(M, neighbours, h, w) weights shared through ``pair_index`` (K,) -> (neighbours, R, C)."""
+    def gather_pair_weights(
+        self, pair_weights: torch.Tensor, pair_index: torch.Tensor
+    ) -> torch.Tensor:
+        """(M, neighbours, h, w) weights shared through ``pair_index`` (K,) -> (neighbours, R,
+        C)."""
         windows = pair_weights.movedim(1, 0).unfold(3, self.columns, 1)
         return windows[:, pair_index[self.row_instance], self.grid_row, self.first_column]
 
@@ -103,20 +109,38 @@ class Canvas(NamedTuple):
         k, h, w = shape
         start = (self.row_instance * h + self.grid_row) * w + self.first_column
         maps = canvas.new_zeros(k * h * w)
-        maps[(start[:, None] + torch.arange(self.columns, device=start.device)).reshape(-1)] = canvas.reshape(-1)
+        maps[(start[:, None] + torch.arange(self.columns, device=start.device)).reshape(-1)] = (
+            canvas.reshape(-1)
+        )
         return maps.view(shape)
 
 
 def build_canvas(
-    top: torch.Tensor, left: torch.Tensor, height: torch.Tensor, total_rows: int, columns: int, width: int
+    top: torch.Tensor,
+    left: torch.Tensor,
+    height: torch.Tensor,
+    total_rows: int,
+    columns: int,
+    width: int,
 ) -> Canvas:
     """The canvas of the regions (top, left, height: (K,) int64; every region at most
     ``columns`` wide) of K instances on a grid ``width`` wide; ``total_rows`` = height.sum()."""
     device = top.device
-    row_instance = torch.repeat_interleave(torch.arange(len(top), device=device), height, output_size=total_rows)
-    row_in_region = torch.arange(total_rows, device=device) - (height.cumsum(0) - height)[row_instance]
+    row_instance = torch.repeat_interleave(
+        torch.arange(len(top), device=device), height, output_size=total_rows
+    )
+    row_in_region = (
+        torch.arange(total_rows, device=device) - (height.cumsum(0) - height)[row_instance]
+    )
     first_column = left.clamp(max=width - columns)[row_instance]
-    return Canvas(row_instance, top[row_instance] + row_in_region, first_column, row_in_region, height[row_instance], columns)
+    return Canvas(
+        row_instance,
+        top[row_instance] + row_in_region,
+        first_column,
+        row_in_region,
+        height[row_instance],
+        columns,
+    )
 
 
 class _PairwiseLosses(torch.autograd.Function):
@@ -134,15 +158,26 @@ class _PairwiseLosses(torch.autograd.Function):
         weightings = [PairWeights(*weightings[i : i + 3]) for i in range(0, len(weightings), 3)]
         values = canvas.gather(logits)
         log_fg, log_bg = _log_probabilities(values)
-        directed, row_weight_sums = zip(*[_directed_weights(w, canvas, offsets) for w in weightings])
+        directed, row_weight_sums = zip(
+            *[_directed_weights(w, canvas, offsets) for w in weightings]
+        )
         row_losses = [values.new_zeros(values.shape[0]) for _ in weightings]
         for n, rows, cols, rows_n, cols_n in _pairs(offsets, *values.shape):
-            same = torch.logaddexp(log_fg[rows, cols] + log_fg[rows_n, cols_n], log_bg[rows, cols] + log_bg[rows_n, cols_n])
+            same = torch.logaddexp(
+                log_fg[rows, cols] + log_fg[rows_n, cols_n],
+                log_bg[rows, cols] + log_bg[rows_n, cols_n],
+            )
             for losses, weights in zip(row_losses, directed):
-                losses[rows] -= (same * _both_ways(weights, n, rows, cols, rows_n, cols_n)).sum(dim=1)
+                losses[rows] -= (same * _both_ways(weights, n, rows, cols, rows_n, cols_n)).sum(
+                    dim=1
+                )
         k = logits.shape[0]
-        loss_sums = [values.new_zeros(k).index_add_(0, canvas.row_instance, losses) for losses in row_losses]
-        weight_sums = [values.new_zeros(k).index_add_(0, canvas.row_instance, sums) for sums in row_weight_sums]
+        loss_sums = [
+            values.new_zeros(k).index_add_(0, canvas.row_instance, losses) for losses in row_losses
+        ]
+        weight_sums = [
+            values.new_zeros(k).index_add_(0, canvas.row_instance, sums) for sums in row_weight_sums
+        ]
         ctx.save_for_backward(values, *[t for weighting in weightings for t in weighting])
         ctx.canvas, ctx.offsets, ctx.logits_shape = canvas, offsets, logits.shape
         ctx.mark_non_differentiable(*weight_sums)
@@ -158,7 +193,9 @@ class _PairwiseLosses(torch.autograd.Function):
         weights = None
         for weighting, g in zip(weightings, grads[::2]):
             if g is not None:
-                scaled = _directed_weights(weighting, canvas, offsets, g[canvas.row_instance][:, None])[0]
+                scaled = _directed_weights(
+                    weighting, canvas, offsets, g[canvas.row_instance][:, None]
+                )[0]
                 weights = scaled if weights is None else weights.add_(scaled)
         log_fg, log_bg = _log_probabilities(values)
         log_variance = log_fg + log_bg
@@ -166,9 +203,16 @@ class _PairwiseLosses(torch.autograd.Function):
         grad = torch.zeros_like(values)
         for n, rows, cols, rows_n, cols_n in _pairs(offsets, *values.shape):
             pair = _both_ways(weights, n, rows, cols, rows_n, cols_n)
-            log_same = torch.logaddexp(log_fg[rows, cols] + log_fg[rows_n, cols_n], log_bg[rows, cols] + log_bg[rows_n, cols_n])
-            grad[rows, cols] += pair * one_minus_2p[rows_n, cols_n] * torch.exp(log_variance[rows, cols] - log_same)
-            grad[rows_n, cols_n] += pair * one_minus_2p[rows, cols] * torch.exp(log_variance[rows_n, cols_n] - log_same)
+            log_same = torch.logaddexp(
+                log_fg[rows, cols] + log_fg[rows_n, cols_n],
+                log_bg[rows, cols] + log_bg[rows_n, cols_n],
+            )
+            grad[rows, cols] += (
+                pair * one_minus_2p[rows_n, cols_n] * torch.exp(log_variance[rows, cols] - log_same)
+            )
+            grad[rows_n, cols_n] += (
+                pair * one_minus_2p[rows, cols] * torch.exp(log_variance[rows_n, cols_n] - log_same)
+            )
         return canvas.scatter(grad, ctx.logits_shape), None, None, *([None] * len(saved))
 
 
@@ -179,7 +223,10 @@ def _log_probabilities(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _directed_weights(
-    weighting: PairWeights, canvas: Canvas, offsets: tuple[tuple[int, int], ...], row_scales: torch.Tensor | None = None
+    weighting: PairWeights,
+    canvas: Canvas,
+    offsets: tuple[tuple[int, int], ...],
+    row_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight of every canvas pixel towards each neighbour,
     ``pair_weights[pair_index[k], n, p] * centre_weights[k, p]`` (times ``row_scales`` (R, 1)),
@@ -210,7 +257,9 @@ def _both_ways(weights: torch.Tensor, n, rows, cols, rows_n, cols_n) -> torch.Te
     return weights[n, rows, cols] + weights[len(weights) - 1 - n, rows_n, cols_n]
 
 
-def _pack(logits: torch.Tensor, weightings: list[PairWeights], offsets: tuple[tuple[int, int], ...]):
+def _pack(
+    logits: torch.Tensor, weightings: list[PairWeights], offsets: tuple[tuple[int, int], ...]
+):
     """The canvas of the pixels within reach of the instances' non-zero centre weights (their
     bounding boxes grown by the largest offset), stacked by rows, or by columns (everything
     transposed) when that makes it smaller. Every pair with an end where a centre weight is
@@ -224,7 +273,9 @@ def _pack(logits: torch.Tensor, weightings: list[PairWeights], offsets: tuple[tu
     ).tolist()
     if transposed_rows * transposed_columns < rows * columns:
         logits = logits.transpose(1, 2)
-        weightings = [PairWeights(p.transpose(-1, -2), i, c.transpose(1, 2)) for p, i, c in weightings]
+        weightings = [
+            PairWeights(p.transpose(-1, -2), i, c.transpose(1, 2)) for p, i, c in weightings
+        ]
         offsets = tuple((dx, dy) for dy, dx in offsets)
         top, left, height, rows, columns = left, top, width, transposed_rows, transposed_columns
     canvas = build_canvas(top, left, height, rows, columns, logits.shape[2])
@@ -259,11 +310,16 @@ def pairwise_loss(
     Returns:
         (K,) weighted loss sums (differentiable w.r.t. ``logits``) and (K,) weight sums.
     """
-    return pairwise_losses(logits, [PairWeights(pair_weights, pair_index, centre_weights)], offsets, kernel)[0]
+    return pairwise_losses(
+        logits, [PairWeights(pair_weights, pair_index, centre_weights)], offsets, kernel
+    )[0]
 
 
 def pairwise_losses(
-    logits: torch.Tensor, weightings: Sequence[PairWeights], offsets: list[tuple[int, int]], kernel: str = "auto"
+    logits: torch.Tensor,
+    weightings: Sequence[PairWeights],
+    offsets: list[tuple[int, int]],
+    kernel: str = "auto",
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``pairwise_loss`` of the same logits under several weightings (e.g. BoxInst's colour
     similarities and BoxTeacher's pseudo-mask affinities): the packed version computes the
@@ -276,16 +332,22 @@ def pairwise_losses(
         PairWeights(pair_weights, pair_index, centre_weights.reshape(logits.shape).to(logits.dtype))
         for pair_weights, pair_index, centre_weights in weightings
     ]
-    if kernel == "fused" or (kernel == "auto" and logits.is_cuda and importlib.util.find_spec("triton")):
+    if kernel == "fused" or (
+        kernel == "auto" and logits.is_cuda and importlib.util.find_spec("triton")
+    ):
         from .pairwise_triton import PairwiseLossTriton
 
-        return [PairwiseLossTriton.apply(logits, *weighting, tuple(offsets)) for weighting in weightings]
+        return [
+            PairwiseLossTriton.apply(logits, *weighting, tuple(offsets)) for weighting in weightings
+        ]
     if logits.shape[0] == 0:
         return [(logits.sum(dim=(1, 2)), logits.new_zeros(0)) for _ in weightings]
     # Converted before they are gathered: from bool, a conversion costs several float operations.
     weightings = [PairWeights(p.to(logits.dtype), i, c) for p, i, c in weightings]
     canvas, logits, weightings, offsets = _pack(logits, weightings, tuple(offsets))
-    outputs = _PairwiseLosses.apply(logits, canvas, offsets, *[t for weighting in weightings for t in weighting])
+    outputs = _PairwiseLosses.apply(
+        logits, canvas, offsets, *[t for weighting in weightings for t in weighting]
+    )
     return [(outputs[i], outputs[i + 1]) for i in range(0, len(outputs), 2)]
 
 

@@ -10,6 +10,7 @@ The atomic sums make the loss sums (not the gradients) vary in their last bits f
 The kernels follow ``pairwise.pairwise_loss`` exactly (same arguments and results); tests run
 them in Triton's interpreter (``TRITON_INTERPRET=1``) on the CPU against the reference.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,8 @@ def _log_add_exp(a, b):
 
 @triton.jit
 def _pixel_block(logits, centre, num_pixels, width, BLOCK_SIZE: tl.constexpr):
-    """The pixels of this program (instance, block): index, validity, row, column, logit, centre weight."""
+    """The pixels of this program (instance, block): index, validity, row, column, logit,
+    centre weight."""
     k = tl.program_id(0)
     pixel = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     valid = pixel < num_pixels
@@ -41,8 +43,21 @@ def _pixel_block(logits, centre, num_pixels, width, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _pairwise_forward(logits, weights, index, centre, dys, dxs, loss_sums, weight_sums,
-                      num_pixels, height, width, NUM_OFFSETS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _pairwise_forward(
+    logits,
+    weights,
+    index,
+    centre,
+    dys,
+    dxs,
+    loss_sums,
+    weight_sums,
+    num_pixels,
+    height,
+    width,
+    NUM_OFFSETS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     k, pixel, valid, y, x, value, c = _pixel_block(logits, centre, num_pixels, width, BLOCK_SIZE)
     row = tl.load(index + k)
     log_fg, log_bg = _log_sigmoid(value), _log_sigmoid(-value)
@@ -51,7 +66,12 @@ def _pairwise_forward(logits, weights, index, centre, dys, dxs, loss_sums, weigh
     for n in tl.static_range(NUM_OFFSETS):
         ny, nx = y + tl.load(dys + n), x + tl.load(dxs + n)
         inside = valid & (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
-        w = tl.load(weights + (row * NUM_OFFSETS + n) * num_pixels + pixel, mask=valid, other=0).to(tl.float32) * c
+        w = (
+            tl.load(weights + (row * NUM_OFFSETS + n) * num_pixels + pixel, mask=valid, other=0).to(
+                tl.float32
+            )
+            * c
+        )
         other = tl.load(logits + k * num_pixels + ny * width + nx, mask=inside, other=0.0)
         nll = -_log_add_exp(log_fg + _log_sigmoid(other), log_bg + _log_sigmoid(-other))
         loss += tl.where(inside, w * nll, 0.0)
@@ -61,8 +81,21 @@ def _pairwise_forward(logits, weights, index, centre, dys, dxs, loss_sums, weigh
 
 
 @triton.jit
-def _pairwise_backward(logits, weights, index, centre, dys, dxs, grad_sums, grad,
-                       num_pixels, height, width, NUM_OFFSETS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _pairwise_backward(
+    logits,
+    weights,
+    index,
+    centre,
+    dys,
+    dxs,
+    grad_sums,
+    grad,
+    num_pixels,
+    height,
+    width,
+    NUM_OFFSETS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     # d nll(a, b) / d a = (1 - 2 p_b) exp(log p_a + log(1 - p_a) + nll(a, b)).
     k, pixel, valid, y, x, value, c = _pixel_block(logits, centre, num_pixels, width, BLOCK_SIZE)
     row = tl.load(index + k)
@@ -74,7 +107,12 @@ def _pairwise_backward(logits, weights, index, centre, dys, dxs, grad_sums, grad
         # This pixel as the centre of the pair (p, p + o_n).
         ny, nx = y + dy, x + dx
         inside = valid & (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
-        w = tl.load(weights + (row * NUM_OFFSETS + n) * num_pixels + pixel, mask=valid, other=0).to(tl.float32) * c
+        w = (
+            tl.load(weights + (row * NUM_OFFSETS + n) * num_pixels + pixel, mask=valid, other=0).to(
+                tl.float32
+            )
+            * c
+        )
         other = tl.load(base + ny * width + nx, mask=inside, other=0.0)
         nll = -_log_add_exp(log_fg + _log_sigmoid(other), log_bg + _log_sigmoid(-other))
         other_term = 1.0 - 2.0 / (1.0 + tl.exp(-other))
@@ -83,7 +121,9 @@ def _pairwise_backward(logits, weights, index, centre, dys, dxs, grad_sums, grad
         cy, cx = y - dy, x - dx
         has_centre = valid & (cy >= 0) & (cy < height) & (cx >= 0) & (cx < width)
         centre_pixel = cy * width + cx
-        w = tl.load(weights + (row * NUM_OFFSETS + n) * num_pixels + centre_pixel, mask=has_centre, other=0).to(tl.float32)
+        w = tl.load(
+            weights + (row * NUM_OFFSETS + n) * num_pixels + centre_pixel, mask=has_centre, other=0
+        ).to(tl.float32)
         w = w * tl.load(centre + k * num_pixels + centre_pixel, mask=has_centre, other=0.0)
         other = tl.load(base + centre_pixel, mask=has_centre, other=0.0)
         nll = -_log_add_exp(log_fg + _log_sigmoid(other), log_bg + _log_sigmoid(-other))
@@ -113,8 +153,19 @@ class PairwiseLossTriton(torch.autograd.Function):
         weights, dys, dxs, grid, sizes = _launch_arguments(logits, pair_weights, offsets)
         loss_sums = logits.new_zeros(logits.shape[0])
         weight_sums = logits.new_zeros(logits.shape[0])
-        _pairwise_forward[grid](logits, weights, pair_index, centre_weights, dys, dxs, loss_sums, weight_sums,
-                                *sizes, NUM_OFFSETS=len(offsets), BLOCK_SIZE=BLOCK)
+        _pairwise_forward[grid](
+            logits,
+            weights,
+            pair_index,
+            centre_weights,
+            dys,
+            dxs,
+            loss_sums,
+            weight_sums,
+            *sizes,
+            NUM_OFFSETS=len(offsets),
+            BLOCK_SIZE=BLOCK,
+        )
         ctx.save_for_backward(logits, pair_weights, pair_index, centre_weights)
         ctx.offsets = offsets
         ctx.mark_non_differentiable(weight_sums)
@@ -125,7 +176,17 @@ class PairwiseLossTriton(torch.autograd.Function):
         logits, pair_weights, pair_index, centre_weights = ctx.saved_tensors
         weights, dys, dxs, grid, sizes = _launch_arguments(logits, pair_weights, ctx.offsets)
         grad = torch.empty_like(logits)
-        _pairwise_backward[grid](logits, weights, pair_index, centre_weights, dys, dxs,
-                                 grad_loss_sums.contiguous().float(), grad, *sizes,
-                                 NUM_OFFSETS=len(ctx.offsets), BLOCK_SIZE=BLOCK)
+        _pairwise_backward[grid](
+            logits,
+            weights,
+            pair_index,
+            centre_weights,
+            dys,
+            dxs,
+            grad_loss_sums.contiguous().float(),
+            grad,
+            *sizes,
+            NUM_OFFSETS=len(ctx.offsets),
+            BLOCK_SIZE=BLOCK,
+        )
         return grad, None, None, None, None

@@ -1,4 +1,5 @@
 """Turning detections and stride-4 mask probabilities into output-frame results."""
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,9 @@ def linear_taps(positions: np.ndarray, length: int) -> tuple[np.ndarray, np.ndar
     return low, np.minimum(low + 1, length - 1), np.clip(positions - low.astype(np.float32), 0, 1)
 
 
-def upsampling_matrix(map_length: int, stride: int, input_length: int, output_length: int) -> np.ndarray:
+def upsampling_matrix(
+    map_length: int, stride: int, input_length: int, output_length: int
+) -> np.ndarray:
     """``upsample_mask_probs`` along one axis as a (output_length, map_length) float64 matrix of
     weights of the map's rows (or columns); equal to it up to float rounding."""
     rows = min(math.ceil(input_length / stride) + 1, map_length)
@@ -57,20 +60,35 @@ def upsampling_matrix(map_length: int, stride: int, input_length: int, output_le
     if input_length == output_length:
         return matrix
     scale = np.float32(input_length) / np.float32(output_length)
-    sources = scale * (np.arange(output_length, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    sources = scale * (np.arange(output_length, dtype=np.float32) + np.float32(0.5)) - np.float32(
+        0.5
+    )
     low, high, weight = linear_taps(np.maximum(sources, np.float32(0)), input_length)
     return (1 - weight[:, None]) * matrix[low] + weight[:, None] * matrix[high]
 
 
 def upsampling_weights(
-    map_size: tuple[int, int], stride: int, input_sizes: list[tuple[int, int]], output_sizes: list[tuple[int, int]]
+    map_size: tuple[int, int],
+    stride: int,
+    input_sizes: list[tuple[int, int]],
+    output_sizes: list[tuple[int, int]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``upsample_mask_probs`` of the images of a batch as matrices (float32, on the host):
     row weights (sum of heights, map_h) and column weights (map_w, sum of widths), the images'
     one after the other; with image i's blocks R_i and C_i, R_i @ probs @ C_i upsamples
     probabilities (map_h, map_w) to its output size."""
-    rows = np.concatenate([upsampling_matrix(map_size[0], stride, h, out_h) for (h, _), (out_h, _) in zip(input_sizes, output_sizes)])
-    cols = np.concatenate([upsampling_matrix(map_size[1], stride, w, out_w) for (_, w), (_, out_w) in zip(input_sizes, output_sizes)])
+    rows = np.concatenate(
+        [
+            upsampling_matrix(map_size[0], stride, h, out_h)
+            for (h, _), (out_h, _) in zip(input_sizes, output_sizes)
+        ]
+    )
+    cols = np.concatenate(
+        [
+            upsampling_matrix(map_size[1], stride, w, out_w)
+            for (_, w), (_, out_w) in zip(input_sizes, output_sizes)
+        ]
+    )
     return torch.from_numpy(rows.astype(np.float32)), torch.from_numpy(cols.T.astype(np.float32))
 
 
@@ -93,8 +111,16 @@ def paste_masks(
         # Without resampling, a view of mask_probs, which binarise_in_chunks zeroes in place.
         return probs.clone() if stride == 1 and tuple(input_size) == tuple(output_size) else probs
 
-    return binarise_in_chunks(mask_probs.shape[0], probabilities, output_size, threshold, chunk_pixels, encode,
-                              mask_probs.device, mask_probs.dtype)
+    return binarise_in_chunks(
+        mask_probs.shape[0],
+        probabilities,
+        output_size,
+        threshold,
+        chunk_pixels,
+        encode,
+        mask_probs.device,
+        mask_probs.dtype,
+    )
 
 
 def binarise_in_chunks(
@@ -128,7 +154,9 @@ def binarise_in_chunks(
     for start in range(0, num, step):
         chunk = slice(start, start + step)
         probs = probabilities(chunk)
-        foreground = torch.gt(probs, threshold) if encode else torch.gt(probs, threshold, out=masks[chunk])
+        foreground = (
+            torch.gt(probs, threshold) if encode else torch.gt(probs, threshold, out=masks[chunk])
+        )
         # One count per mask: summing the (c, h, w) bools at once first copies them as int64.
         count = torch.stack([torch.count_nonzero(m) for m in foreground]).to(probs.dtype)
         means[chunk] = foreground_mean(probs.masked_fill_(~foreground, 0.0), count)
@@ -138,7 +166,9 @@ def binarise_in_chunks(
     return masks, means
 
 
-def rescale_boxes(boxes: torch.Tensor, input_size: tuple[int, int], output_size: tuple[int, int]) -> torch.Tensor:
+def rescale_boxes(
+    boxes: torch.Tensor, input_size: tuple[int, int], output_size: tuple[int, int]
+) -> torch.Tensor:
     """(M, 4) XYXY boxes of an ``input_size`` (h, w) image -> the ``output_size`` frame,
     clipped to the output image."""
     h, w = input_size
@@ -177,7 +207,13 @@ def detections_to_output_frame(
     boxes = rescale_boxes(detections["boxes"], input_size, output_size)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     masks, means = paste_masks(
-        mask_probs[keep], mask_stride, input_size, output_size, mask_threshold, chunk_pixels, encode_masks
+        mask_probs[keep],
+        mask_stride,
+        input_size,
+        output_size,
+        mask_threshold,
+        chunk_pixels,
+        encode_masks,
     )
     origin = {k: detections[k][keep] for k in ("fpn_levels", "locations") if k in detections}
     return {

@@ -1,5 +1,6 @@
 """BoxTeacher's pseudo labels: the box-based assignment of teacher detections to ground-truth boxes
 and the ``PseudoLabeler`` that turns a teacher's detections into a pseudo mask per box."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,7 +59,9 @@ def assign_detections_to_boxes(
     rank[order] = torch.arange(num_dets, device=order.device)
     candidates = (iou >= iou_threshold) & (det_scores >= score_threshold)[:, None]
     if len(det_counts) > 1:
-        same_image = torch.block_diag(*[torch.ones(m, n, dtype=torch.bool) for m, n in zip(det_counts, gt_counts)])
+        same_image = torch.block_diag(
+            *[torch.ones(m, n, dtype=torch.bool) for m, n in zip(det_counts, gt_counts)]
+        )
         candidates &= same_image.to(candidates.device)
     if not legacy_first_detection_bug:
         return _greedy_matching(iou, candidates, rank)
@@ -66,7 +69,11 @@ def assign_detections_to_boxes(
 
 
 def _legacy_matching(
-    iou: torch.Tensor, candidates: torch.Tensor, rank: torch.Tensor, det_counts: list[int], gt_counts: list[int]
+    iou: torch.Tensor,
+    candidates: torch.Tensor,
+    rank: torch.Tensor,
+    det_counts: list[int],
+    gt_counts: list[int],
 ) -> torch.Tensor:
     """The released code's matching: an image's first detection never blocks a box. The
     others are matched as if the first detections did not exist; each first detection then
@@ -74,15 +81,21 @@ def _legacy_matching(
     unless a later detection took it."""
     num_gts = iou.shape[1]
     starts = [sum(det_counts[:i]) for i in range(len(det_counts))]
-    first_of_box = torch.tensor([s for s, n in zip(starts, gt_counts) for _ in range(n)], device=iou.device)
+    first_of_box = torch.tensor(
+        [s for s, n in zip(starts, gt_counts) for _ in range(n)], device=iou.device
+    )
     firsts = torch.tensor([s for s, m in zip(starts, det_counts) if m > 0], device=iou.device)
     without_firsts = candidates.clone()
     without_firsts[firsts] = False
     matched = _greedy_matching(iou, without_firsts, rank)
     # first_of_box may point past the last detection for images without any: never a candidate.
     before_first = rank[matched.clamp(min=0)] < rank[first_of_box.clamp(max=iou.shape[0] - 1)]
-    choice = _best_available(iou[firsts], candidates[firsts] & ~((matched >= 0) & before_first)[None])
-    with_slot = torch.cat([matched, matched.new_full((1,), -1)])  # writes that do not happen go to the extra slot
+    choice = _best_available(
+        iou[firsts], candidates[firsts] & ~((matched >= 0) & before_first)[None]
+    )
+    with_slot = torch.cat(
+        [matched, matched.new_full((1,), -1)]
+    )  # writes that do not happen go to the extra slot
     target = torch.where(choice >= 0, choice, num_gts)
     take = (choice >= 0) & (with_slot[target] < 0)
     with_slot[torch.where(take, target, num_gts)] = torch.where(take, firsts, -1)
@@ -134,9 +147,14 @@ class PseudoLabeler:
         det_offsets = [sum(det_counts[:i]) for i in range(len(det_counts))]
         with record_function("pseudo labels: assignment"):
             assigned = assign_detections_to_boxes(
-                torch.cat([p["boxes"] for p in predictions]), torch.cat([p["scores"] for p in predictions]),
-                torch.cat(gt_boxes).to(device), self.iou_threshold, self.score_threshold,
-                self.legacy_first_detection_bug, det_counts, gt_counts,
+                torch.cat([p["boxes"] for p in predictions]),
+                torch.cat([p["scores"] for p in predictions]),
+                torch.cat(gt_boxes).to(device),
+                self.iou_threshold,
+                self.score_threshold,
+                self.legacy_first_detection_bug,
+                det_counts,
+                gt_counts,
             )
             offsets = torch.tensor(det_offsets)[group_indices(gt_counts)].to(device)
             assigned = torch.where(assigned >= 0, assigned - offsets, assigned).split(gt_counts)
@@ -146,7 +164,9 @@ class PseudoLabeler:
             if probs.shape[0] == 0:
                 probs, scores = probs.new_zeros((1, *probs.shape[1:])), scores.new_zeros(1)
             chosen.append(probs[index.clamp(min=0)])
-            weights.append(torch.where(index >= 0, scores[index.clamp(min=0)], scores.new_zeros(())))
+            weights.append(
+                torch.where(index >= 0, scores[index.clamp(min=0)], scores.new_zeros(()))
+            )
         if self.refinement is not None:
             # Every box is refined (the unmatched ones are zeroed below): no host synchronisation.
             with record_function("pseudo labels: refinement"):
@@ -156,7 +176,9 @@ class PseudoLabeler:
         for masks, weight, index in zip(chosen, weights, assigned):
             if self.mask_threshold is not None:
                 masks = masks > self.mask_threshold
-            labels.append({"masks": masks * (index >= 0)[:, None, None], "weights": weight, "assigned": index})
+            labels.append(
+                {"masks": masks * (index >= 0)[:, None, None], "weights": weight, "assigned": index}
+            )
         return labels
 
 
@@ -169,7 +191,9 @@ def _best_available(iou: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
     return torch.where(available.any(dim=1), best, torch.full_like(best, -1))
 
 
-def _greedy_matching(iou: torch.Tensor, candidates: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+def _greedy_matching(
+    iou: torch.Tensor, candidates: torch.Tensor, rank: torch.Tensor
+) -> torch.Tensor:
     """Greedy matching by detection rank (see ``assign_detections_to_boxes``); (N,) det index.
     One host synchronisation per round: the test whether a detection is still open."""
     num_dets, num_gts = iou.shape

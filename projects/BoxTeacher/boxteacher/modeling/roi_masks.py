@@ -7,6 +7,7 @@ box (x0, y0, x0 + w, y0 + h). The targets are sampled on that grid: masks with `
 averaged over each cell. BoxInst's projection and colour-pairwise terms and BoxTeacher's
 affinity term then apply on the grid unchanged (``boxinst.py``, ``criteria.py``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,7 +40,11 @@ def box_masks_in_rois(rois: torch.Tensor, boxes: torch.Tensor, size: int) -> tor
 
 
 def masks_in_rois(
-    masks: list[torch.Tensor], rois: torch.Tensor, im_inds: torch.Tensor, gt_inds: torch.Tensor, size: int
+    masks: list[torch.Tensor],
+    rois: torch.Tensor,
+    im_inds: torch.Tensor,
+    gt_inds: torch.Tensor,
+    size: int,
 ) -> torch.Tensor:
     """The masks of the RoIs' instances on their grids (torchvision's ``project_masks_on_boxes``).
 
@@ -51,12 +56,19 @@ def masks_in_rois(
         index = torch.nonzero(im_inds == image)[:, 0]
         if index.numel():
             boxes = torch.cat([gt_inds[index, None].to(rois), rois[index.to(rois.device)]], dim=1)
-            out[index.to(rois.device)] = roi_align(image_masks[:, None].to(rois.dtype), boxes, (size, size), 1.0)[:, 0]
+            out[index.to(rois.device)] = roi_align(
+                image_masks[:, None].to(rois.dtype), boxes, (size, size), 1.0
+            )[:, 0]
     return out
 
 
-def colours_in_rois(images: list[torch.Tensor], rois: torch.Tensor, im_inds: torch.Tensor, size: int,
-                    rgb_channels: list[int]) -> torch.Tensor:
+def colours_in_rois(
+    images: list[torch.Tensor],
+    rois: torch.Tensor,
+    im_inds: torch.Tensor,
+    size: int,
+    rgb_channels: list[int],
+) -> torch.Tensor:
     """The CIE LAB colour of every cell (its RGB averaged over the cell first, as BoxInst
     averages each stride x stride block): images per image (3, h_i, w_i) uint8; rois (K, 4);
     im_inds (K,) on the host. Returns (K, 3, size, size)."""
@@ -64,13 +76,17 @@ def colours_in_rois(images: list[torch.Tensor], rois: torch.Tensor, im_inds: tor
     for image, pixels in enumerate(images):
         index = torch.nonzero(im_inds == image)[:, 0]
         if index.numel():
-            boxes = torch.cat([rois.new_zeros((index.numel(), 1)), rois[index.to(rois.device)]], dim=1)
+            boxes = torch.cat(
+                [rois.new_zeros((index.numel(), 1)), rois[index.to(rois.device)]], dim=1
+            )
             rgb = pixels[rgb_channels].to(rois.device, rois.dtype)[None]
             out[index.to(rois.device)] = roi_align(rgb, boxes, (size, size), 1.0, aligned=True)
     return rgb_to_lab(out)
 
 
-def paste_weights(boxes: torch.Tensor, size: int, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def paste_weights(
+    boxes: torch.Tensor, size: int, image_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Bilinear weights that paste (M, size, size) RoI maps of (M, 4) XYXY ``boxes`` into an
     ``image_size`` (h, w) image: rows (M, h, size) and columns (M, size, w); ``rows[m] @ map[m]
     @ cols[m]`` is map m interpolated at every pixel centre, zero beyond one cell outside its box
@@ -87,7 +103,9 @@ def paste_weights(boxes: torch.Tensor, size: int, image_size: tuple[int, int]) -
     return rows, cols
 
 
-def paste_roi_maps(maps: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+def paste_roi_maps(
+    maps: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]
+) -> torch.Tensor:
     """(M, S, S) RoI maps (e.g. mask probabilities) of (M, 4) boxes -> (M, h, w) at
     ``image_size`` (see ``paste_weights``): two batched matrix products."""
     rows, cols = paste_weights(boxes, maps.shape[-1], image_size)
@@ -132,7 +150,9 @@ class RoIMaskSupervision:
 
     def __post_init__(self):
         if self.mask_key not in ("masks", "pseudo_masks", None):
-            raise ValueError(f"mask_key must be 'masks', 'pseudo_masks' or None, got {self.mask_key!r}")
+            raise ValueError(
+                f"mask_key must be 'masks', 'pseudo_masks' or None, got {self.mask_key!r}"
+            )
         if self.mask_key is None and not self.box_terms:
             raise ValueError("A Mask R-CNN mask head needs mask targets or the box terms.")
         if (self.box_terms or self.affinity_threshold is not None) and not self.pairwise_offsets:
@@ -175,23 +195,38 @@ class RoIMaskSupervision:
         losses: dict[str, torch.Tensor] = {}
         every = torch.arange(logits.shape[0], device=logits.device)
         if self.mask_key is not None:
-            targets = masks_in_rois([g[self.mask_key] for g in instances], rois, im_inds_host, gt_inds.cpu(), size)
+            targets = masks_in_rois(
+                [g[self.mask_key] for g in instances], rois, im_inds_host, gt_inds.cpu(), size
+            )
             weights = self._mask_weights(instances)[flat].to(logits.dtype)
             if self.mask_key == "pseudo_masks":
                 targets = targets * box_masks
             count = (weights > 0).sum().to(logits.dtype).clamp(min=1.0)
-            per_roi = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=(1, 2))
+            per_roi = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(
+                dim=(1, 2)
+            )
             losses["loss_mask"] = (weights * per_roi).sum() / count
             if "loss_mask_affinity" in self.loss_names:
-                affinity = pseudo_mask_affinity(targets, torch.ones_like(targets), list(self.pairwise_offsets),
-                                                self.affinity_threshold)
-                sums, pairs = pairwise_losses(logits, [PairWeights(affinity, every, box_masks)], list(self.pairwise_offsets))[0]
+                affinity = pseudo_mask_affinity(
+                    targets,
+                    torch.ones_like(targets),
+                    list(self.pairwise_offsets),
+                    self.affinity_threshold,
+                )
+                sums, pairs = pairwise_losses(
+                    logits, [PairWeights(affinity, every, box_masks)], list(self.pairwise_offsets)
+                )[0]
                 losses["loss_mask_affinity"] = (weights * sums / pairs.clamp(min=1.0)).sum() / count
         if self.box_terms:
             rgb = [2, 1, 0] if self.input_format == "BGR" else [0, 1, 2]
             lab = colours_in_rois(images, rois, im_inds_host, size, rgb)
-            similar = color_similarity(lab, torch.ones_like(box_masks), list(self.pairwise_offsets)) >= self.pairwise_color_thresh
-            sums, pairs = pairwise_losses(logits, [PairWeights(similar, every, box_masks)], list(self.pairwise_offsets))[0]
+            similar = (
+                color_similarity(lab, torch.ones_like(box_masks), list(self.pairwise_offsets))
+                >= self.pairwise_color_thresh
+            )
+            sums, pairs = pairwise_losses(
+                logits, [PairWeights(similar, every, box_masks)], list(self.pairwise_offsets)
+            )[0]
             losses["loss_prj"] = projection_loss(logits.sigmoid()[:, None], box_masks[:, None])
             losses["loss_pairwise"] = sums.sum() / pairs.sum().clamp(min=1.0)
         return {name: self.weights.apply(name, value, iteration) for name, value in losses.items()}
@@ -200,5 +235,11 @@ class RoIMaskSupervision:
         """(N_total,) the mask weight of every instance of the batch."""
         if self.mask_key == "pseudo_masks":
             return torch.cat([g["pseudo_weights"] for g in instances])
-        return torch.cat([g["has_mask"].float() if "has_mask" in g else torch.ones(g["boxes"].shape[0], device=g["boxes"].device)
-                          for g in instances])
+        return torch.cat(
+            [
+                g["has_mask"].float()
+                if "has_mask" in g
+                else torch.ones(g["boxes"].shape[0], device=g["boxes"].device)
+                for g in instances
+            ]
+        )

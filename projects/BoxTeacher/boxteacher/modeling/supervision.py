@@ -7,6 +7,7 @@ A criterion (``MaskCriterion``) builds its targets for the whole batch before th
 scales a criterion that sees only some of the positives by their share of them, and applies the
 loss weights and warm-ups (one weight dictionary, as Mask2Former's criterion does).
 """
+
 from __future__ import annotations
 
 import enum
@@ -54,15 +55,24 @@ class TargetBatch:
     @cached_property
     def box_masks(self) -> torch.Tensor:
         """(N_total, H/s, W/s) float box masks of all instances (``box_masks_at_stride``)."""
-        return torch.cat([box_masks_at_stride(g["boxes"], self.padded_size, self.stride) for g in self.instances])
+        return torch.cat(
+            [box_masks_at_stride(g["boxes"], self.padded_size, self.stride) for g in self.instances]
+        )
 
     def valid_pixels(self, bottom_pixels_removed: int) -> torch.Tensor:
         """(B, H/s, W/s) float: each image's unpadded area without its bottom rows
         (``valid_pixels_at_stride``)."""
         if bottom_pixels_removed not in self._valid:
-            heights = [int(x.get("height", size[0])) for x, size in zip(self.inputs, self.image_sizes)]
+            heights = [
+                int(x.get("height", size[0])) for x, size in zip(self.inputs, self.image_sizes)
+            ]
             self._valid[bottom_pixels_removed] = valid_pixels_at_stride(
-                self.image_sizes, heights, self.padded_size, self.stride, bottom_pixels_removed, self.device
+                self.image_sizes,
+                heights,
+                self.padded_size,
+                self.stride,
+                bottom_pixels_removed,
+                self.device,
             )
         return self._valid[bottom_pixels_removed]
 
@@ -73,7 +83,9 @@ class TargetBatch:
         out = []
         for g in self.instances:
             sampled = g[key][:, s // 2 :: s, s // 2 :: s].float()
-            padded = sampled.new_zeros((sampled.shape[0], self.padded_size[0] // s, self.padded_size[1] // s))
+            padded = sampled.new_zeros(
+                (sampled.shape[0], self.padded_size[0] // s, self.padded_size[1] // s)
+            )
             padded[:, : sampled.shape[1], : sampled.shape[2]] = sampled
             out.append(padded)
         return torch.cat(out)
@@ -102,7 +114,10 @@ class MaskCriterion(Protocol):
         none): the router computes all weightings of the same positives in one pass."""
 
     def losses(
-        self, logits: torch.Tensor, sampled: dict[str, torch.Tensor], targets: dict,
+        self,
+        logits: torch.Tensor,
+        sampled: dict[str, torch.Tensor],
+        targets: dict,
         pair_sums: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> dict[str, torch.Tensor]:
         """Unweighted losses (and metrics) of K > 0 positives' mask logits (K, 1, H/s, W/s);
@@ -192,10 +207,14 @@ class MaskSupervision:
 
     def instance_kinds(self, batch: TargetBatch) -> torch.Tensor:
         """(N_total,) int64 ``SupervisionKind`` of every instance of the batch."""
-        default = SupervisionKind.MASK if self.kinds == {SupervisionKind.MASK} else SupervisionKind.BOX
+        default = (
+            SupervisionKind.MASK if self.kinds == {SupervisionKind.MASK} else SupervisionKind.BOX
+        )
         parts = []
         for g in batch.instances:
-            kind = torch.full((g["boxes"].shape[0],), int(default), dtype=torch.int64, device=batch.device)
+            kind = torch.full(
+                (g["boxes"].shape[0],), int(default), dtype=torch.int64, device=batch.device
+            )
             if SupervisionKind.PSEUDO_MASK in self.kinds and "pseudo_weights" in g:
                 kind = torch.where(g["pseudo_weights"] > 0, int(SupervisionKind.PSEUDO_MASK), kind)
             if "has_mask" in g:
@@ -243,21 +262,34 @@ class MaskSupervision:
         return losses | self.kind_counts(targets)
 
     def _group_losses(
-        self, kinds: frozenset, members: list[tuple[Route, dict]], logits: torch.Tensor,
-        sampled: dict[str, torch.Tensor], targets: dict,
+        self,
+        kinds: frozenset,
+        members: list[tuple[Route, dict]],
+        logits: torch.Tensor,
+        sampled: dict[str, torch.Tensor],
+        targets: dict,
     ) -> dict[int, tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
         """The unweighted losses of the routes of one group of positives (all of them when
         ``kinds`` is empty, else those of instances of ``kinds``), keyed by ``id(route)``, each
         with the share of the positives the group holds (None for all of them)."""
         share = None
         if kinds:
-            selected = torch.isin(targets["kinds"][sampled["gt_inds"]], torch.tensor(sorted(kinds), device=logits.device))
+            selected = torch.isin(
+                targets["kinds"][sampled["gt_inds"]],
+                torch.tensor(sorted(kinds), device=logits.device),
+            )
             share = selected.to(logits.dtype).mean()
             index = torch.nonzero(selected)[:, 0]  # one host synchronisation per group
             if index.numel() == 0:
                 zero = logits.sum() * 0
-                return {id(r): ({n: zero for n in r.criterion.loss_names}
-                                | {n: zero.detach() for n in r.criterion.metric_names}, None) for r, _ in members}
+                return {
+                    id(r): (
+                        {n: zero for n in r.criterion.loss_names}
+                        | {n: zero.detach() for n in r.criterion.metric_names},
+                        None,
+                    )
+                    for r, _ in members
+                }
             if index.numel() < selected.numel():
                 logits = logits[index]
                 sampled = {k: v[index] for k, v in sampled.items()}
@@ -266,7 +298,9 @@ class MaskSupervision:
         sums = pairwise_losses(logits, flat, self.pairwise_offsets) if flat else []
         out, start = {}, 0
         for (route, route_targets), ws in zip(members, weightings):
-            values = route.criterion.losses(logits, sampled, route_targets, sums[start : start + len(ws)])
+            values = route.criterion.losses(
+                logits, sampled, route_targets, sums[start : start + len(ws)]
+            )
             start += len(ws)
             out[id(route)] = (values, share)
         return out

@@ -5,6 +5,7 @@ The teacher protocol: any object with ``forward_teacher(batch)`` returning, per 
 (M, 4) in the student frame, ranking ``scores`` (M,), pseudo-mask weights ``mask_scores`` (M,) and
 ``mask_probs`` (M, h, w) at the student's unpadded input size can teach (see ``teacher_outputs``).
 ``TeacherView`` provides it for CondInst; another detector plugs in with its own view."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,10 +13,9 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_iou
-
 from torch import nn
 from torch.profiler import record_function
+from torchvision.ops import box_iou
 
 from ..geometry import resized_shape
 from .layers import batch_images, full_precision, group_indices, inside_boxes, select_rows
@@ -61,7 +61,9 @@ class TeacherPass:
     candidate_iou: float | None = None
 
 
-def resize_to_test_size(image: torch.Tensor, min_size: int | None, max_size: int | None) -> torch.Tensor:
+def resize_to_test_size(
+    image: torch.Tensor, min_size: int | None, max_size: int | None
+) -> torch.Tensor:
     """Bilinearly resize a (C, h, w) float image by the shortest-edge rule (None: unchanged)."""
     if min_size is None:
         return image
@@ -72,7 +74,10 @@ def resize_to_test_size(image: torch.Tensor, min_size: int | None, max_size: int
 
 
 def to_student_frame(
-    boxes: torch.Tensor, im_inds: torch.Tensor, input_sizes: list[tuple[int, int]], student_sizes: list[tuple[int, int]]
+    boxes: torch.Tensor,
+    im_inds: torch.Tensor,
+    input_sizes: list[tuple[int, int]],
+    student_sizes: list[tuple[int, int]],
 ) -> torch.Tensor:
     """(M, 4) XYXY boxes of the batch's teacher inputs (image ``im_inds``, unpadded sizes
     ``input_sizes``) in the frame of each image's student input, clipped to it."""
@@ -82,7 +87,10 @@ def to_student_frame(
 
 
 def assignable_detections(
-    detections: dict[str, torch.Tensor], student_boxes: torch.Tensor, gt_boxes: list[torch.Tensor], iou_threshold: float
+    detections: dict[str, torch.Tensor],
+    student_boxes: torch.Tensor,
+    gt_boxes: list[torch.Tensor],
+    iou_threshold: float,
 ) -> dict[str, torch.Tensor]:
     """The detections of the batch (every field indexed by detection, images ``im_inds``) whose
     box in the student frame (``student_boxes`` (M, 4)) has IoU >= ``iou_threshold`` with one of
@@ -94,7 +102,10 @@ def assignable_detections(
 
 
 def image_mask_probs(
-    mask_probs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, inside: tuple[torch.Tensor, torch.Tensor] | None
+    mask_probs: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    inside: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
     """One image's ``upsample_mask_probs`` as matrix products with its interpolation weights
     (see ``upsampling_weights``): mask_probs (M, H/s, W/s), rows (h, H/s), cols (W/s, w).
@@ -131,23 +142,35 @@ def teacher_outputs(
     threshold = -1.0 if settings.float_masks else settings.mask_threshold
     boxes = to_student_frame(detections["boxes"], detections["im_inds"], input_sizes, student_sizes)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    fields = select_rows({k: v for k, v in detections.items() if k not in ("boxes", "top_feat")} | {"boxes": boxes}, keep)
+    fields = select_rows(
+        {k: v for k, v in detections.items() if k not in ("boxes", "top_feat")} | {"boxes": boxes},
+        keep,
+    )
     counts = torch.bincount(fields.pop("im_inds"), minlength=len(input_sizes)).tolist()
     mask_probs = fields.pop("mask_probs")[:, 0]
-    rows, cols = upsampling_weights(tuple(mask_probs.shape[-2:]), mask_stride, input_sizes, student_sizes)
+    rows, cols = upsampling_weights(
+        tuple(mask_probs.shape[-2:]), mask_stride, input_sizes, student_sizes
+    )
     heights, widths = [h for h, _ in student_sizes], [w for _, w in student_sizes]
     rows, cols = rows.to(mask_probs).split(heights), cols.to(mask_probs).split(widths, dim=1)
     inside = [None] * len(counts)
     if settings.clip_masks_to_boxes:
         in_rows, in_cols = inside_boxes(fields["boxes"], (max(heights), max(widths)))
-        inside = zip(in_rows[:, :, None].to(rows[0].dtype).split(counts), in_cols[:, None].to(rows[0].dtype).split(counts))
+        inside = zip(
+            in_rows[:, :, None].to(rows[0].dtype).split(counts),
+            in_cols[:, None].to(rows[0].dtype).split(counts),
+        )
     probs, sums = [], []
-    for p, r, c, box_inside, b in zip(mask_probs.split(counts), rows, cols, inside, fields["boxes"].split(counts)):
+    for p, r, c, box_inside, b in zip(
+        mask_probs.split(counts), rows, cols, inside, fields["boxes"].split(counts)
+    ):
         if box_inside is not None:
             box_inside = (box_inside[0][:, : r.shape[0]], box_inside[1][:, :, : c.shape[1]])
         probs.append(image_mask_probs(p, r, c, box_inside))
         sums.append(foreground_sums(probs[-1], threshold, b if settings.score_in_box else None))
-    ranking, weights = mask_aware_scores(fields["scores"], mean_of_sums(*(torch.cat(s) for s in zip(*sums))))
+    ranking, weights = mask_aware_scores(
+        fields["scores"], mean_of_sums(*(torch.cat(s) for s in zip(*sums)))
+    )
     fields |= {"scores": ranking, "mask_scores": weights, "fcos_scores": fields["scores"]}
     per_image = zip(*(v.split(counts) for v in fields.values()))
     return [dict(zip(fields, values), mask_probs=p) for values, p in zip(per_image, probs)]
@@ -177,21 +200,33 @@ class TeacherView:
         be assigned to a ground-truth box of the sample are dropped before the mask head runs.
         See ``teacher_outputs`` for the fields."""
         detector, settings = self.detector, self.settings
-        images = [(x["image"].to(detector.device).float() - detector.pixel_mean) / detector.pixel_std
-                  for x in batched_inputs]
+        images = [
+            (x["image"].to(detector.device).float() - detector.pixel_mean) / detector.pixel_std
+            for x in batched_inputs
+        ]
         student_sizes = [tuple(im.shape[-2:]) for im in images]
         resized = [resize_to_test_size(im, settings.min_size, settings.max_size) for im in images]
         batch, sizes = batch_images(resized, detector.backbone.size_divisibility)
         with record_function("teacher: network"):
             mask_feats, outputs, top_feats, locations = detector.run_heads(batch)
         with record_function("teacher: detections"):
-            detections = detector.proposal_generator.predict_batch(outputs, locations, top_feats, settings.post_nms_topk)
+            detections = detector.proposal_generator.predict_batch(
+                outputs, locations, top_feats, settings.post_nms_topk
+            )
             if settings.candidate_iou is not None and all("instances" in x for x in batched_inputs):
                 detections = assignable_detections(
-                    detections, to_student_frame(detections["boxes"], detections["im_inds"], sizes, student_sizes),
-                    [x["instances"]["boxes"] for x in batched_inputs], settings.candidate_iou,
+                    detections,
+                    to_student_frame(
+                        detections["boxes"], detections["im_inds"], sizes, student_sizes
+                    ),
+                    [x["instances"]["boxes"] for x in batched_inputs],
+                    settings.candidate_iou,
                 )
         with record_function("teacher: mask head"):
-            detections["mask_probs"] = detector.mask_logits(mask_feats, detections, "top_feat").sigmoid()
+            detections["mask_probs"] = detector.mask_logits(
+                mask_feats, detections, "top_feat"
+            ).sigmoid()
         with record_function("teacher: post-processing"), full_precision(detector.device):
-            return teacher_outputs(detections, sizes, student_sizes, detector.mask_out_stride, settings)
+            return teacher_outputs(
+                detections, sizes, student_sizes, detector.mask_out_stride, settings
+            )

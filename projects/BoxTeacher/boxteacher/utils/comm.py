@@ -2,6 +2,7 @@
 
 Pure ``torch.distributed``: the modeling code may use it for its loss normalisers.
 """
+
 from __future__ import annotations
 
 import functools

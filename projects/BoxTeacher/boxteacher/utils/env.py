@@ -1,4 +1,5 @@
 """Process environment: seeding every random number generator, and a summary for the logs."""
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """Files written atomically: a crash leaves the old file or the complete new one."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Logging set-up: console on the main process, one log file per process."""
+
 from __future__ import annotations
 
 import logging

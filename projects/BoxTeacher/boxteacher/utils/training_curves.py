@@ -13,6 +13,7 @@ or, given keys (names or shell-style patterns), only ``selected_keys.png``, one 
 matching scalar. A resumed or restarted run appends to the same file: its records replace the
 earlier ones from the iteration it starts at. Malformed lines are skipped with a warning.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -43,7 +44,9 @@ def read_metrics(path: str) -> list[dict[str, float]]:
     previous one starts a resumed or restarted run: earlier records from that iteration on go.
     """
     if not os.path.isfile(path):
-        raise MetricsError(f"No metrics file '{path}' (a training run writes OUTPUT_DIR/metrics.json).")
+        raise MetricsError(
+            f"No metrics file '{path}' (a training run writes OUTPUT_DIR/metrics.json)."
+        )
     records: list[dict[str, float]] = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
@@ -57,7 +60,11 @@ def read_metrics(path: str) -> list[dict[str, float]]:
                 logger.info(
                     "%s:%d: iteration %d after %d: a resumed or restarted run; its records replace "
                     "the earlier ones from iteration %d on.",
-                    path, line_number, iteration, records[-1]["iteration"], iteration,
+                    path,
+                    line_number,
+                    iteration,
+                    records[-1]["iteration"],
+                    iteration,
                 )
                 records = [r for r in records if r["iteration"] < iteration]
             records.append(record)
@@ -81,7 +88,8 @@ def _parse_line(line: str, where: str) -> dict[str, float] | None:
         logger.warning("%s: skipped, no integer 'iteration' (got %r).", where, iteration)
         return None
     numbers = {
-        k: float(v) for k, v in obj.items()
+        k: float(v)
+        for k, v in obj.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     }
     return numbers | {"iteration": iteration}
@@ -121,7 +129,9 @@ def _axes_grid(count: int, title: str):
     return figure, axes[:count]
 
 
-def _panel(ax, records: Sequence[Record], keys: Sequence[str], title: str, last_value: bool = False) -> None:
+def _panel(
+    ax, records: Sequence[Record], keys: Sequence[str], title: str, last_value: bool = False
+) -> None:
     """Lines of ``keys`` over the iterations of the whole run (with markers when a line has few
     points); ``last_value`` writes each line's last value into the legend."""
     for key in keys:
@@ -159,7 +169,9 @@ def plot_lr(records: Sequence[Record]) -> Figure | None:
 
 def evaluation_tasks(records: Sequence[Record]) -> list[str]:
     """Prefixes of the evaluation results, e.g. ["bbox", "segm"] or ["val/bbox", ...]."""
-    return sorted({name.rsplit("/", 1)[0] for name in scalar_names(records) if name.endswith("/AP")})
+    return sorted(
+        {name.rsplit("/", 1)[0] for name in scalar_names(records) if name.endswith("/AP")}
+    )
 
 
 def plot_eval(records: Sequence[Record]) -> Figure | None:
@@ -188,14 +200,18 @@ def plot_selected(records: Sequence[Record], patterns: Sequence[str]) -> Figure:
     names = scalar_names(records)
     keys = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not keys:
-        raise MetricsError(f"No scalar matches {list(patterns)}; the scalars are: {', '.join(names)}.")
+        raise MetricsError(
+            f"No scalar matches {list(patterns)}; the scalars are: {', '.join(names)}."
+        )
     figure, axes = _axes_grid(len(keys), "selected scalars")
     for ax, key in zip(axes, keys):
         _panel(ax, records, [key], key)
     return figure
 
 
-def write_plots(records: Sequence[Record], output_dir: str, keys: Sequence[str] | None = None) -> list[str]:
+def write_plots(
+    records: Sequence[Record], output_dir: str, keys: Sequence[str] | None = None
+) -> list[str]:
     """Write the PNG files into ``output_dir`` (created); returns their paths."""
     if keys:
         figures = {"selected_keys.png": plot_selected(records, keys)}

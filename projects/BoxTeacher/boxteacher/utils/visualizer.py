@@ -4,6 +4,7 @@ Every function takes and returns RGB ``uint8`` images of shape (H, W, 3) and nev
 inputs. The module imports no torch (only numpy, OpenCV and ``utils.io``), so a training hook, a
 demo or a notebook can use it alike.
 """
+
 from __future__ import annotations
 
 import os
@@ -86,10 +87,12 @@ def draw_instances(
             x0, y0, x1, y1 = np.round(box).astype(int)
             cv2.rectangle(canvas, (x0, y0), (x1, y1), _as_tuple(color), thickness, cv2.LINE_AA)
     for i in range(num):
-        text = _tag_text(labels[i] if labels is not None else None,
-                         scores[i] if scores is not None else None)
-        anchor = _tag_anchor(masks[i] if masks is not None else None,
-                             boxes[i] if boxes is not None else None)
+        text = _tag_text(
+            labels[i] if labels is not None else None, scores[i] if scores is not None else None
+        )
+        anchor = _tag_anchor(
+            masks[i] if masks is not None else None, boxes[i] if boxes is not None else None
+        )
         if text and anchor is not None:
             _draw_tag(canvas, text, anchor, colors[i])
     return canvas
@@ -109,8 +112,9 @@ def side_by_side(panels: Sequence[np.ndarray], titles: Sequence[str] | None = No
         raise ValueError(f"Got {len(titles)} titles for {len(panels)} panels.")
     height = max(panel.shape[0] for panel in panels)
     padded = [
-        cv2.copyMakeBorder(panel, 0, height - panel.shape[0], 0, 0, cv2.BORDER_CONSTANT,
-                           value=_PADDING)
+        cv2.copyMakeBorder(
+            panel, 0, height - panel.shape[0], 0, 0, cv2.BORDER_CONSTANT, value=_PADDING
+        )
         for panel in panels
     ]
     row = np.concatenate(padded, axis=1)
@@ -132,19 +136,34 @@ def save_png(path: str, image_rgb: np.ndarray) -> None:
 
 
 def _check_image(image: np.ndarray, name: str) -> None:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
-            or image.shape[2] != 3:
+    if (
+        not isinstance(image, np.ndarray)
+        or image.dtype != np.uint8
+        or image.ndim != 3
+        or image.shape[2] != 3
+    ):
         shape = getattr(image, "shape", None)
         dtype = getattr(image, "dtype", type(image).__name__)
         raise ValueError(f"{name} must be a uint8 (H, W, 3) array; got {dtype} {shape}.")
 
 
-def _num_instances(masks: np.ndarray | None, boxes: np.ndarray | None, labels: Sequence[str] | None,
-                   scores: Sequence[float] | None) -> int:
+def _num_instances(
+    masks: np.ndarray | None,
+    boxes: np.ndarray | None,
+    labels: Sequence[str] | None,
+    scores: Sequence[float] | None,
+) -> int:
     """N, the common length of the given per-instance arguments."""
-    lengths = {name: len(value) for name, value in
-               (("masks", masks), ("boxes", boxes), ("labels", labels), ("scores", scores))
-               if value is not None}
+    lengths = {
+        name: len(value)
+        for name, value in (
+            ("masks", masks),
+            ("boxes", boxes),
+            ("labels", labels),
+            ("scores", scores),
+        )
+        if value is not None
+    }
     if len(set(lengths.values())) > 1:
         raise ValueError(f"Per-instance arguments differ in length: {lengths}.")
     num = next(iter(lengths.values()), 0)
@@ -162,13 +181,14 @@ def _as_tuple(color: np.ndarray) -> tuple[int, int, int]:
 _BLEND_ROWS = 256
 
 
-def _fill_and_outline(canvas: np.ndarray, mask: np.ndarray, color: np.ndarray, alpha: float,
-                      thickness: int) -> None:
+def _fill_and_outline(
+    canvas: np.ndarray, mask: np.ndarray, color: np.ndarray, alpha: float, thickness: int
+) -> None:
     """Blend ``color`` into ``canvas`` (H, W, 3) inside ``mask`` (H, W) and trace its border."""
     if not mask.any():
         return
     for top in range(0, mask.shape[0], _BLEND_ROWS):
-        rows, inside = canvas[top:top + _BLEND_ROWS], mask[top:top + _BLEND_ROWS]
+        rows, inside = canvas[top : top + _BLEND_ROWS], mask[top : top + _BLEND_ROWS]
         blended = (1.0 - alpha) * rows[inside] + alpha * color.astype(np.float32)
         rows[inside] = np.round(blended).astype(np.uint8)
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
@@ -210,8 +230,9 @@ def _draw_tag(canvas: np.ndarray, text: str, anchor: tuple[int, int], color: np.
     cv2.rectangle(canvas, (x, y), (x + text_w + 2, y + tag_h), _as_tuple(color), cv2.FILLED)
     luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
     text_color = (0, 0, 0) if luminance > 140 else (255, 255, 255)
-    cv2.putText(canvas, text, (x + 1, y + text_h + 1), _FONT, scale, text_color, stroke,
-                cv2.LINE_AA)
+    cv2.putText(
+        canvas, text, (x + 1, y + text_h + 1), _FONT, scale, text_color, stroke, cv2.LINE_AA
+    )
 
 
 def _title_strips(titles: Sequence[str], widths: Sequence[int], panel_height: int) -> np.ndarray:
