@@ -8,7 +8,7 @@ import torch
 from boxteacher.build import build_model
 from boxteacher.modeling.pairwise import neighbour_offsets, pairwise_loss
 
-from tiny_models import tiny_cfg
+from tiny_models import TINY_BOXTEACHER, tiny_cfg
 from tiny_models import two_view_batch as batch
 
 pytestmark = [
@@ -23,16 +23,7 @@ def boxteacher_that_detects():
     torch.manual_seed(0)
     model = build_model(
         tiny_cfg(
-            "MODEL.META_ARCHITECTURE",
-            "BoxTeacher",
-            "MODEL.BOXINST.ENABLED",
-            "True",
-            "INPUT.MIN_SIZE_TEST",
-            "64",
-            "MODEL.BOX_TEACHER.WARMUP_ITERS",
-            "1",
-            "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS",
-            "1",
+            *TINY_BOXTEACHER,
             "MODEL.FCOS.INFERENCE_TH_TEST",
             "0.0",
             "MODEL.BOX_TEACHER.REFINE_RADIUS",

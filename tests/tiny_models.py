@@ -19,32 +19,39 @@ from boxteacher.data.builtin import register_builtin_datasets
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-TINY_MODEL_OVERRIDES = [
-    "MODEL.DEVICE",
-    "cpu",
-    "MODEL.RESNETS.DEPTH",
-    "18",
-    "MODEL.RESNETS.STEM_OUT_CHANNELS",
-    "16",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS",
-    "16",
-    "MODEL.RESNETS.NORM",
-    "BN",
-    "MODEL.BACKBONE.FREEZE_AT",
-    "0",
-    "MODEL.FPN.OUT_CHANNELS",
-    "64",
-    "MODEL.FCOS.NUM_CLASSES",
-    "3",
-    "MODEL.FCOS.NUM_CLS_CONVS",
-    "1",
-    "MODEL.FCOS.NUM_BOX_CONVS",
-    "1",
-    "MODEL.CONDINST.MASK_BRANCH.CHANNELS",
-    "16",
-    "MODEL.CONDINST.MASK_BRANCH.NUM_CONVS",
-    "1",
-]
+
+def key_values(pairs: dict[str, object]) -> list[str]:
+    """Config overrides as ``merge_from_list`` takes them: ``{"A.B": 1}`` -> ``["A.B", "1"]``."""
+    return [str(item) for pair in pairs.items() for item in pair]
+
+
+# The tiny CondInst: R-18 of 16 channels, light heads, 3 classes, on the CPU.
+TINY_MODEL_OVERRIDES = key_values(
+    {
+        "MODEL.DEVICE": "cpu",
+        "MODEL.RESNETS.DEPTH": "18",
+        "MODEL.RESNETS.STEM_OUT_CHANNELS": "16",
+        "MODEL.RESNETS.RES2_OUT_CHANNELS": "16",
+        "MODEL.RESNETS.NORM": "BN",
+        "MODEL.BACKBONE.FREEZE_AT": "0",
+        "MODEL.FPN.OUT_CHANNELS": "64",
+        "MODEL.FCOS.NUM_CLASSES": "3",
+        "MODEL.FCOS.NUM_CLS_CONVS": "1",
+        "MODEL.FCOS.NUM_BOX_CONVS": "1",
+        "MODEL.CONDINST.MASK_BRANCH.CHANNELS": "16",
+        "MODEL.CONDINST.MASK_BRANCH.NUM_CONVS": "1",
+    }
+)
+# A tiny BoxTeacher of two such networks, small test size, warm-ups of one iteration.
+TINY_BOXTEACHER = key_values(
+    {
+        "MODEL.META_ARCHITECTURE": "BoxTeacher",
+        "MODEL.BOXINST.ENABLED": True,
+        "INPUT.MIN_SIZE_TEST": 64,
+        "MODEL.BOX_TEACHER.WARMUP_ITERS": 1,
+        "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS": 1,
+    }
+)
 
 
 @contextlib.contextmanager

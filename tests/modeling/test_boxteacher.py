@@ -23,7 +23,7 @@ from boxteacher.modeling.ema import (
 from boxteacher.modeling.pairwise import neighbour_offsets
 
 from reference_implementations import forward_teacher_per_image
-from tiny_models import label_one, tiny_cfg
+from tiny_models import TINY_BOXTEACHER, label_one, tiny_cfg
 from tiny_models import two_view_batch as batch
 
 OFFSETS = neighbour_offsets(3, 2)
@@ -143,21 +143,7 @@ def test_mean_projection_loss_is_zero_for_identical_masks():
 
 
 def boxteacher(*overrides):
-    return build_model(
-        tiny_cfg(
-            "MODEL.META_ARCHITECTURE",
-            "BoxTeacher",
-            "MODEL.BOXINST.ENABLED",
-            "True",
-            "INPUT.MIN_SIZE_TEST",
-            "64",
-            "MODEL.BOX_TEACHER.WARMUP_ITERS",
-            "1",
-            "MODEL.BOXINST.PAIRWISE.WARMUP_ITERS",
-            "1",
-            *overrides,
-        )
-    )
+    return build_model(tiny_cfg(*TINY_BOXTEACHER, *overrides))
 
 
 def test_one_training_step_has_finite_losses_and_no_teacher_gradient():

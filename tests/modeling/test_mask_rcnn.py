@@ -20,42 +20,31 @@ from boxteacher.modeling.roi_masks import (
 )
 from boxteacher.modeling.teacher import TeacherPass
 
-from tiny_models import sample, tiny_cfg, two_view_batch
+from tiny_models import key_values, sample, tiny_cfg, two_view_batch
 
-MASK_RCNN = [
-    "MODEL.META_ARCHITECTURE",
-    "MaskRCNN",
-    "MODEL.RESNETS.STEM_OUT_CHANNELS",
-    "64",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS",
-    "64",
-    "MODEL.FPN.OUT_CHANNELS",
-    "16",
-    "MODEL.ROI_BOX_HEAD.FC_DIM",
-    "32",
-    "MODEL.ROI_MASK_HEAD.CONV_DIM",
-    "16",
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
-    "64",
-    "MODEL.RPN.POST_NMS_TOPK_TEST",
-    "32",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
-    "32",
-    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
-    "0.0",
-    "INPUT.MIN_SIZE_TEST",
-    "64",
-    "INPUT.MAX_SIZE_TEST",
-    "64",
-]
-BOXTEACHER = MASK_RCNN + [
-    "MODEL.META_ARCHITECTURE",
-    "BoxTeacher",
-    "MODEL.BOX_TEACHER.STUDENT",
-    "MaskRCNN",
-    "MODEL.BOXINST.ENABLED",
-    "True",
-]
+MASK_RCNN = key_values(
+    {
+        "MODEL.META_ARCHITECTURE": "MaskRCNN",
+        "MODEL.RESNETS.STEM_OUT_CHANNELS": "64",
+        "MODEL.RESNETS.RES2_OUT_CHANNELS": "64",
+        "MODEL.FPN.OUT_CHANNELS": "16",
+        "MODEL.ROI_BOX_HEAD.FC_DIM": "32",
+        "MODEL.ROI_MASK_HEAD.CONV_DIM": "16",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN": "64",
+        "MODEL.RPN.POST_NMS_TOPK_TEST": "32",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": "32",
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST": "0.0",
+        "INPUT.MIN_SIZE_TEST": "64",
+        "INPUT.MAX_SIZE_TEST": "64",
+    }
+)
+BOXTEACHER = MASK_RCNN + key_values(
+    {
+        "MODEL.META_ARCHITECTURE": "BoxTeacher",
+        "MODEL.BOX_TEACHER.STUDENT": "MaskRCNN",
+        "MODEL.BOXINST.ENABLED": True,
+    }
+)
 
 
 def masked_batch() -> list[dict]:
