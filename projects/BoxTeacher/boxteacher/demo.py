@@ -26,7 +26,7 @@ import torch
 
 from .config import CfgNode
 from .data import get_metadata, is_registered
-from .data.image_io import read_image_or_warn
+from .data.image_io import IMAGE_EXTENSIONS, read_image_or_warn
 from .engine.checkpoint import atomic_open
 from .engine.predictor import Predictor
 from .evaluation.coco_evaluation import instances_to_coco_json
@@ -34,7 +34,6 @@ from .utils.visualizer import draw_instances, save_png
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 RESULTS_FILE = "results.json"
 
 

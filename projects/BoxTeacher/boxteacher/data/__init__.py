@@ -21,6 +21,7 @@ from .rle import encode_rle, segmentation_to_rle
 from .samplers import InferenceSampler, TrainingBatchSampler
 from .shapes import ensure_shapes_dataset, generate_shapes_dataset
 from .transforms import ResizeFlip
+from .unlabeled import register_unlabeled_images
 
 register_builtin_datasets()
 
@@ -47,6 +48,7 @@ __all__ = [
     "register_coco_instances",
     "register_dataset",
     "register_datasets_from_config",
+    "register_unlabeled_images",
     "registered_names",
     "resized_shape",
     "segmentation_to_mask",

@@ -230,7 +230,7 @@ def _validate(data: dict, json_file: str, image_root: str) -> _Validated:
     """Check every entry of ``data``; errors name the file, the entry and the field, skipped and
     changed entries are reported by one warning per kind."""
     metadata = _parse_categories(data["categories"], json_file)
-    records, sizes, index_of_image = _parse_images(data["images"], json_file, image_root)
+    records, sizes, index_of_image = parse_image_entries(data["images"], json_file, image_root)
     anns = data["annotations"]
     image_index, category, boxes = _annotation_arrays(anns, index_of_image, metadata, json_file)
     boxes, keep = _validate_boxes(boxes, sizes[image_index], anns, json_file)
@@ -295,7 +295,7 @@ def _parse_categories(categories: list, json_file: str) -> dict[str, Any]:
     }
 
 
-def _parse_images(
+def parse_image_entries(
     images: list, json_file: str, image_root: str
 ) -> tuple[list[dict], np.ndarray, dict]:
     """Records without annotations, sizes [N, 2] as (height, width), image id -> record index."""

@@ -33,6 +33,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xDA)])
 _SOS, _EOI = 0xDA, b"\xff\xd9"
 IMAGE_FORMATS = ("BGR", "RGB")
+# The files a folder of images is listed by (demo inputs, unlabelled image folders).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 logger = logging.getLogger(__name__)
 
