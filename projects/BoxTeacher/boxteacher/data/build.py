@@ -91,12 +91,80 @@ def build_train_loader(
             records, cfg.MODEL.BOXINST.GT_MASK_FRACTION, seed, cfg.OUTPUT_DIR
         )
     mapper = DatasetMapper.from_config(cfg, is_train=True, spec=spec)
+    return _batches(cfg, records, mapper, cfg.SOLVER.IMS_PER_BATCH, seed, start_iter)
+
+
+def get_unlabeled_records(dataset_names: Sequence[str]) -> list[dict]:
+    """The records of the datasets ``dataset_names`` as unlabelled images: without annotations
+    (a labelled dataset may serve as unlabelled images too) and without images that have no
+    file. Raises ``ValueError`` when no image is left."""
+    records = [
+        {**r, "annotations": []} for name in dataset_names for r in get_dataset_records(name)
+    ]
+    missing = {r["file_name"] for r in records if not os.path.exists(r["file_name"])}
+    if missing:
+        logger.warning(
+            "%d unlabelled images do not exist and are left out: %s%s",
+            len(missing),
+            sorted(missing)[:_LISTED_FILES],
+            " ..." if len(missing) > _LISTED_FILES else "",
+        )
+        records = [r for r in records if r["file_name"] not in missing]
+    if not records:
+        raise ValueError(f"No unlabelled images in {list(dataset_names)}.")
+    return records
+
+
+def unlabeled_seed(seed: int) -> int:
+    """The seed of the unlabelled stream of a run of data seed ``seed``: drawn from it, so that
+    the two streams are independent and both follow from the run's seed."""
+    return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
+
+
+def build_semi_supervised_loader(
+    cfg,
+    spec: ArchitectureSpec,
+    unlabeled_datasets: Sequence[str],
+    unlabeled_batch_size: int,
+    *,
+    seed: int,
+    start_iter: int = 0,
+) -> Iterator[list[dict]]:
+    """Batches of labelled and unlabelled images: batch t is the labelled batch t of
+    ``build_train_loader`` followed by this process's share of ``unlabeled_batch_size``
+    (global) images of ``unlabeled_datasets``, mapped as training images (same sizes, flips and
+    student view) and marked ``"unlabeled": True``, with no instances. The unlabelled stream has
+    its own sampler and seed (``unlabeled_seed``), so batch t of either stream is a pure function
+    of the seed and t: a resumed run sees the batches an uninterrupted one would."""
+    labeled = build_train_loader(cfg, spec, seed=seed, start_iter=start_iter)
+    mapper = DatasetMapper.from_config(cfg, is_train=True, spec=spec)
+    unlabeled = _batches(
+        cfg,
+        get_unlabeled_records(unlabeled_datasets),
+        mapper,
+        unlabeled_batch_size,
+        unlabeled_seed(seed),
+        start_iter,
+    )
+    for labeled_batch, unlabeled_batch in zip(labeled, unlabeled):
+        yield labeled_batch + [{**x, "unlabeled": True} for x in unlabeled_batch]
+
+
+def _batches(
+    cfg,
+    records: list[dict],
+    mapper: DatasetMapper,
+    global_batch_size: int,
+    seed: int,
+    start_iter: int,
+) -> Iterator[list[dict]]:
+    """This process's share of the global batches of ``records`` from ``start_iter`` on."""
     if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
         groups = aspect_ratio_flags(records)
     else:
         groups = np.zeros(len(records), dtype=bool)
     sampler = TrainingBatchSampler(
-        groups, cfg.SOLVER.IMS_PER_BATCH, seed, start_iter, get_rank(), get_world_size()
+        groups, global_batch_size, seed, start_iter, get_rank(), get_world_size()
     )
     workers = cfg.DATALOADER.NUM_WORKERS
     loader = DataLoader(
