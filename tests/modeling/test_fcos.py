@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torchvision.ops import sigmoid_focal_loss
 
 from boxteacher.modeling.fcos import (
     FCOS,
@@ -214,3 +215,36 @@ def test_nms_per_image_and_class_never_suppresses_across_groups():
         boxes, scores, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 0]), 0.5
     )
     assert keep.tolist() == [0, 1, 2]
+
+
+def test_ignore_regions_take_background_locations_out_of_the_classification_loss():
+    """Background locations inside an ignore box count neither as positives nor as negatives;
+    positives inside it stay; without ignore boxes the loss is the plain focal loss."""
+    torch.manual_seed(0)
+    fcos = FCOS(FCOSHead(8, 2, 2, 1, 1, use_group_norm=False), STRIDES, SIZES)
+    features = [torch.randn(1, 8, 8, 8), torch.randn(1, 8, 4, 4)]
+    outputs = fcos.fcos_head(features)
+    locations = fcos.locations(features)
+    boxes, labels = [torch.tensor([[4.0, 4, 28, 28]])], [torch.tensor([1])]
+    plain = fcos.targets(locations, boxes, labels)
+    assert plain.ignore is None
+    assert fcos.targets(locations, boxes, labels, ignore_boxes=[torch.zeros(0, 4)]).ignore is None
+    ignoring = fcos.targets(
+        locations, boxes, labels, ignore_boxes=[torch.tensor([[0.0, 0, 64, 40]])]
+    )
+    positive = plain.labels != 2
+    expected = (ignoring.locations[:, 1] <= 40) & ~positive
+    assert (
+        torch.equal(ignoring.ignore, expected) and expected.any() and (~expected & ~positive).any()
+    )
+    assert torch.equal(ignoring.labels, plain.labels)
+
+    logits = torch.cat([o.permute(0, 2, 3, 1).reshape(-1, 2) for o in outputs.logits])
+    class_targets = torch.zeros_like(logits)
+    class_targets[positive, plain.labels[positive]] = 1.0
+    focal = sigmoid_focal_loss(logits, class_targets, 0.25, 2.0, reduction="none")
+    num_pos = float(positive.sum())
+    plain_loss = fcos.losses(outputs, plain)[0]["loss_fcos_cls"]
+    ignoring_loss = fcos.losses(outputs, ignoring)[0]["loss_fcos_cls"]
+    torch.testing.assert_close(plain_loss, focal.sum() / num_pos)
+    torch.testing.assert_close(ignoring_loss, focal[~expected].sum() / num_pos)

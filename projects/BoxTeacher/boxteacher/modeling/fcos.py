@@ -151,6 +151,7 @@ class FCOS(nn.Module):
         gt_boxes: list[torch.Tensor],
         gt_labels: list[torch.Tensor],
         gt_centers: list[torch.Tensor | None] | None = None,
+        ignore_boxes: list[torch.Tensor] | None = None,
     ) -> FCOSTargets:
         return compute_targets(
             locations,
@@ -161,6 +162,7 @@ class FCOS(nn.Module):
             self.num_classes,
             self.center_sampling_radius,
             gt_centers,
+            ignore_boxes,
         )
 
     def losses(
@@ -184,16 +186,16 @@ class FCOS(nn.Module):
 
         class_targets = torch.zeros_like(logits)
         class_targets[pos_inds, targets.labels[pos_inds]] = 1.0
-        loss_cls = (
-            sigmoid_focal_loss(
-                logits,
-                class_targets,
-                alpha=self.focal_alpha,
-                gamma=self.focal_gamma,
-                reduction="sum",
+        if targets.ignore is None:
+            focal = sigmoid_focal_loss(
+                logits, class_targets, self.focal_alpha, self.focal_gamma, reduction="sum"
             )
-            / num_pos
-        )
+        else:  # ignored locations are neither positives nor negatives
+            focal = sigmoid_focal_loss(
+                logits, class_targets, self.focal_alpha, self.focal_gamma, reduction="none"
+            )
+            focal = (focal * ~targets.ignore[:, None]).sum()
+        loss_cls = focal / num_pos
 
         reg_targets = targets.reg_targets[pos_inds]
         ctr_targets = centerness_targets(reg_targets)

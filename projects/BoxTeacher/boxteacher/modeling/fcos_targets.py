@@ -26,6 +26,8 @@ class FCOSTargets:
         first), -1 for background.
     im_inds, fpn_levels: (B*L,) int64 image and level index of every location.
     locations: (B*L, 2) float (x, y) image coordinates of every location.
+    ignore: (B*L,) bool, the background locations inside an ignore region, which the
+        classification loss leaves out; None when no image has ignore regions.
     """
 
     labels: torch.Tensor
@@ -34,6 +36,7 @@ class FCOSTargets:
     im_inds: torch.Tensor
     fpn_levels: torch.Tensor
     locations: torch.Tensor
+    ignore: torch.Tensor | None = None
 
 
 def mask_centers(masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -70,6 +73,13 @@ def _in_center_region(
     xs, ys = locations[:, 0:1], locations[:, 1:2]
     dist = torch.stack([xs - x0, ys - y0, x1 - xs, y1 - ys], dim=2)
     return dist.min(dim=2).values > 0
+
+
+def locations_inside(locations: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(L,) bool: the locations (L, 2) (x, y) inside any of the XYXY ``boxes`` (K, 4)."""
+    xs, ys = locations[:, 0:1], locations[:, 1:2]
+    inside = (xs >= boxes[:, 0]) & (xs <= boxes[:, 2]) & (ys >= boxes[:, 1]) & (ys <= boxes[:, 3])
+    return inside.any(dim=1)
 
 
 def assign_image(
@@ -141,6 +151,7 @@ def compute_targets(
     num_classes: int,
     center_sampling_radius: float | None,
     gt_centers: list[torch.Tensor | None] | None = None,
+    ignore_boxes: list[torch.Tensor] | None = None,
 ) -> FCOSTargets:
     """Targets of a batch of images (see ``FCOSTargets``).
 
@@ -150,6 +161,8 @@ def compute_targets(
             between the object sizes handled by consecutive levels.
         gt_boxes, gt_labels: per image (N_i, 4) XYXY boxes and (N_i,) classes.
         gt_centers: per image (N_i, 2) centres for centre sampling, or None (box centres).
+        ignore_boxes: per image (K_i, 4) XYXY regions whose background locations are neither
+            positive nor negative (uncertain pseudo labels), or None.
     """
     device = locations_per_level[0].device
     bounds = [-1.0] + [float(s) for s in sizes_of_interest] + [float(INF)]
@@ -188,7 +201,12 @@ def compute_targets(
     im_inds = torch.arange(num_images, device=device)[:, None].expand(
         num_images, locations.shape[0]
     )
+    ignore = None
+    if ignore_boxes is not None and any(len(b) for b in ignore_boxes):
+        inside = [locations_inside(locations, b.to(locations)) for b in ignore_boxes]
+        ignore = level_major(inside) & (level_major([p[0] for p in per_image]) == num_classes)
     return FCOSTargets(
+        ignore=ignore,
         labels=level_major([p[0] for p in per_image]),
         reg_targets=level_major([p[1] for p in per_image]),
         gt_inds=level_major([p[2] for p in per_image]),

@@ -11,7 +11,9 @@ Input: a list with one dict per image:
   "labels": int64 (N,) in 0..K-1, "masks": bool (N, H, W) (mask supervision only),
   "has_mask": bool (N,) (mixed supervision: which rows of ``masks`` are annotation masks),
   "pseudo_masks": (N, H, W) bool or float and "pseudo_weights": float (N,) (a teacher's pseudo
-  masks)}``; ``aug_image`` (optional): the student's view of ``image``, same geometry.
+  masks), "ignore_boxes": float32 (K, 4) XYXY (regions whose background locations the
+  classification loss leaves out: a teacher's uncertain detections)}``; ``aug_image``
+  (optional): the student's view of ``image``, same geometry.
 
 Training: ``model(batch, iteration=t)`` with the engine's (0-based) iteration, which drives the
 loss warm-ups. Output: ``dict[str, Tensor]`` of 0-dim losses, already weighted, named as AdelaiDet
@@ -213,8 +215,13 @@ class CondInst(nn.Module):
         with record_function("student: network"):
             mask_feats, outputs, top_feats, locations = self.run_heads(images)
         with record_function("student: FCOS losses"):
+            ignore_boxes = [g["ignore_boxes"] for g in gt] if "ignore_boxes" in gt[0] else None
             targets = self.proposal_generator.targets(
-                locations, [g["boxes"] for g in gt], [g["labels"] for g in gt], centers
+                locations,
+                [g["boxes"] for g in gt],
+                [g["labels"] for g in gt],
+                centers,
+                ignore_boxes,
             )
             losses, positives = self.proposal_generator.losses(outputs, targets, top_feats)
         self.mask_head._iter += 1
