@@ -175,3 +175,16 @@ def test_the_teacher_view_of_a_tiny_condinst_gives_the_protocol_fields_at_the_st
         assert (out["boxes"][:, 2:] <= torch.tensor([w, h])).all() and (out["boxes"] >= 0).all()
         assert ((out["mask_probs"] >= 0) & (out["mask_probs"] <= 1)).all()
         assert ((out["mask_scores"] >= 0) & (out["mask_scores"] <= 1)).all()
+
+
+def test_every_detection_of_an_unlabelled_image_stays_a_candidate():
+    detections = {
+        "im_inds": torch.tensor([0, 0, 1, 1]),
+        "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]),
+    }
+    student_boxes = torch.tensor(
+        [[0.0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 10], [30, 30, 40, 40]]
+    )
+    gt_boxes = [torch.tensor([[0.0, 0, 10, 10]]), torch.zeros(0, 4)]
+    kept = assignable_detections(detections, student_boxes, gt_boxes, 0.5, unlabeled=[False, True])
+    torch.testing.assert_close(kept["scores"], torch.tensor([0.9, 0.7, 0.6]))

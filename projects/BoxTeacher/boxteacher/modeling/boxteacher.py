@@ -2,6 +2,11 @@
 best one per ground-truth box becomes its pseudo mask, weighted by a mask-aware score, and the
 student learns from the boxes (BoxInst) and from these pseudo masks.
 
+Semi-supervised (after Guided Distillation, Berrada et al., WACV 2024): samples marked
+``"unlabeled"`` have no boxes; the teacher's confident detections become their instances and
+its uncertain ones ignore regions (``PseudoInstanceFilter``), and the student's losses on them,
+computed in a pass of their own, count ``unlabeled_weight`` times.
+
 Any detector with a teacher view (``forward_teacher(batch)``, the teacher protocol of
 ``teacher.py``) can teach, and any detector whose training ``forward`` accepts ``pseudo_masks``
 (N, H, W) and ``pseudo_weights`` (N,) in its instances can learn.
@@ -16,6 +21,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from .layers import full_precision
+from .pseudo_instances import PseudoInstanceFilter
 from .pseudo_labels import PseudoLabeler
 from .teacher import TeacherProtocol
 
@@ -41,6 +47,11 @@ class BoxTeacher(nn.Module):
         frozen_teacher: the teacher is a trained network, possibly of another architecture,
             whose weights stay as loaded (no EMA): a checkpoint of one network loads into the
             student alone.
+        unlabeled: how the teacher's detections of unlabelled samples become their instances
+            and ignore regions; None: every sample must be labelled.
+        unlabeled_weight: the weight of the losses on unlabelled samples (lambda_u).
+        unlabeled_start_iter: unlabelled samples are left out before this iteration (while the
+            teacher is not yet worth learning from).
     """
 
     def __init__(
@@ -53,6 +64,9 @@ class BoxTeacher(nn.Module):
         teacher_eval_mode: bool = False,
         use_teacher_inference: bool = True,
         frozen_teacher: bool = False,
+        unlabeled: PseudoInstanceFilter | None = None,
+        unlabeled_weight: float = 2.0,
+        unlabeled_start_iter: int = 0,
     ):
         super().__init__()
         self.teacher = teacher
@@ -64,6 +78,9 @@ class BoxTeacher(nn.Module):
         self.teacher_eval_mode = teacher_eval_mode
         self.use_teacher_inference = use_teacher_inference
         self.frozen_teacher = frozen_teacher
+        self.unlabeled = unlabeled
+        self.unlabeled_weight = unlabeled_weight
+        self.unlabeled_start_iter = unlabeled_start_iter
 
     @property
     def device(self) -> torch.device:
@@ -74,9 +91,52 @@ class BoxTeacher(nn.Module):
         labels of the teacher; evaluation: the detections of the teacher (or the student)."""
         if not self.training:
             return (self.teacher if self.use_teacher_inference else self.student)(batched_inputs)
-        labels = self.pseudo_label(batched_inputs)
+        unlabeled = [bool(x.get("unlabeled", False)) for x in batched_inputs]
+        if not any(unlabeled):
+            labels = self.pseudo_label(batched_inputs)
+            with record_function("student"):
+                return self.student(with_pseudo_labels(batched_inputs, labels), iteration=iteration)
+        if self.unlabeled is None:
+            raise ValueError(
+                "The batch has unlabelled samples but this BoxTeacher has no pseudo-instance "
+                "filter (unlabeled=None) to label them."
+            )
+        return self._semi_supervised_losses(batched_inputs, unlabeled, iteration)
+
+    def _semi_supervised_losses(
+        self, batched_inputs: list[dict], unlabeled: list[bool], iteration: int | None
+    ) -> dict[str, torch.Tensor]:
+        """One teacher pass over the whole batch; the student's losses on the labelled samples
+        plus ``unlabeled_weight`` times its losses on the pseudo instances of the unlabelled
+        ones (a pass of their own), with the mean numbers of pseudo instances and ignore
+        regions per unlabelled image as metrics."""
+        use_unlabeled = iteration is None or iteration >= self.unlabeled_start_iter
+        samples = [x for x, u in zip(batched_inputs, unlabeled) if use_unlabeled or not u]
+        self.teacher.train(not self.teacher_eval_mode)
+        with record_function("teacher"):
+            predictions = self.teacher_view.forward_teacher(samples)
+        labeled = [(x, p) for x, p in zip(samples, predictions) if not x.get("unlabeled", False)]
+        if not labeled:
+            raise ValueError(
+                "A semi-supervised batch needs labelled samples besides unlabelled ones."
+            )
+        labels = self.assign([x for x, _ in labeled], [p for _, p in labeled])
         with record_function("student"):
-            return self.student(with_pseudo_labels(batched_inputs, labels), iteration=iteration)
+            losses = self.student(with_pseudo_labels([x for x, _ in labeled], labels), iteration)
+        if not use_unlabeled:
+            return losses
+        pairs = [(x, p) for x, p in zip(samples, predictions) if x.get("unlabeled", False)]
+        with record_function("pseudo instances"), full_precision(self.device):
+            instances = [self.unlabeled(p) for _, p in pairs]
+        with record_function("student: unlabelled"):
+            extra = self.student(with_pseudo_instances([x for x, _ in pairs], instances), iteration)
+        for key, value in extra.items():
+            if key.startswith("loss"):
+                losses[key] = losses[key] + self.unlabeled_weight * value
+        counts = [[len(i["labels"]), len(i["ignore_boxes"])] for i in instances]
+        per_image = torch.tensor(counts, dtype=torch.float32).mean(dim=0)
+        losses["num_unlabeled_instances"], losses["num_ignore_regions"] = per_image.to(self.device)
+        return losses
 
     @torch.no_grad()
     def pseudo_label(self, batched_inputs: list[dict]) -> list[dict[str, torch.Tensor]]:
@@ -147,6 +207,27 @@ class BoxTeacher(nn.Module):
                 "No teacher weights were loaded: the teacher starts as a copy of the student."
             )
             self.teacher.load_state_dict(self.student.state_dict())
+
+
+def with_pseudo_instances(
+    batched_inputs: list[dict], instances: list[dict[str, torch.Tensor]]
+) -> list[dict]:
+    """Copies of unlabelled samples whose instances are their pseudo instances
+    (``PseudoInstanceFilter``): ``boxes``, ``labels``, ``pseudo_masks``, ``pseudo_weights`` and
+    ``ignore_boxes``."""
+    return [
+        {
+            **sample,
+            "instances": {
+                "boxes": found["boxes"],
+                "labels": found["labels"],
+                "pseudo_masks": found["masks"],
+                "pseudo_weights": found["weights"],
+                "ignore_boxes": found["ignore_boxes"],
+            },
+        }
+        for sample, found in zip(batched_inputs, instances)
+    ]
 
 
 def with_pseudo_labels(

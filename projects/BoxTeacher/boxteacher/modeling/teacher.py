@@ -91,14 +91,21 @@ def assignable_detections(
     student_boxes: torch.Tensor,
     gt_boxes: list[torch.Tensor],
     iou_threshold: float,
+    unlabeled: list[bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The detections of the batch (every field indexed by detection, images ``im_inds``) whose
     box in the student frame (``student_boxes`` (M, 4)) has IoU >= ``iou_threshold`` with one of
-    the ground-truth boxes of its image (``gt_boxes``: per image (N_i, 4)); order kept."""
+    the ground-truth boxes of its image (``gt_boxes``: per image (N_i, 4)), and every detection
+    of the images ``unlabeled`` marks (no boxes to assign to: all are pseudo-instance
+    candidates); order kept."""
     gt_images = group_indices([len(b) for b in gt_boxes])
     iou = box_iou(student_boxes, torch.cat(gt_boxes).to(student_boxes))
     same_image = detections["im_inds"][:, None] == gt_images.to(student_boxes.device)[None]
-    return select_rows(detections, ((iou >= iou_threshold) & same_image).any(dim=1))
+    keep = ((iou >= iou_threshold) & same_image).any(dim=1)
+    if unlabeled is not None and any(unlabeled):
+        kept_images = torch.tensor(unlabeled, device=keep.device)
+        keep |= kept_images[detections["im_inds"]]
+    return select_rows(detections, keep)
 
 
 def image_mask_probs(
@@ -221,6 +228,7 @@ class TeacherView:
                     ),
                     [x["instances"]["boxes"] for x in batched_inputs],
                     settings.candidate_iou,
+                    [bool(x.get("unlabeled", False)) for x in batched_inputs],
                 )
         with record_function("teacher: mask head"):
             detections["mask_probs"] = detector.mask_logits(

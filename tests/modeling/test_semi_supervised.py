@@ -1,0 +1,113 @@
+"""BoxTeacher with unlabelled samples (``BoxTeacher(unlabeled=PseudoInstanceFilter(...))``): one
+teacher pass, the labelled losses plus lambda_u times the losses on the pseudo instances."""
+
+import pytest
+import torch
+
+from boxteacher.build import build_model
+from boxteacher.modeling.boxteacher import with_pseudo_instances, with_pseudo_labels
+from boxteacher.modeling.pseudo_instances import PseudoInstanceFilter
+
+from tiny_models import TINY_BOXTEACHER, tiny_cfg, two_view_batch
+
+FILTER = PseudoInstanceFilter(score_high=0.3, score_low=0.1, min_mask_area=1)
+
+
+def semi_model(unlabeled_start_iter=0):
+    """A tiny BoxTeacher whose teacher detects (every location a candidate) in eval mode, so that
+    its detections of an image do not depend on the rest of the batch."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(*TINY_BOXTEACHER, "MODEL.FCOS.INFERENCE_TH_TEST", "0.0"))
+    with torch.no_grad():
+        model.teacher.proposal_generator.fcos_head.bbox_pred.bias.fill_(1.0)
+    model.student.load_state_dict(model.teacher.state_dict())
+    model.teacher_eval_mode = True
+    model.unlabeled, model.unlabeled_weight = FILTER, 2.0
+    model.unlabeled_start_iter = unlabeled_start_iter
+    return model.train()
+
+
+def semi_batch():
+    labeled = two_view_batch(0)
+    unlabeled = [
+        {
+            **x,
+            "unlabeled": True,
+            "instances": {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+        }
+        for x in two_view_batch(1)
+    ]
+    return labeled + unlabeled
+
+
+def test_the_losses_are_the_labelled_ones_plus_lambda_u_times_the_pseudo_instance_ones():
+    model = semi_model()
+    batch = semi_batch()
+    torch.manual_seed(1)
+    losses = model(batch, iteration=5)
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        predictions = model.teacher_view.forward_teacher(batch)
+    labeled = model.student(
+        with_pseudo_labels(batch[:2], model.assign(batch[:2], predictions[:2])), 5
+    )
+    instances = [FILTER(p) for p in predictions[2:]]
+    assert (
+        sum(len(i["labels"]) for i in instances) > 0
+        and sum(len(i["ignore_boxes"]) for i in instances) > 0
+    )
+    unlabeled = model.student(with_pseudo_instances(batch[2:], instances), 5)
+    for key, value in labeled.items():
+        if key.startswith("loss"):
+            torch.testing.assert_close(losses[key], value + 2.0 * unlabeled[key], msg=key)
+    expected = [sum(len(i[k]) for i in instances) / 2 for k in ("labels", "ignore_boxes")]
+    assert [
+        losses["num_unlabeled_instances"].item(),
+        losses["num_ignore_regions"].item(),
+    ] == expected
+
+    total = sum(v for k, v in losses.items() if k.startswith("loss"))
+    total.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
+
+
+def test_before_the_start_iteration_unlabelled_samples_sit_out():
+    model = semi_model(unlabeled_start_iter=10)
+    batch = semi_batch()
+    torch.manual_seed(1)
+    early = model(batch, iteration=9)
+    torch.manual_seed(1)
+    labeled_only = model(batch[:2], iteration=9)
+    assert early.keys() == labeled_only.keys()
+    for key in early:
+        torch.testing.assert_close(early[key], labeled_only[key], msg=key)
+
+
+def test_unlabelled_samples_need_a_filter_and_labelled_company():
+    model = semi_model()
+    with pytest.raises(ValueError, match="needs labelled samples"):
+        model(semi_batch()[2:], iteration=0)
+    model.unlabeled = None
+    with pytest.raises(ValueError, match="no pseudo-instance filter"):
+        model(semi_batch(), iteration=0)
+
+
+def test_pseudo_instances_carry_what_the_student_learns_from():
+    found = FILTER(
+        {
+            "boxes": torch.tensor([[0.0, 0, 8, 8], [2, 2, 6, 6]]),
+            "scores": torch.tensor([0.9, 0.2]),
+            "labels": torch.tensor([1, 2]),
+            "mask_probs": torch.ones(2, 8, 8),
+            "mask_scores": torch.tensor([0.7, 0.4]),
+        }
+    )
+    (sample,) = with_pseudo_instances([{"image": torch.zeros(3, 8, 8), "unlabeled": True}], [found])
+    instances = sample["instances"]
+    assert set(instances) == {"boxes", "labels", "pseudo_masks", "pseudo_weights", "ignore_boxes"}
+    assert instances["labels"].tolist() == [1] and instances["pseudo_weights"].tolist() == [
+        pytest.approx(0.7)
+    ]
+    assert instances["ignore_boxes"].tolist() == [[2.0, 2, 6, 6]] and sample["unlabeled"]
