@@ -41,10 +41,16 @@ BOXTEACHER = ["MODEL.META_ARCHITECTURE", "BoxTeacher", "MODEL.BOXINST.ENABLED", 
         (["MODEL.BOXINST.ENABLED", "True"], ArchitectureSpec(box_supervised=True)),
         (
             BOXTEACHER,
+            ArchitectureSpec(
+                box_supervised=True, student_view=True, teacher_student=True, unlabeled_images=True
+            ),
+        ),
+        (
+            [*BOXTEACHER, "MODEL.BOX_TEACHER.STUDENT", "MaskRCNN"],
             ArchitectureSpec(box_supervised=True, student_view=True, teacher_student=True),
         ),
     ],
-    ids=["condinst", "boxinst", "boxteacher"],
+    ids=["condinst", "boxinst", "boxteacher", "boxteacher_maskrcnn"],
 )
 def test_builtin_architectures_declare_their_needs(overrides, expected):
     assert architecture_spec(tiny_cfg(*overrides)) == expected
@@ -52,7 +58,7 @@ def test_builtin_architectures_declare_their_needs(overrides, expected):
 
 def test_the_default_spec_is_one_mask_supervised_network():
     assert ArchitectureSpec() == ArchitectureSpec(
-        box_supervised=False, student_view=False, teacher_student=False
+        box_supervised=False, student_view=False, teacher_student=False, unlabeled_images=False
     )
     with pytest.raises(AttributeError):
         ArchitectureSpec().box_supervised = True  # frozen

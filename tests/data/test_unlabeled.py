@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from boxteacher.config import ArchitectureSpec, get_cfg
-from boxteacher.data import DatasetMapper, get_dataset_records, get_metadata
+from boxteacher.data import (
+    DatasetMapper,
+    get_dataset_records,
+    get_metadata,
+    register_datasets_from_config,
+)
 from boxteacher.data.unlabeled import load_unlabeled_images, register_unlabeled_images
 
 
@@ -86,3 +91,18 @@ def test_the_training_mapper_maps_an_unlabelled_record_to_no_instances(tmp_path)
     out = mapper(record, np.random.default_rng(0))
     assert tuple(out["image"].shape) == (3, 32, 48)
     assert out["instances"]["boxes"].shape == (0, 4) and out["instances"]["labels"].shape == (0,)
+
+
+def test_the_config_registers_unlabelled_images_by_path_and_names_bad_entries(tmp_path):
+    write_images(tmp_path / "pile", {"a.png": (10, 12)})
+    cfg = get_cfg()
+    cfg.DATASETS.REGISTER_UNLABELED = [["test_unlabeled_cfg", str(tmp_path / "pile")]]
+    register_datasets_from_config(cfg)
+    assert (
+        get_metadata("test_unlabeled_cfg").unlabeled
+        and len(get_dataset_records("test_unlabeled_cfg")) == 1
+    )
+    for bad in (["only_a_name"], ["n", ""], ["n", "a", "b", "c"]):
+        cfg.DATASETS.REGISTER_UNLABELED = [bad]
+        with pytest.raises(ValueError, match="DATASETS.REGISTER_UNLABELED entry"):
+            register_datasets_from_config(cfg)

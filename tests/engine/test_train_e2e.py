@@ -3,6 +3,7 @@ repeats an uninterrupted run exactly, two CPU processes train together (gloo), t
 line trains and evaluates, and every config key is read somewhere."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from boxteacher.build import build_model
+from boxteacher.build import architecture_spec, build_model
 from boxteacher.config import load_config
 from boxteacher.config.defaults import _C
 from boxteacher.data import register_datasets_from_config
 from boxteacher.data.catalog import get_dataset_records
+from boxteacher.data.split import split_coco
 from boxteacher.engine import (
     Checkpointer,
     default_argument_parser,
@@ -22,7 +24,7 @@ from boxteacher.engine import (
     setup_config,
 )
 from boxteacher.engine.hooks import HookBase
-from boxteacher.engine.trainer import Trainer
+from boxteacher.engine.trainer import Trainer, build_training_data
 from boxteacher.utils.env import seed_all_rng
 
 from tiny_models import RECORDED_READS, REPO, RecordingCfgNode, leaf_keys
@@ -127,6 +129,11 @@ def test_boxteacher_training_lowers_the_loss_evaluates_and_reads_every_config_ke
     )
     cfg.freeze()
     build_model(cfg)
+    # The keys of semi-supervised training: read when its model and data are built.
+    cfg = RecordingCfgNode(load_config(QUICKSTART_BOXTEACHER, ["MODEL.DEVICE", "cpu", *SEMI]))
+    cfg.freeze()
+    build_model(cfg)
+    build_training_data(cfg, architecture_spec(cfg), seed=0, start_iter=0)
 
     unread = sorted(set(leaf_keys(_C)) - RECORDED_READS)
     assert not unread, f"config keys that no code reads: {unread}"
@@ -152,6 +159,16 @@ def test_boxteacher_with_a_mask_rcnn_student_trains_and_evaluates(tmp_path):
     )
 
 
+class RecordBatch(HookBase):
+    """Keeps the batch of every step."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def after_step(self):
+        self.batches.append(self.trainer.last_batch)
+
+
 class StopAfter(HookBase):
     """Simulates a crash after a given iteration."""
 
@@ -163,24 +180,39 @@ class StopAfter(HookBase):
             raise KeyboardInterrupt
 
 
+# Semi-supervised: the validation images as unlabelled ones, used from iteration 1 on, with
+# every detection of the young teacher an ignore region.
+SEMI = [
+    *("DATASETS.UNLABELED", "('shapes_val',)", "MODEL.BOX_TEACHER.WARMUP_ITERS", "1"),
+    *("MODEL.SEMI.SCORE_HIGH", "1.0", "MODEL.SEMI.SCORE_LOW", "0.0"),
+]
+
+
 @pytest.mark.parametrize(
-    "config", [QUICKSTART, QUICKSTART_BOXTEACHER], ids=["condinst", "boxteacher"]
+    "config, extra",
+    [(QUICKSTART, []), (QUICKSTART_BOXTEACHER, []), (QUICKSTART_BOXTEACHER, SEMI)],
+    ids=["condinst", "boxteacher", "semi_supervised"],
 )
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, config):
-    """Weights (the EMA teacher's too), optimizer, LR, RNG and data continue exactly."""
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, config, extra):
+    """Weights (the EMA teacher's too), optimizer, LR, RNG and data (both streams of a
+    semi-supervised run) continue exactly."""
     # MAX_PROPOSALS samples positives at random: resuming must restore the RNG state too.
-    opts = SMALL_RUN + [
-        "SOLVER.MAX_ITER",
-        "6",
-        "SOLVER.CHECKPOINT_PERIOD",
-        "3",
-        "SEED",
-        "-1",
-        "MODEL.CONDINST.MAX_PROPOSALS",
-        "4",
-        "DATASETS.TEST",
-        "()",
-    ]
+    opts = (
+        extra
+        + SMALL_RUN
+        + [
+            "SOLVER.MAX_ITER",
+            "6",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "3",
+            "SEED",
+            "-1",
+            "MODEL.CONDINST.MAX_PROPOSALS",
+            "4",
+            "DATASETS.TEST",
+            "()",
+        ]
+    )
     straight = make_trainer(opts + ["OUTPUT_DIR", str(tmp_path / "straight")], config)
     straight.resume_or_load(resume=False)
     straight.data_seed = 1234
@@ -203,6 +235,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, config)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
+    if extra:  # the unlabelled stream ran, its detections all ignore regions
+        ignored = [v for v, _ in straight.storage.history("num_ignore_regions").values()]
+        assert max(ignored) > 0
 
 
 def test_resume_from_the_checkpoint_of_the_last_iteration_writes_model_final_and_evaluates(
@@ -431,3 +466,46 @@ def test_torchrun_starts_a_two_process_training(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "World size: 2" in (tmp_path / "log.txt").read_text()
     assert (tmp_path / "model_final.pth").is_file() and (tmp_path / "log.txt.rank1").is_file()
+
+
+def test_semi_supervised_boxteacher_trains_on_a_split_of_labelled_boxes_and_unlabelled_images(
+    tmp_path, shapes_datasets
+):
+    """The split tool's two parts by path: 30 % of the training images with boxes, the rest
+    unlabelled; the student learns from the pseudo instances of the unlabelled ones."""
+    get_dataset_records("shapes_train")  # generates the shapes dataset if needed
+    train_json = Path(shapes_datasets) / "shapes/annotations/instances_train.json"
+    split = split_coco(json.loads(train_json.read_text()), 0.3, seed=1)
+    for name, part in (("labeled", split.labeled), ("unlabeled", split.unlabeled)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(part))
+    images = str(Path(shapes_datasets) / "shapes/train")
+    trainer = make_trainer(
+        SMALL_RUN
+        + SEMI
+        + [
+            # every detection of the young teacher a pseudo instance
+            *("MODEL.SEMI.SCORE_HIGH", "0.0", "MODEL.SEMI.MIN_MASK_AREA", "1"),
+            *("DATASETS.REGISTER", str([["semi_t", str(tmp_path / "labeled.json"), images]])),
+            *(
+                "DATASETS.REGISTER_UNLABELED",
+                str([["semi_u", str(tmp_path / "unlabeled.json"), images]]),
+            ),
+            *("DATASETS.TRAIN", "('semi_t',)", "DATASETS.UNLABELED", "('semi_u',)"),
+            *("DATALOADER.UNLABELED_RATIO", "1.5", "SOLVER.MAX_ITER", "4", "SEED", "1"),
+            *("MODEL.FCOS.INFERENCE_TH_TEST", "0.0", "OUTPUT_DIR", str(tmp_path / "out")),
+        ],
+        QUICKSTART_BOXTEACHER,
+    )
+    batches = []
+    trainer.register_hooks([RecordBatch(batches)])
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    assert set(results) == {"bbox", "segm"}
+    assert all(
+        sum(x.get("unlabeled", False) for x in batch) == 6 and len(batch) == 10 for batch in batches
+    )
+    instances = [v for v, _ in trainer.storage.history("num_unlabeled_instances").values()]
+    ignored = [v for v, _ in trainer.storage.history("num_ignore_regions").values()]
+    assert len(instances) == 3 and max(instances) > 0 and max(ignored) == 0  # iterations 1-3
+    losses = [v for v, _ in trainer.storage.history("total_loss").values()]
+    assert all(math.isfinite(v) for v in losses)

@@ -4,7 +4,8 @@ teacher pass, the labelled losses plus lambda_u times the losses on the pseudo i
 import pytest
 import torch
 
-from boxteacher.build import build_model
+from boxteacher.build import architecture_spec, build_model
+from boxteacher.engine.trainer import build_training_data
 from boxteacher.modeling.boxteacher import with_pseudo_instances, with_pseudo_labels
 from boxteacher.modeling.pseudo_instances import PseudoInstanceFilter
 
@@ -111,3 +112,24 @@ def test_pseudo_instances_carry_what_the_student_learns_from():
         pytest.approx(0.7)
     ]
     assert instances["ignore_boxes"].tolist() == [[2.0, 2, 6, 6]] and sample["unlabeled"]
+
+
+def test_the_config_builds_the_filter_and_refuses_unlabelled_images_it_cannot_learn_from():
+    cfg = tiny_cfg(
+        *TINY_BOXTEACHER, "DATASETS.UNLABELED", "('shapes_val',)", "MODEL.SEMI.SCORE_HIGH", "0.6"
+    )
+    model = build_model(cfg)
+    assert model.unlabeled == PseudoInstanceFilter(score_high=0.6, score_low=0.3, min_mask_area=5)
+    assert model.unlabeled_weight == 2.0 and model.unlabeled_start_iter == 1
+    assert build_model(tiny_cfg(*TINY_BOXTEACHER)).unlabeled is None
+    with pytest.raises(ValueError, match="MODEL.SEMI.SCORE_LOW .* MODEL.SEMI.SCORE_HIGH"):
+        build_model(
+            tiny_cfg(
+                *TINY_BOXTEACHER, "DATASETS.UNLABELED", "('x',)", "MODEL.SEMI.SCORE_LOW", "0.9"
+            )
+        )
+    condinst = tiny_cfg(
+        "DATASETS.TRAIN", "('shapes_train',)", "DATASETS.UNLABELED", "('shapes_val',)"
+    )
+    with pytest.raises(ValueError, match="DATASETS.UNLABELED is set, but CondInst does not learn"):
+        build_training_data(condinst, architecture_spec(condinst), seed=0, start_iter=0)

@@ -29,6 +29,7 @@ from .modeling.mask_rcnn import MaskRCNN as MaskRCNNDetector
 from .modeling.mask_rcnn import MaskRCNNTeacherView
 from .modeling.meta_arch import CondInst as CondInstDetector
 from .modeling.pairwise import neighbour_offsets
+from .modeling.pseudo_instances import PseudoInstanceFilter
 from .modeling.pseudo_labels import PseudoLabeler
 from .modeling.supervision import LossWeights, MaskSupervision, Route, SupervisionKind
 from .modeling.teacher import TeacherPass, TeacherProtocol, TeacherView
@@ -318,6 +319,8 @@ def _boxteacher_spec(cfg: CfgNode) -> ArchitectureSpec:
         student_view=True,
         teacher_student=True,
         ema_teacher=not cfg.MODEL.BOX_TEACHER.TEACHER_CONFIG,
+        # Ignore regions and pseudo instances are CondInst's; Mask R-CNN takes neither.
+        unlabeled_images=cfg.MODEL.BOX_TEACHER.STUDENT == "CondInst",
     )
 
 
@@ -348,6 +351,26 @@ def _boxteacher(cfg: CfgNode, teacher_eval_mode: bool | None = None) -> boxteach
         teacher_eval_mode=frozen or teacher_eval_mode,
         use_teacher_inference=t.USE_TEACHER_INFERENCE and not frozen,
         frozen_teacher=frozen,
+        unlabeled=pseudo_instance_filter(cfg) if cfg.DATASETS.UNLABELED else None,
+        unlabeled_weight=cfg.MODEL.SEMI.UNLABELED_WEIGHT,
+        unlabeled_start_iter=t.WARMUP_ITERS,
+    )
+
+
+def pseudo_instance_filter(cfg: CfgNode) -> PseudoInstanceFilter:
+    """Which teacher detections of unlabelled images become instances or ignore regions
+    (``MODEL.SEMI.*``); ValueError naming the keys when SCORE_LOW exceeds SCORE_HIGH."""
+    s = cfg.MODEL.SEMI
+    if s.SCORE_LOW > s.SCORE_HIGH:
+        raise ValueError(
+            f"MODEL.SEMI.SCORE_LOW ({s.SCORE_LOW}) must not exceed MODEL.SEMI.SCORE_HIGH "
+            f"({s.SCORE_HIGH})."
+        )
+    return PseudoInstanceFilter(
+        score_high=s.SCORE_HIGH,
+        score_low=s.SCORE_LOW,
+        mask_threshold=cfg.MODEL.BOX_TEACHER.TEACHER_MASK_THRESHOLD,
+        min_mask_area=s.MIN_MASK_AREA,
     )
 
 

@@ -35,9 +35,13 @@ class ArchitectureSpec:
         ema_teacher: with ``teacher_student``, the teacher is the moving average of the student
             (the trainer adds the ``EMAHook``); False: a frozen teacher, possibly of another
             architecture, loaded from a checkpoint.
+        unlabeled_images: the model also learns from unlabelled images (semi-supervised,
+            ``DATASETS.UNLABELED``): the trainer adds them to every batch, marked
+            ``"unlabeled"`` (``data.build.build_semi_supervised_loader``).
     """
 
     box_supervised: bool = False
     student_view: bool = False
     teacher_student: bool = False
     ema_teacher: bool = True
+    unlabeled_images: bool = False

@@ -237,6 +237,20 @@ _C.MODEL.BOX_TEACHER.STUDENT = "CondInst"
 _C.MODEL.BOX_TEACHER.TEACHER_CONFIG = ""
 _C.MODEL.BOX_TEACHER.TEACHER_WEIGHTS = ""
 
+# Semi-supervised training (DATASETS.UNLABELED; after Guided Distillation, WACV 2024): the
+# teacher's detections of an unlabelled image scoring at least SCORE_HIGH (its ranking score)
+# become instances (mask binarised at MODEL.BOX_TEACHER.TEACHER_MASK_THRESHOLD, weighted by the
+# mask-aware score; masks under MIN_MASK_AREA pixels dropped); those in [SCORE_LOW, SCORE_HIGH)
+# become regions the classification loss ignores. CondInst's scores are not calibrated like
+# Guided Distillation's softmax (its 0.7): these are starting points, to be measured. The
+# student's losses on unlabelled images count UNLABELED_WEIGHT (lambda_u) times, from
+# MODEL.BOX_TEACHER.WARMUP_ITERS on (before that the teacher is not worth learning from).
+_C.MODEL.SEMI = CN()
+_C.MODEL.SEMI.SCORE_HIGH = 0.5
+_C.MODEL.SEMI.SCORE_LOW = 0.3
+_C.MODEL.SEMI.MIN_MASK_AREA = 5
+_C.MODEL.SEMI.UNLABELED_WEIGHT = 2.0
+
 # ---------------------------------------------------------------------------------------
 # Mask R-CNN (MODEL.META_ARCHITECTURE "MaskRCNN", or BoxTeacher with STUDENT "MaskRCNN"):
 # torchvision's network on MODEL.RESNETS.DEPTH / NORM, MODEL.BACKBONE.FREEZE_AT,
@@ -296,6 +310,14 @@ _C.DATASETS.TEST = ()
 _C.DATASETS.REGISTER = []
 # Pairs of class names that a horizontal flip swaps, e.g. [["left_door", "right_door"]].
 _C.DATASETS.FLIP_CLASS_PAIRS = []
+# Semi-supervised training: names of registered datasets whose images are used without their
+# labels (a labelled dataset may serve too), next to the labelled DATASETS.TRAIN. Needs an
+# architecture that learns from unlabelled images (BoxTeacher with a CondInst student).
+_C.DATASETS.UNLABELED = ()
+# Unlabelled images given by path, registered under a name before use: [[name, source], ...] or
+# [[name, json, image folder], ...]; source: a COCO json (its images; annotations ignored) or a
+# folder of images.
+_C.DATASETS.REGISTER_UNLABELED = []
 
 _C.DATALOADER = CN()
 # Worker processes per training process (0 = load in the main process).
@@ -304,6 +326,10 @@ _C.DATALOADER.NUM_WORKERS = 4
 _C.DATALOADER.ASPECT_RATIO_GROUPING = True
 # Drop training images without any (non-crowd) annotation.
 _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
+# Semi-supervised: unlabelled images per labelled image of a batch (a batch holds
+# SOLVER.IMS_PER_BATCH labelled images and round(ratio * SOLVER.IMS_PER_BATCH) unlabelled ones,
+# drawn by a sampler of their own).
+_C.DATALOADER.UNLABELED_RATIO = 1.0
 
 # ---------------------------------------------------------------------------------------
 # Solver

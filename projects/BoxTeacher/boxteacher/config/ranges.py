@@ -158,6 +158,11 @@ RANGES: dict[str, Range] = {
     "INPUT.MIN_SIZE_TEST": at_least(1),
     "INPUT.MAX_SIZE_TEST": at_least(1),
     "DATALOADER.NUM_WORKERS": at_least(0),  # 0: load in the main process
+    "DATALOADER.UNLABELED_RATIO": above(0),
+    "MODEL.SEMI.SCORE_HIGH": unit(),
+    "MODEL.SEMI.SCORE_LOW": unit(),
+    "MODEL.SEMI.MIN_MASK_AREA": at_least(0),
+    "MODEL.SEMI.UNLABELED_WEIGHT": at_least(0),
     # Solver
     "SOLVER.BACKBONE_MULTIPLIER": at_least(0),
     "SOLVER.MAX_ITER": at_least(1),

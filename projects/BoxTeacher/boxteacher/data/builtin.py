@@ -15,6 +15,7 @@ from typing import Any
 from .catalog import register_dataset
 from .coco import coco_json_metadata, load_coco_json, register_coco_instances
 from .shapes import SHAPES_CATEGORIES, ensure_shapes_dataset, shapes_paths
+from .unlabeled import register_unlabeled_images
 
 # name -> (annotation json, image folder), relative to the datasets root.
 BUILTIN_COCO = {
@@ -56,15 +57,32 @@ def register_builtin_datasets(root: str | None = None) -> None:
 
 
 def register_datasets_from_config(cfg) -> None:
-    """Register every ``[name, annotation_json, image_folder]`` of ``cfg.DATASETS.REGISTER``."""
+    """Register every ``[name, annotation_json, image_folder]`` of ``cfg.DATASETS.REGISTER`` and
+    every ``[name, source]`` or ``[name, json, image_folder]`` of
+    ``cfg.DATASETS.REGISTER_UNLABELED`` (``register_unlabeled_images``)."""
     for entry in cfg.DATASETS.REGISTER:
-        well_formed = isinstance(entry, (list, tuple)) and len(entry) == 3
-        if not (well_formed and all(isinstance(v, str) and v for v in entry)):
+        if not _strings(entry, (3,)):
             raise ValueError(
                 f"DATASETS.REGISTER entry {entry!r} must be [name, annotation_json, image_folder] "
                 "(three non-empty strings)."
             )
         register_coco_instances(*entry)
+    for entry in cfg.DATASETS.REGISTER_UNLABELED:
+        if not _strings(entry, (2, 3)):
+            raise ValueError(
+                f"DATASETS.REGISTER_UNLABELED entry {entry!r} must be [name, json_or_folder] or "
+                "[name, json, image_folder] (non-empty strings)."
+            )
+        register_unlabeled_images(*entry)
+
+
+def _strings(entry, lengths: tuple[int, ...]) -> bool:
+    """Whether ``entry`` is a list of ``lengths`` non-empty strings."""
+    return (
+        isinstance(entry, (list, tuple))
+        and len(entry) in lengths
+        and all(isinstance(v, str) and v for v in entry)
+    )
 
 
 def _require(name: str, *paths: str) -> None:

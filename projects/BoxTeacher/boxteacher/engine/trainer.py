@@ -6,14 +6,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ..build import architecture_spec, build_model
-from ..config import CfgNode
-from ..data.build import build_test_loader, build_train_loader, get_train_metadata
+from ..config import ArchitectureSpec, CfgNode
+from ..data.build import (
+    build_semi_supervised_loader,
+    build_test_loader,
+    build_train_loader,
+    get_train_metadata,
+)
 from ..data.catalog import get_metadata
 from ..evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
 from ..modeling.ema import momentum_for_horizon
@@ -61,6 +66,27 @@ def evaluate(cfg: CfgNode, model: nn.Module) -> dict[str, Any]:
     if not comm.is_main_process():
         return {}
     return next(iter(results.values())) if len(results) == 1 else results
+
+
+def build_training_data(
+    cfg: CfgNode, spec: ArchitectureSpec, *, seed: int, start_iter: int
+) -> Iterator[list[dict]]:
+    """The training batches of ``cfg`` from ``start_iter`` on: labelled (``build_train_loader``),
+    and with ``DATASETS.UNLABELED`` followed by ``round(DATALOADER.UNLABELED_RATIO *
+    SOLVER.IMS_PER_BATCH)`` unlabelled images (``build_semi_supervised_loader``). ValueError
+    naming DATASETS.UNLABELED when the architecture does not learn from unlabelled images."""
+    if not cfg.DATASETS.UNLABELED:
+        return build_train_loader(cfg, spec, seed=seed, start_iter=start_iter)
+    if not spec.unlabeled_images:
+        raise ValueError(
+            f"DATASETS.UNLABELED is set, but {cfg.MODEL.META_ARCHITECTURE} does not learn from "
+            "unlabelled images; semi-supervised training needs MODEL.META_ARCHITECTURE "
+            "BoxTeacher with MODEL.BOX_TEACHER.STUDENT CondInst."
+        )
+    batch_size = max(1, round(cfg.DATALOADER.UNLABELED_RATIO * cfg.SOLVER.IMS_PER_BATCH))
+    return build_semi_supervised_loader(
+        cfg, spec, list(cfg.DATASETS.UNLABELED), batch_size, seed=seed, start_iter=start_iter
+    )
 
 
 def check_num_classes(cfg: CfgNode) -> None:
@@ -202,7 +228,7 @@ class Trainer(SimpleTrainer):
         """Train from ``start_iter`` to ``SOLVER.MAX_ITER``; returns the last evaluation results."""
         if self.data_seed is None:
             self.resume_or_load(resume=False)
-        self.data_loader = build_train_loader(
+        self.data_loader = build_training_data(
             self.cfg, self.spec, seed=self.data_seed, start_iter=self.start_iter
         )
         super().train(self.start_iter, self.max_iter)
