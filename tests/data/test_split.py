@@ -1,9 +1,12 @@
 """``boxteacher.data.split``: a labelled fraction of a COCO json and the unlabelled rest."""
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 
+from boxteacher.data import get_dataset_records, get_metadata, is_registered
 from boxteacher.data.split import split_coco, split_file_names
 
 
@@ -66,3 +69,26 @@ def test_file_names_tell_fraction_and_seed():
         "instances_train2017_10pct_seed1_unlabeled.json",
     )
     assert split_file_names("x.json", 0.004, 3)[0] == "x_0.4pct_seed3_labeled.json"
+
+
+def test_the_builtin_splits_are_the_split_tools_with_seed_1(shapes_datasets):
+    records = get_dataset_records("shapes_train")
+    data = json.loads(
+        (Path(shapes_datasets) / "shapes/annotations/instances_train.json").read_text()
+    )
+    labeled = get_dataset_records("shapes_train_30pct")
+    unlabeled = get_dataset_records("shapes_train_30pct_unlabeled")
+    assert [r["image_id"] for r in labeled] == split_coco(data, 0.3, seed=1).labeled_image_ids
+    assert len(labeled) + len(unlabeled) == len(records) and len(labeled) == round(
+        0.3 * len(records)
+    )
+    assert {r["image_id"] for r in labeled}.isdisjoint(r["image_id"] for r in unlabeled)
+    assert all(r["annotations"] for r in labeled) and all(not r["annotations"] for r in unlabeled)
+    assert (
+        get_metadata("shapes_train_30pct").thing_classes
+        == get_metadata("shapes_train").thing_classes
+    )
+    assert get_metadata("shapes_train_30pct_unlabeled").unlabeled
+    assert is_registered("coco_2017_train_10pct") and is_registered(
+        "coco_2017_train_10pct_unlabeled"
+    )

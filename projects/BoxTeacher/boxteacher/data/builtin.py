@@ -12,9 +12,10 @@ import os
 from functools import partial
 from typing import Any
 
-from .catalog import register_dataset
+from .catalog import get_dataset_records, get_metadata, register_dataset
 from .coco import coco_json_metadata, load_coco_json, register_coco_instances
 from .shapes import SHAPES_CATEGORIES, ensure_shapes_dataset, shapes_paths
+from .split import labeled_image_flags
 from .unlabeled import register_unlabeled_images
 
 # name -> (annotation json, image folder), relative to the datasets root.
@@ -25,13 +26,21 @@ BUILTIN_COCO = {
 }
 
 
+# Semi-supervised splits of built-in training sets, drawn with SPLIT_SEED as
+# tools/split_dataset.py draws them: "<name>_<p>pct" (the labelled images) and
+# "<name>_<p>pct_unlabeled" (the rest, without annotations).
+SPLIT_PERCENTS = {"shapes_train": (10, 30), "coco_2017_train": (1, 2, 5, 10)}
+SPLIT_SEED = 1
+
+
 def datasets_root() -> str:
     """``$DETECTRON2_DATASETS`` or ``datasets``."""
     return os.environ.get("DETECTRON2_DATASETS", "datasets")
 
 
 def register_builtin_datasets(root: str | None = None) -> None:
-    """Register the COCO 2017 splits and the synthetic ``shapes_train`` / ``shapes_val``."""
+    """Register the COCO 2017 splits, the synthetic ``shapes_train`` / ``shapes_val`` and the
+    semi-supervised splits of ``SPLIT_PERCENTS``."""
     root = datasets_root() if root is None else root
     for name, (json_rel, image_rel) in BUILTIN_COCO.items():
         json_file, image_root = os.path.join(root, json_rel), os.path.join(root, image_rel)
@@ -54,6 +63,26 @@ def register_builtin_datasets(root: str | None = None) -> None:
             thing_dataset_id_to_contiguous_id={cid: k for k, cid in enumerate(ids)},
             evaluator_type="coco",
         )
+    _register_builtin_splits()
+
+
+def _register_builtin_splits() -> None:
+    """Register the labelled and unlabelled parts of ``SPLIT_PERCENTS`` (nothing is read until
+    they are used; their classes are those of the whole set)."""
+    for base, percents in SPLIT_PERCENTS.items():
+        for percent in percents:
+            name = f"{base}_{percent}pct"
+            register_dataset(
+                name,
+                partial(_split_records, base, percent / 100, True),
+                lazy_metadata=partial(_base_classes, base),
+                evaluator_type="coco",
+            )
+            register_dataset(
+                f"{name}_unlabeled",
+                partial(_split_records, base, percent / 100, False),
+                unlabeled=True,
+            )
 
 
 def register_datasets_from_config(cfg) -> None:
@@ -115,3 +144,21 @@ def _shapes_files(root: str, split: str) -> dict[str, str]:
     ensure_shapes_dataset(root)
     json_file, image_root = shapes_paths(root, split)
     return {"json_file": json_file, "image_root": image_root}
+
+
+def _split_records(base: str, fraction: float, labeled: bool) -> list[dict]:
+    """The records of ``base`` in the labelled (or, without their annotations, the unlabelled)
+    part of its split of ``fraction``."""
+    records = get_dataset_records(base)
+    flags = labeled_image_flags(len(records), fraction, SPLIT_SEED)
+    if labeled:
+        return [r for r, keep in zip(records, flags) if keep]
+    return [{**r, "annotations": []} for r, keep in zip(records, flags) if not keep]
+
+
+def _base_classes(base: str) -> dict[str, Any]:
+    metadata = get_metadata(base)
+    return {
+        "thing_classes": metadata.thing_classes,
+        "thing_dataset_id_to_contiguous_id": metadata.thing_dataset_id_to_contiguous_id,
+    }

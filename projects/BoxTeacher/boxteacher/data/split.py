@@ -50,9 +50,7 @@ def split_coco(data: dict[str, Any], fraction: float, seed: int) -> CocoSplit:
             f"between {1 / len(images) if images else 0:.3g} and "
             f"{1 - 1 / len(images) if images else 0:.3g}."
         )
-    chosen = np.random.default_rng(seed).choice(len(images), size=count, replace=False)
-    is_labeled = np.zeros(len(images), dtype=bool)
-    is_labeled[chosen] = True
+    is_labeled = labeled_image_flags(len(images), fraction, seed)
     labeled_ids = {images[i]["id"] for i in np.flatnonzero(is_labeled).tolist()}
     rest = {k: v for k, v in data.items() if k not in ("images", "annotations")}
     labeled = {
@@ -66,6 +64,16 @@ def split_coco(data: dict[str, Any], fraction: float, seed: int) -> CocoSplit:
         "annotations": [],
     }
     return CocoSplit(labeled, unlabeled, sorted(labeled_ids))
+
+
+def labeled_image_flags(num_images: int, fraction: float, seed: int) -> np.ndarray:
+    """bool (num_images,): which of the images (in the json's order) a split of ``fraction``
+    and ``seed`` labels (``round(fraction * num_images)`` of them)."""
+    count = round(fraction * num_images)
+    chosen = np.random.default_rng(seed).choice(num_images, size=count, replace=False)
+    flags = np.zeros(num_images, dtype=bool)
+    flags[chosen] = True
+    return flags
 
 
 def split_file_names(json_file: str, fraction: float, seed: int) -> tuple[str, str]:
