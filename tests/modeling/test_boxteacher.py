@@ -19,6 +19,7 @@ from boxteacher.modeling.ema import (
     ema_update,
     mean_parameter_distance,
     momentum_for_horizon,
+    teacher_momentum,
 )
 from boxteacher.modeling.pairwise import neighbour_offsets
 
@@ -92,7 +93,7 @@ class Pair(nn.Module):
         return {"loss": (self.student(batch) ** 2).mean() * 0}
 
 
-def run_ema(start_iter, iterations, teacher_value, student_value, max_momentum=0.9):
+def run_ema(start_iter, iterations, teacher_value, student_value, max_momentum=0.9, burn_in=0):
     model = Pair()
     with torch.no_grad():
         model.teacher.weight.fill_(teacher_value)
@@ -102,7 +103,7 @@ def run_ema(start_iter, iterations, teacher_value, student_value, max_momentum=0
         iter(lambda: torch.ones(1, 1), None),
         torch.optim.SGD(model.student.parameters(), lr=0.0),
     )
-    trainer.register_hooks([EMAHook(max_momentum, log_period=1)])
+    trainer.register_hooks([EMAHook(max_momentum, log_period=1, burn_in_iters=burn_in)])
     trainer.train(start_iter, start_iter + iterations)
     return model.teacher.weight.item(), trainer.storage
 
@@ -116,6 +117,25 @@ def test_ema_hook_copies_the_student_at_the_start_and_keeps_the_teacher_on_resum
     teacher, _ = run_ema(5, 2, teacher_value=10.0, student_value=2.0)
     m5, m6 = 5 / 6, 6 / 7
     assert teacher == pytest.approx(((10 * m5 + 2 * (1 - m5)) * m6) + 2 * (1 - m6))
+
+
+def test_a_pretrained_teacher_stays_as_loaded_through_the_burn_in_then_follows_the_student():
+    assert [teacher_momentum(t, 0.9, burn_in=3) for t in range(6)] == [
+        1.0,
+        1.0,
+        1.0,
+        0.0,
+        0.5,
+        2 / 3,
+    ]
+    assert [teacher_momentum(t, 0.9) for t in range(3)] == [ema_momentum(t, 0.9) for t in range(3)]
+    teacher, storage = run_ema(0, 3, teacher_value=10.0, student_value=2.0, burn_in=3)
+    assert teacher == 10.0  # not copied at iteration 0, not averaged before iteration 3
+    assert [v for v, _ in storage.history("ema_momentum").values()] == [1.0, 1.0, 1.0]
+    teacher, _ = run_ema(0, 4, teacher_value=10.0, student_value=2.0, burn_in=3)
+    assert teacher == pytest.approx(2.0)  # iteration 3: the copy
+    teacher, _ = run_ema(4, 1, teacher_value=10.0, student_value=2.0, burn_in=3)
+    assert teacher == pytest.approx(10 * 0.5 + 2 * 0.5)  # resumed after the copy: EMA from it
 
 
 def test_pseudo_mask_affinity_by_hand():

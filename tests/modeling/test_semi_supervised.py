@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from boxteacher.build import architecture_spec, build_model
+from boxteacher.engine import Checkpointer
 from boxteacher.engine.trainer import build_training_data
 from boxteacher.modeling.boxteacher import with_pseudo_instances, with_pseudo_labels
 from boxteacher.modeling.pseudo_instances import PseudoInstanceFilter
@@ -133,3 +134,47 @@ def test_the_config_builds_the_filter_and_refuses_unlabelled_images_it_cannot_le
     )
     with pytest.raises(ValueError, match="DATASETS.UNLABELED is set, but CondInst does not learn"):
         build_training_data(condinst, architecture_spec(condinst), seed=0, start_iter=0)
+
+
+def test_a_pretrained_teacher_is_loaded_and_kept_when_the_student_gets_its_weights(tmp_path):
+    torch.manual_seed(1)
+    trained = build_model(tiny_cfg("MODEL.BOXINST.ENABLED", "True"))
+    torch.save({"model": trained.state_dict()}, tmp_path / "teacher.pth")
+    torch.manual_seed(2)
+    torch.save(
+        {"model": build_model(tiny_cfg("MODEL.BOXINST.ENABLED", "True")).state_dict()},
+        tmp_path / "student.pth",
+    )
+    semi = [
+        *TINY_BOXTEACHER,
+        "DATASETS.UNLABELED",
+        "('shapes_val',)",
+        "MODEL.SEMI.BURN_IN_ITERS",
+        "5",
+    ]
+    model = build_model(
+        tiny_cfg(*semi, "MODEL.SEMI.TEACHER_WEIGHTS", str(tmp_path / "teacher.pth"))
+    )
+    assert model.pretrained_teacher and model.unlabeled_start_iter == 0
+    expected = trained.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.teacher.state_dict().items())
+    Checkpointer(model).load(str(tmp_path / "student.pth"), checkpointables=[])
+    assert all(torch.equal(v, expected[k]) for k, v in model.teacher.state_dict().items())
+    assert not torch.equal(
+        model.student.state_dict()["backbone.fpn.extra_blocks.p7.weight"],
+        expected["backbone.fpn.extra_blocks.p7.weight"],
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["MODEL.SEMI.BURN_IN_ITERS", "5"],
+        ["MODEL.SEMI.TEACHER_WEIGHTS", "t.pth"],
+    ],
+)
+def test_burn_in_and_teacher_weights_go_together(overrides):
+    with pytest.raises(
+        ValueError, match="TEACHER_WEIGHTS and MODEL.SEMI.BURN_IN_ITERS > 0 go together"
+    ):
+        build_model(tiny_cfg(*TINY_BOXTEACHER, *overrides))

@@ -339,6 +339,7 @@ def _boxteacher(cfg: CfgNode, teacher_eval_mode: bool | None = None) -> boxteach
     else:
         teacher = network(cfg)  # first, as the release: the same initialisations from a seed
         teacher_view = view(teacher, teacher_pass(cfg))
+    pretrained = _load_pretrained_teacher(cfg, teacher)
     student = network(cfg)
     frozen = bool(t.TEACHER_CONFIG)
     if teacher_eval_mode is None:
@@ -353,8 +354,34 @@ def _boxteacher(cfg: CfgNode, teacher_eval_mode: bool | None = None) -> boxteach
         frozen_teacher=frozen,
         unlabeled=pseudo_instance_filter(cfg) if cfg.DATASETS.UNLABELED else None,
         unlabeled_weight=cfg.MODEL.SEMI.UNLABELED_WEIGHT,
-        unlabeled_start_iter=t.WARMUP_ITERS,
+        # A pre-trained teacher is worth learning from at once.
+        unlabeled_start_iter=0 if pretrained else t.WARMUP_ITERS,
+        pretrained_teacher=pretrained,
     )
+
+
+def _load_pretrained_teacher(cfg: CfgNode, teacher: nn.Module) -> bool:
+    """Load ``MODEL.SEMI.TEACHER_WEIGHTS`` into ``teacher`` when set; whether it was. ValueError
+    naming the keys when a burn-in and the teacher weights do not come together."""
+    from .engine.checkpoint import load_model_weights
+    from .engine.weight_files import read_model_weights
+
+    s = cfg.MODEL.SEMI
+    if bool(s.TEACHER_WEIGHTS) != (s.BURN_IN_ITERS > 0):
+        raise ValueError(
+            "MODEL.SEMI.TEACHER_WEIGHTS and MODEL.SEMI.BURN_IN_ITERS > 0 go together (a "
+            "pre-trained teacher stays as loaded during the burn-in); got "
+            f"TEACHER_WEIGHTS {s.TEACHER_WEIGHTS!r} and BURN_IN_ITERS {s.BURN_IN_ITERS}."
+        )
+    if not s.TEACHER_WEIGHTS:
+        return False
+    if cfg.MODEL.BOX_TEACHER.TEACHER_CONFIG:
+        raise ValueError(
+            "MODEL.SEMI.TEACHER_WEIGHTS pre-trains the EMA teacher; "
+            "MODEL.BOX_TEACHER.TEACHER_CONFIG sets a frozen teacher of its own: use one of them."
+        )
+    load_model_weights(teacher, read_model_weights(s.TEACHER_WEIGHTS), s.TEACHER_WEIGHTS)
+    return True
 
 
 def pseudo_instance_filter(cfg: CfgNode) -> PseudoInstanceFilter:

@@ -250,6 +250,14 @@ _C.MODEL.SEMI.SCORE_HIGH = 0.5
 _C.MODEL.SEMI.SCORE_LOW = 0.3
 _C.MODEL.SEMI.MIN_MASK_AREA = 5
 _C.MODEL.SEMI.UNLABELED_WEIGHT = 2.0
+# Guided Distillation's teacher schedule: the weights of a network trained on the labelled part
+# (a CondInst / BoxInst / BoxTeacher checkpoint) load into the teacher, which stays as loaded for
+# BURN_IN_ITERS iterations while a fresh student (MODEL.WEIGHTS) learns from it and from its
+# pseudo instances (from iteration 0 on); then the student is copied into the teacher and the
+# EMA (MODEL.BOX_TEACHER.MOMENTUM; the paper's 0.9996) runs from there. Empty / 0: the teacher
+# is the EMA of the student from the start.
+_C.MODEL.SEMI.TEACHER_WEIGHTS = ""
+_C.MODEL.SEMI.BURN_IN_ITERS = 0
 
 # ---------------------------------------------------------------------------------------
 # Mask R-CNN (MODEL.META_ARCHITECTURE "MaskRCNN", or BoxTeacher with STUDENT "MaskRCNN"):

@@ -163,6 +163,7 @@ RANGES: dict[str, Range] = {
     "MODEL.SEMI.SCORE_LOW": unit(),
     "MODEL.SEMI.MIN_MASK_AREA": at_least(0),
     "MODEL.SEMI.UNLABELED_WEIGHT": at_least(0),
+    "MODEL.SEMI.BURN_IN_ITERS": at_least(0),
     # Solver
     "SOLVER.BACKBONE_MULTIPLIER": at_least(0),
     "SOLVER.MAX_ITER": at_least(1),

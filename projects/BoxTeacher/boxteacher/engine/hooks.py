@@ -20,9 +20,9 @@ from torch.profiler import record_function
 from ..evaluation.evaluator import flatten_results_dict
 from ..modeling.ema import (
     copy_student_to_teacher,
-    ema_momentum,
     ema_update,
     mean_parameter_distance,
+    teacher_momentum,
 )
 from ..utils import comm
 from ..utils.env import get_rng_state, set_rng_state
@@ -276,27 +276,47 @@ class EMAHook(HookBase):
     (for a teacher run in eval mode, see ``ema_update``). Logs ``ema_momentum`` every
     iteration and ``param_diff`` (mean L2 distance of teacher and student tensors) every
     ``log_period`` iterations.
+
+    With ``burn_in_iters`` > 0 (a pre-trained teacher, see ``modeling.ema.teacher_momentum``)
+    the teacher keeps its loaded weights until that iteration, is then replaced by the student
+    and averaged from there on.
     """
 
-    def __init__(self, max_momentum: float, log_period: int = 20, norm_stats: bool = False) -> None:
+    def __init__(
+        self,
+        max_momentum: float,
+        log_period: int = 20,
+        norm_stats: bool = False,
+        burn_in_iters: int = 0,
+    ) -> None:
         self._max_momentum = max_momentum
         self._log_period = log_period
         self._norm_stats = norm_stats
+        self._burn_in = burn_in_iters
 
     def _networks(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         model = unwrap_model(self.trainer.model)
         return model.teacher, model.student
 
     def before_train(self) -> None:
-        if self.trainer.start_iter == 0:
+        if self.trainer.start_iter < self._burn_in:
+            logger.info(
+                "Guided burn-in: the pre-trained teacher stays as loaded until iteration %d, "
+                "then the student is copied into it and averaged.",
+                self._burn_in,
+            )
+        elif self.trainer.start_iter == 0:
             copy_student_to_teacher(*self._networks())
             logger.info("The teacher starts as a copy of the student.")
 
     def before_step(self) -> None:
         teacher, student = self._networks()
-        momentum = ema_momentum(self.trainer.iter, self._max_momentum)
-        with record_function("ema"):
-            ema_update(teacher, student, momentum, self._norm_stats)
+        momentum = teacher_momentum(self.trainer.iter, self._max_momentum, self._burn_in)
+        if self._burn_in and self.trainer.iter == self._burn_in:
+            logger.info("Iteration %d: the student is copied into the teacher.", self._burn_in)
+        if momentum < 1.0:
+            with record_function("ema"):
+                ema_update(teacher, student, momentum, self._norm_stats)
         storage = self.trainer.storage
         storage.put_scalar("ema_momentum", momentum, smoothing_hint=False)
         if (self.trainer.iter + 1) % self._log_period == 0:

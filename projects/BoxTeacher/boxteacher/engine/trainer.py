@@ -203,7 +203,13 @@ class Trainer(SimpleTrainer):
         if self.spec.teacher_student and self.spec.ema_teacher:
             # A teacher run in eval mode never updates its BN statistics itself.
             norm_stats = unwrap_model(self.model).teacher_eval_mode
-            result.append(hooks.EMAHook(ema_max_momentum(cfg), norm_stats=norm_stats))
+            result.append(
+                hooks.EMAHook(
+                    ema_max_momentum(cfg),
+                    norm_stats=norm_stats,
+                    burn_in_iters=cfg.MODEL.SEMI.BURN_IN_ITERS,
+                )
+            )
         return result
 
     def _next_batch(self) -> Any:

@@ -52,6 +52,8 @@ class BoxTeacher(nn.Module):
         unlabeled_weight: the weight of the losses on unlabelled samples (lambda_u).
         unlabeled_start_iter: unlabelled samples are left out before this iteration (while the
             teacher is not yet worth learning from).
+        pretrained_teacher: the teacher holds the weights of a network trained before (Guided
+            Distillation's burn-in): loading a one-network checkpoint into the student leaves it.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class BoxTeacher(nn.Module):
         unlabeled: PseudoInstanceFilter | None = None,
         unlabeled_weight: float = 2.0,
         unlabeled_start_iter: int = 0,
+        pretrained_teacher: bool = False,
     ):
         super().__init__()
         self.teacher = teacher
@@ -81,6 +84,7 @@ class BoxTeacher(nn.Module):
         self.unlabeled = unlabeled
         self.unlabeled_weight = unlabeled_weight
         self.unlabeled_start_iter = unlabeled_start_iter
+        self.pretrained_teacher = pretrained_teacher
 
     @property
     def device(self) -> torch.device:
@@ -199,8 +203,8 @@ class BoxTeacher(nn.Module):
     def on_weights_loaded(self, loaded_keys: list[str]) -> None:
         """Without teacher weights in the checkpoint, the teacher starts as a copy of the
         student (so that evaluating a one-network checkpoint with the teacher works); a frozen
-        teacher keeps its own."""
-        if self.frozen_teacher:
+        or pre-trained teacher keeps its own."""
+        if self.frozen_teacher or self.pretrained_teacher:
             return
         if loaded_keys and not any(k.startswith("teacher.") for k in loaded_keys):
             logger.warning(

@@ -12,6 +12,16 @@ def ema_momentum(step: int, max_momentum: float) -> float:
     return min(max_momentum, step / (step + 1.0))
 
 
+def teacher_momentum(step: int, max_momentum: float, burn_in: int = 0) -> float:
+    """The EMA momentum before iteration ``step``. Without a burn-in, ``ema_momentum``. With one
+    (a pre-trained teacher, Guided Distillation's schedule): 1 before ``burn_in`` (the teacher
+    stays as loaded while a fresh student learns from it), 0 at ``burn_in`` (the student is
+    copied into the teacher), then ``ema_momentum`` counted from there."""
+    if step < burn_in:
+        return 1.0
+    return ema_momentum(step - burn_in, max_momentum)
+
+
 def momentum_for_horizon(horizon: int) -> float:
     """The momentum whose average has a time constant of ``horizon`` updates (1 - 1/horizon);
     BoxTeacher's 0.999 is a horizon of 1000 iterations."""
