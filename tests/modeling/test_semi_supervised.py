@@ -120,7 +120,7 @@ def test_the_config_builds_the_filter_and_refuses_unlabelled_images_it_cannot_le
         *TINY_BOXTEACHER, "DATASETS.UNLABELED", "('shapes_val',)", "MODEL.SEMI.SCORE_HIGH", "0.6"
     )
     model = build_model(cfg)
-    assert model.unlabeled == PseudoInstanceFilter(score_high=0.6, score_low=0.3, min_mask_area=5)
+    assert model.unlabeled == PseudoInstanceFilter(score_high=0.6, score_low=0.5, min_mask_area=5)
     assert model.unlabeled_weight == 2.0 and model.unlabeled_start_iter == 1
     assert build_model(tiny_cfg(*TINY_BOXTEACHER)).unlabeled is None
     with pytest.raises(ValueError, match="MODEL.SEMI.SCORE_LOW .* MODEL.SEMI.SCORE_HIGH"):

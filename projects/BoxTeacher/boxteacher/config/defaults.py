@@ -241,13 +241,14 @@ _C.MODEL.BOX_TEACHER.TEACHER_WEIGHTS = ""
 # teacher's detections of an unlabelled image scoring at least SCORE_HIGH (its ranking score)
 # become instances (mask binarised at MODEL.BOX_TEACHER.TEACHER_MASK_THRESHOLD, weighted by the
 # mask-aware score; masks under MIN_MASK_AREA pixels dropped); those in [SCORE_LOW, SCORE_HIGH)
-# become regions the classification loss ignores. CondInst's scores are not calibrated like
-# Guided Distillation's softmax (its 0.7): these are starting points, to be measured. The
-# student's losses on unlabelled images count UNLABELED_WEIGHT (lambda_u) times, from
-# MODEL.BOX_TEACHER.WARMUP_ITERS on (before that the teacher is not worth learning from).
+# become regions the classification loss ignores. Measured on shapes_val with a BoxTeacher
+# trained on 30 % of shapes_train: 1.7 detections per image (2.5 objects) with a box precision
+# of 0.86 at 0.7, 6.6 at 0.40 at 0.5, 44 at 0.12 at 0.3. The student's losses on unlabelled
+# images count UNLABELED_WEIGHT (lambda_u) times, from MODEL.BOX_TEACHER.WARMUP_ITERS on
+# (before that the teacher is not worth learning from; from 0 with TEACHER_WEIGHTS).
 _C.MODEL.SEMI = CN()
-_C.MODEL.SEMI.SCORE_HIGH = 0.5
-_C.MODEL.SEMI.SCORE_LOW = 0.3
+_C.MODEL.SEMI.SCORE_HIGH = 0.7
+_C.MODEL.SEMI.SCORE_LOW = 0.5
 _C.MODEL.SEMI.MIN_MASK_AREA = 5
 _C.MODEL.SEMI.UNLABELED_WEIGHT = 2.0
 # Guided Distillation's teacher schedule: the weights of a network trained on the labelled part
