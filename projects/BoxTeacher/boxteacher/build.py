@@ -16,6 +16,12 @@ from fvcore.common.registry import Registry
 from torch import nn
 
 from .build_mask_rcnn import mask_rcnn_network, roi_supervision
+from .build_pseudo_labels import (
+    load_pretrained_teacher,
+    pseudo_instance_filter,
+    pseudo_labeler,
+    teacher_pass,
+)
 from .config import ArchitectureSpec, CfgNode
 from .config.supervision import gt_mask_mode
 from .modeling import boxteacher
@@ -23,16 +29,13 @@ from .modeling.backbone import INITIALISATIONS, FPNBackbone, ResNet
 from .modeling.condinst import DynamicMaskHead, MaskBranch
 from .modeling.criteria import BoxInstCriterion, DiceMaskCriterion, PseudoMaskCriterion
 from .modeling.fcos import FCOS, FCOSHead
-from .modeling.guided_filter import MaskRefinement
 from .modeling.layers import get_norm
 from .modeling.mask_rcnn import MaskRCNN as MaskRCNNDetector
 from .modeling.mask_rcnn import MaskRCNNTeacherView
 from .modeling.meta_arch import CondInst as CondInstDetector
 from .modeling.pairwise import neighbour_offsets
-from .modeling.pseudo_instances import PseudoInstanceFilter
-from .modeling.pseudo_labels import PseudoLabeler
 from .modeling.supervision import LossWeights, MaskSupervision, Route, SupervisionKind
-from .modeling.teacher import TeacherPass, TeacherProtocol, TeacherView
+from .modeling.teacher import TeacherProtocol, TeacherView
 from .utils.env import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -276,23 +279,6 @@ def CondInst(cfg: CfgNode) -> CondInstDetector:  # noqa: N802 (registered under 
     )
 
 
-def teacher_pass(cfg: CfgNode) -> TeacherPass:
-    """How a network of ``cfg`` runs as a teacher (``TeacherView.forward_teacher``)."""
-    t = cfg.MODEL.BOX_TEACHER
-    return TeacherPass(
-        min_size=cfg.INPUT.MIN_SIZE_TEST if t.TEACHER_TEST_SIZE else None,
-        max_size=cfg.INPUT.MAX_SIZE_TEST if t.TEACHER_TEST_SIZE else None,
-        mask_threshold=t.TEACHER_MASK_THRESHOLD,
-        post_nms_topk=cfg.MODEL.FCOS.POST_NMS_TOPK_TEST,
-        float_masks=t.RETURN_FLOAT_MASK,
-        score_in_box=t.SCORE_IN_BOX,
-        clip_masks_to_boxes=t.CLIP_MASKS_TO_BOXES,
-        # The released assignment treats the first detection specially, so the teacher
-        # keeps every detection for it.
-        candidate_iou=None if t.LEGACY_ASSIGNMENT else t.IOU_THR,
-    )
-
-
 def _boxteacher_network(cfg: CfgNode) -> CondInstDetector:
     """One of BoxTeacher's two identical networks: CondInst with BoxInst's and the pseudo-mask
     criteria, FCOS positives around box centres, and mask-aware scores."""
@@ -339,7 +325,7 @@ def _boxteacher(cfg: CfgNode, teacher_eval_mode: bool | None = None) -> boxteach
     else:
         teacher = network(cfg)  # first, as the release: the same initialisations from a seed
         teacher_view = view(teacher, teacher_pass(cfg))
-    pretrained = _load_pretrained_teacher(cfg, teacher)
+    pretrained = load_pretrained_teacher(cfg, teacher)
     student = network(cfg)
     frozen = bool(t.TEACHER_CONFIG)
     if teacher_eval_mode is None:
@@ -357,47 +343,6 @@ def _boxteacher(cfg: CfgNode, teacher_eval_mode: bool | None = None) -> boxteach
         # A pre-trained teacher is worth learning from at once.
         unlabeled_start_iter=0 if pretrained else t.WARMUP_ITERS,
         pretrained_teacher=pretrained,
-    )
-
-
-def _load_pretrained_teacher(cfg: CfgNode, teacher: nn.Module) -> bool:
-    """Load ``MODEL.SEMI.TEACHER_WEIGHTS`` into ``teacher`` when set; whether it was. ValueError
-    naming the keys when a burn-in and the teacher weights do not come together."""
-    from .engine.checkpoint import load_model_weights
-    from .engine.weight_files import read_model_weights
-
-    s = cfg.MODEL.SEMI
-    if bool(s.TEACHER_WEIGHTS) != (s.BURN_IN_ITERS > 0):
-        raise ValueError(
-            "MODEL.SEMI.TEACHER_WEIGHTS and MODEL.SEMI.BURN_IN_ITERS > 0 go together (a "
-            "pre-trained teacher stays as loaded during the burn-in); got "
-            f"TEACHER_WEIGHTS {s.TEACHER_WEIGHTS!r} and BURN_IN_ITERS {s.BURN_IN_ITERS}."
-        )
-    if not s.TEACHER_WEIGHTS:
-        return False
-    if cfg.MODEL.BOX_TEACHER.TEACHER_CONFIG:
-        raise ValueError(
-            "MODEL.SEMI.TEACHER_WEIGHTS pre-trains the EMA teacher; "
-            "MODEL.BOX_TEACHER.TEACHER_CONFIG sets a frozen teacher of its own: use one of them."
-        )
-    load_model_weights(teacher, read_model_weights(s.TEACHER_WEIGHTS), s.TEACHER_WEIGHTS)
-    return True
-
-
-def pseudo_instance_filter(cfg: CfgNode) -> PseudoInstanceFilter:
-    """Which teacher detections of unlabelled images become instances or ignore regions
-    (``MODEL.SEMI.*``); ValueError naming the keys when SCORE_LOW exceeds SCORE_HIGH."""
-    s = cfg.MODEL.SEMI
-    if s.SCORE_LOW > s.SCORE_HIGH:
-        raise ValueError(
-            f"MODEL.SEMI.SCORE_LOW ({s.SCORE_LOW}) must not exceed MODEL.SEMI.SCORE_HIGH "
-            f"({s.SCORE_HIGH})."
-        )
-    return PseudoInstanceFilter(
-        score_high=s.SCORE_HIGH,
-        score_low=s.SCORE_LOW,
-        mask_threshold=cfg.MODEL.BOX_TEACHER.TEACHER_MASK_THRESHOLD,
-        min_mask_area=s.MIN_MASK_AREA,
     )
 
 
@@ -469,20 +414,6 @@ def MaskRCNN(cfg: CfgNode) -> MaskRCNNDetector:  # noqa: N802 (registered under 
     return mask_rcnn_network(cfg, roi_supervision(cfg, "masks" if mixed else None, box_terms=True))
 
 
-def pseudo_labeler(cfg: CfgNode) -> PseudoLabeler:
-    """How BoxTeacher's teacher detections become pseudo labels (``MODEL.BOX_TEACHER.*``)."""
-    t = cfg.MODEL.BOX_TEACHER
-    return PseudoLabeler(
-        iou_threshold=t.IOU_THR,
-        score_threshold=t.SCORE_THR,
-        legacy_first_detection_bug=t.LEGACY_ASSIGNMENT,
-        mask_threshold=None
-        if t.RETURN_FLOAT_MASK or t.SOFT_PSEUDO_MASKS
-        else t.TEACHER_MASK_THRESHOLD,
-        refinement=mask_refinement(cfg),
-    )
-
-
 def build_pseudo_labelling_model(cfg: CfgNode) -> boxteacher.BoxTeacher:
     """The BoxTeacher of ``cfg``'s networks, whether ``cfg`` is a BoxTeacher config or one of a
     single network (CondInst / BoxInst or MaskRCNN, whose checkpoint then loads into the student
@@ -492,18 +423,6 @@ def build_pseudo_labelling_model(cfg: CfgNode) -> boxteacher.BoxTeacher:
     model = _boxteacher(cfg, teacher_eval_mode=True)
     model.to(resolve_device(cfg.MODEL.DEVICE))
     return model
-
-
-def mask_refinement(cfg: CfgNode) -> MaskRefinement | None:
-    """The guided-filter refinement of pseudo masks (``MODEL.BOX_TEACHER.REFINE_*``), None when
-    off."""
-    t = cfg.MODEL.BOX_TEACHER
-    if t.REFINE_RADIUS < 0 or t.REFINE_EPS <= 0:
-        raise ValueError(
-            f"MODEL.BOX_TEACHER.REFINE_RADIUS must be >= 0 (0: off) and REFINE_EPS > 0, "
-            f"got {t.REFINE_RADIUS} and {t.REFINE_EPS}."
-        )
-    return MaskRefinement(t.REFINE_RADIUS, t.REFINE_EPS) if t.REFINE_RADIUS > 0 else None
 
 
 def method_name(cfg: CfgNode) -> str:
