@@ -18,6 +18,9 @@ Mask R-CNN trains with masks (``maskrcnn``) or as BoxTeacher's student (``boxtea
     # Mask R-CNN from boxes and pseudo masks vs with masks vs CondInst BoxTeacher, 3 seeds
     python tools/benchmark_accuracy.py --methods maskrcnn boxteacher_maskrcnn boxteacher \
         --seeds 1 2 3
+    # semi-supervised: 10 % and 30 % of the images labelled, the rest unlabelled, 3 seeds
+    python tools/benchmark_accuracy.py --methods boxteacher --labeled-fractions 0.1 0.3 \
+        --seeds 1 2 3 --device cpu
 
 Every run is ``train_net.py`` on the quick-start configs of the methods
 (``configs/quickstart/{condinst,boxinst,boxteacher}_shapes.yaml``,
@@ -29,6 +32,15 @@ configs scale with the schedule (LR 10 %, BoxInst pairwise 20 %, BoxTeacher pseu
 LR drop at 80 %, BoxTeacher EMA horizon 10 %) follow ``--iters``. With ``--mask-fraction F`` the
 box-supervised methods run with ``MODEL.BOXINST.GT_MASKS fraction`` (the masks of a seeded
 fraction F of the training images); CondInst, the reference, keeps every mask.
+
+With ``--labeled-fractions F ...`` (semi-supervised, Guided Distillation's setting), the training
+json is split as ``tools/split_dataset.py`` splits it (``--split-seed``, the jsons in
+``OUTPUT/splits``), and besides each method on all the training images every method trains on the
+labelled F alone (``METHOD_<P>pct``); BoxTeacher then also trains on the labelled F plus the rest
+without labels (``semi_boxteacher_<P>pct``): its labelled-only run of the same seed is the
+pre-trained teacher (``MODEL.SEMI.TEACHER_WEIGHTS``), kept for half the schedule
+(``MODEL.SEMI.BURN_IN_ITERS``). A second table gives, per fraction, the gain over the
+labelled-only run and the share of the gap to all images labelled that it closes.
 """
 
 from __future__ import annotations
@@ -40,10 +52,14 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+from boxteacher.data import get_dataset_records, get_metadata
+from boxteacher.data.split import split_coco, split_file_names
 from boxteacher.engine import atomic_open, default_argument_parser, setup_tool_logging
-from boxteacher.evaluation.seed_summary import seed_table, summarise_seeds
+from boxteacher.evaluation.seed_summary import seed_table, semi_supervised_table, summarise_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 # name, supervision, config, and the method of the same detector trained with masks
@@ -172,10 +188,27 @@ def final_results(output_dir: Path) -> dict[str, float]:
     return results
 
 
-def run_method(method: str, seed: int, args: argparse.Namespace, common: list[str]) -> dict:
+@dataclass(frozen=True)
+class Variant:
+    """A method trained on other data than all the training images: ``key`` and ``supervision``
+    of its rows, ``overrides`` (datasets, teacher) after the method's own."""
+
+    key: str
+    supervision: str
+    overrides: tuple[str, ...]
+
+
+def run_method(
+    method: str,
+    seed: int,
+    args: argparse.Namespace,
+    common: list[str],
+    variant: Variant | None = None,
+) -> dict:
     """One training and evaluation; its results (rounded to 0.1) and its command."""
     name, _, config, _ = METHODS[method]
-    run_name = method if len(args.seeds) == 1 else f"{method}/seed{seed}"
+    key = variant.key if variant else method
+    run_name = key if len(args.seeds) == 1 else f"{key}/seed{seed}"
     output_dir = Path(args.output_dir) / run_name
     command = [
         sys.executable,
@@ -186,13 +219,14 @@ def run_method(method: str, seed: int, args: argparse.Namespace, common: list[st
         str(args.num_gpus),
         *common,
         *method_overrides(method, args),
+        *(variant.overrides if variant else ()),
         "SEED",
         str(seed),
         "OUTPUT_DIR",
         str(output_dir),
         *args.opts,
     ]
-    logger.info("%s, seed %d: %s", name, seed, " ".join(command))
+    logger.info("%s (%s), seed %d: %s", name, key, seed, " ".join(command))
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(output_dir / "train.log", "w", encoding="utf-8") as log:
@@ -200,16 +234,100 @@ def run_method(method: str, seed: int, args: argparse.Namespace, common: list[st
     minutes = (time.perf_counter() - start) / 60
     metrics = final_results(output_dir)
     return {
-        "key": method,
+        "key": key,
         "method": name,
-        "supervision": supervision(method, args),
+        "supervision": variant.supervision if variant else supervision(method, args),
         "seed": seed,
         "wall_minutes": round(minutes, 1),
         **{key: round(metrics[f"segm/{key}"], 1) for key in ("AP", "AP50", "AP75")},
         "box_AP": round(metrics["bbox/AP"], 1),
         "reference": METHODS[method][3],
         "command": " ".join(command),
+        "output_dir": str(output_dir),
     }
+
+
+def split_overrides(args: argparse.Namespace) -> dict[float, tuple[list[str], list[str]]]:
+    """Per labelled fraction, the overrides that train on its labelled images and those that
+    add the unlabelled rest, the split written into ``OUTPUT/splits``."""
+    if args.train_json:
+        json_file, image_root = args.train_json, args.train_images
+        registered = [
+            ["benchmark_train", args.train_json, args.train_images],
+            ["benchmark_test", args.test_json, args.test_images],
+        ]
+    else:
+        train = f"{args.dataset}_train"
+        get_dataset_records(train)  # a built-in set (shapes) is generated on first use
+        metadata = get_metadata(train)
+        json_file, image_root = metadata.json_file, metadata.image_root
+        registered = []
+    json_file, image_root = os.path.abspath(json_file), os.path.abspath(image_root)
+    with open(json_file, "rb") as f:
+        data = json.load(f)
+    folder = Path(args.output_dir) / "splits"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for fraction in args.labeled_fractions:
+        split = split_coco(data, fraction, args.split_seed)
+        paths = [str(folder / n) for n in split_file_names(json_file, fraction, args.split_seed)]
+        for path, part in zip(paths, (split.labeled, split.unlabeled)):
+            with atomic_open(path, "w") as f:
+                json.dump(part, f)
+        tag = f"{fraction * 100:g}pct"
+        labeled = [
+            "DATASETS.REGISTER",
+            repr(registered + [[f"labeled_{tag}", paths[0], image_root]]),
+            "DATASETS.TRAIN",
+            f"('labeled_{tag}',)",
+        ]
+        unlabeled = [
+            "DATASETS.REGISTER_UNLABELED",
+            repr([[f"unlabeled_{tag}", paths[1], image_root]]),
+            "DATASETS.UNLABELED",
+            f"('unlabeled_{tag}',)",
+        ]
+        logger.info(
+            "%g of %s: %d labelled, %d unlabelled images (seed %d)",
+            fraction,
+            json_file,
+            len(split.labeled["images"]),
+            len(split.unlabeled["images"]),
+            args.split_seed,
+        )
+        out[fraction] = (labeled, unlabeled)
+    return out
+
+
+def seed_runs(
+    seed: int, args: argparse.Namespace, common: list[str], splits: dict
+) -> Iterator[dict]:
+    """The runs of one seed: every method on all the training images, then per labelled
+    fraction on the labelled part alone and (BoxTeacher) with the unlabelled rest, whose teacher
+    is the labelled-only run."""
+    for method in args.methods:
+        yield run_method(method, seed, args, common)
+    for fraction, (labeled, unlabeled) in splits.items():
+        tag = f"{fraction * 100:g}pct"
+        for method in args.methods:
+            share = f"{supervision(method, args)}, {fraction:.0%} of the images"
+            alone = Variant(f"{method}_{tag}", share, tuple(labeled))
+            run = run_method(method, seed, args, common, alone)
+            yield run
+            if method != "boxteacher":
+                continue
+            teacher = [
+                "MODEL.SEMI.TEACHER_WEIGHTS",
+                str(Path(run["output_dir"]) / "model_final.pth"),
+                "MODEL.SEMI.BURN_IN_ITERS",
+                str(max(1, args.iters // 2)),
+            ]
+            semi = Variant(
+                f"semi_{method}_{tag}",
+                f"{share}, the rest unlabelled",
+                tuple(labeled + unlabeled + teacher),
+            )
+            yield run_method(method, seed, args, common, semi)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +369,18 @@ def main(argv: list[str] | None = None) -> int:
         help="BoxInst and BoxTeacher also learn from the masks of this fraction of the "
         "training images (MODEL.BOXINST.GT_MASKS fraction); CondInst keeps all",
     )
+    parser.add_argument(
+        "--labeled-fractions",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="F",
+        help="semi-supervised: also train on a seeded fraction F of the training images alone "
+        "and (BoxTeacher) with the rest unlabelled",
+    )
+    parser.add_argument(
+        "--split-seed", type=int, default=1, help="seed of the labelled/unlabelled split"
+    )
     parser.add_argument("--device", default="auto", help="MODEL.DEVICE")
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--output-dir", default="output/benchmark_accuracy")
@@ -264,16 +394,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seeds must differ, got {args.seeds}")
     if args.mask_fraction is not None and not 0.0 <= args.mask_fraction <= 1.0:
         parser.error(f"--mask-fraction must be in [0, 1], not {args.mask_fraction}")
+    if not all(0.0 < f < 1.0 for f in args.labeled_fractions):
+        parser.error(f"--labeled-fractions must be in (0, 1), got {args.labeled_fractions}")
     setup_tool_logging()
 
     os.makedirs(args.output_dir, exist_ok=True)
     common = dataset_overrides(args) + schedule_overrides(args)
+    splits = split_overrides(args) if args.labeled_fractions else {}
     runs = []
-    for seed in (
-        args.seeds
-    ):  # every method once before the next seed; the results so far written after each run
-        for method in args.methods:
-            runs.append(run_method(method, seed, args, common))
+    for seed in args.seeds:  # every run of a seed before the next; results written after each
+        for run in seed_runs(seed, args, common, splits):
+            runs.append(run)
             table = write_results(args, runs)
     print(table)
     return 0
@@ -284,6 +415,9 @@ def write_results(args: argparse.Namespace, runs: list[dict]) -> str:
     far; the table."""
     rows = summarise_seeds(runs)
     table = seed_table(rows)
+    semi = semi_supervised_table(rows)
+    if semi:
+        table += "\n\n" + semi
     with atomic_open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"settings": vars(args), "results": rows, "runs": runs}, f, indent=2)
     with atomic_open(os.path.join(args.output_dir, "results.md"), "w") as f:

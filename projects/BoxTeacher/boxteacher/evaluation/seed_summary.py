@@ -7,7 +7,7 @@ import statistics
 
 from tabulate import tabulate
 
-__all__ = ["seed_table", "summarise_seeds"]
+__all__ = ["seed_table", "semi_supervised_table", "summarise_seeds"]
 
 _MEANS = ("AP", "AP50", "AP75", "box_AP", "wall_minutes")
 
@@ -48,7 +48,7 @@ def seed_table(rows: list[dict]) -> str:
         reference = by_key.get(r["reference"])
         ratio = f"{r['AP'] / reference['AP']:.2f}" if reference and reference["AP"] > 0 else "-"
         seeds = " / ".join(str(ap) for ap in r["seed_APs"])
-        ap = r["AP"] if r["AP_std"] is None else f"{r['AP']} ± {r['AP_std']}"
+        ap = _ap(r)
         table.append(
             [
                 r["method"],
@@ -74,3 +74,47 @@ def seed_table(rows: list[dict]) -> str:
         "minutes per run",
     ]
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def semi_supervised_table(rows: list[dict]) -> str:
+    """Per semi-supervised row (key ``semi_<method>_<tag>``) whose labelled-only row
+    (``<method>_<tag>``) ran: the mask AP (mean ± sd) labelled-only, semi-supervised and with all
+    images labelled (``<method>``, "-" when it did not run), the gain and the share of the gap to
+    all images labelled that it closes. An empty string without such rows."""
+    by_key = {r["key"]: r for r in rows}
+    table = []
+    for r in rows:
+        if not r["key"].startswith("semi_"):
+            continue
+        alone = by_key.get(r["key"].removeprefix("semi_"))
+        if alone is None:
+            continue
+        method, _, tag = alone["key"].rpartition("_")
+        full = by_key.get(method)
+        gain = r["AP"] - alone["AP"]
+        gap = full["AP"] - alone["AP"] if full else 0.0
+        table.append(
+            [
+                f"{r['method']}, {tag.removesuffix('pct')} % labelled",
+                _ap(alone),
+                _ap(r),
+                _ap(full) if full else "-",
+                f"{gain:+.1f}",
+                f"{gain / gap:.2f}" if gap > 0 else "-",
+            ]
+        )
+    if not table:
+        return ""
+    headers = [
+        "setting",
+        "labelled part alone",
+        "+ the rest unlabelled",
+        "all labelled",
+        "gain",
+        "share of the gap closed",
+    ]
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def _ap(row: dict) -> str:
+    return str(row["AP"]) if row["AP_std"] is None else f"{row['AP']} ± {row['AP_std']}"
