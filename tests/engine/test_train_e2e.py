@@ -577,3 +577,44 @@ def test_guided_burn_in_keeps_the_pretrained_teacher_then_copies_the_student_and
     b = resumed.model.state_dict()
     different = [k for k in final if not torch.equal(final[k], b[k])]
     assert not different, different[:5]
+
+
+def test_three_stages_in_one_command_then_a_resume_keeps_the_trained_teacher(tmp_path):
+    """MODEL.SEMI.TRAIN_TEACHER: stage 1 trains the teacher on the labelled images in
+    OUTPUT_DIR/teacher, stage 2 keeps it for BURN_IN_ITERS while the student learns, stage 3
+    averages; both networks are evaluated (EVAL_BOTH). --resume keeps the finished stage 1."""
+    from boxteacher.engine.trainer import train_or_evaluate
+
+    out = tmp_path / "out"
+    opts = [
+        *SMALL_RUN,
+        *SEMI,
+        *("MODEL.SEMI.TRAIN_TEACHER", "True", "MODEL.SEMI.BURN_IN_ITERS", "2"),
+        *("MODEL.BOX_TEACHER.EVAL_BOTH", "True", "MODEL.CONDINST.MAX_PROPOSALS", "4"),
+        *("SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1", "SEED", "5"),
+        *("DATASETS.TEST", "('shapes_val',)", "INPUT.MIN_SIZE_TEST", "64"),
+        *("OUTPUT_DIR", str(out)),
+    ]
+    parser = default_argument_parser()
+    results = train_or_evaluate(parser.parse_args(["--config-file", QUICKSTART_BOXTEACHER, *opts]))
+    assert {"bbox", "segm", "student"} <= set(results) and set(results["student"]) == {
+        "bbox",
+        "segm",
+    }
+    assert (out / "inference/student/shapes_val").is_dir()
+    log = (out / "log.txt").read_text()
+    for stage in ("Stage 1: training the teacher", "Stage 2 (guided burn-in)", "Stage 3, iter"):
+        assert stage in log
+    teacher = torch.load(out / "teacher/model_final.pth", weights_only=True)["model"]
+    during_burn_in = torch.load(out / "model_0000001.pth", weights_only=True)["model"]
+    kept = "teacher.backbone.fpn.extra_blocks.p7.weight"
+    assert torch.equal(during_burn_in[kept], teacher[kept])  # the stage-1 teacher, as loaded
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    assert "student/segm/AP" in metrics[-1] and "segm/AP" in metrics[-1]
+    assert all("num_ignore_regions" in m for m in metrics if "total_loss" in m)
+
+    stamp = (out / "teacher/model_final.pth").stat().st_mtime_ns
+    resumed = ["--config-file", QUICKSTART_BOXTEACHER, "--resume", *opts]
+    train_or_evaluate(parser.parse_args(resumed))
+    assert (out / "teacher/model_final.pth").stat().st_mtime_ns == stamp
+    assert "the teacher trained on the labelled images is there" in (out / "log.txt").read_text()

@@ -6,7 +6,7 @@ import torch
 
 from boxteacher.build import architecture_spec, build_model
 from boxteacher.engine import Checkpointer
-from boxteacher.engine.trainer import build_training_data
+from boxteacher.engine.trainer import Trainer, build_training_data, train_teacher_first
 from boxteacher.modeling.boxteacher import with_pseudo_instances, with_pseudo_labels
 from boxteacher.modeling.pseudo_instances import PseudoInstanceFilter
 
@@ -178,3 +178,52 @@ def test_burn_in_and_teacher_weights_go_together(overrides):
         ValueError, match="TEACHER_WEIGHTS and MODEL.SEMI.BURN_IN_ITERS > 0 go together"
     ):
         build_model(tiny_cfg(*TINY_BOXTEACHER, *overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["DATASETS.UNLABELED", "('shapes_val',)"],  # no burn-in
+        ["MODEL.SEMI.BURN_IN_ITERS", "5"],  # no unlabelled images
+        [
+            *("DATASETS.UNLABELED", "('shapes_val',)", "MODEL.SEMI.BURN_IN_ITERS", "5"),
+            *("MODEL.SEMI.TEACHER_WEIGHTS", "t.pth"),
+        ],
+    ],
+)
+def test_training_the_teacher_first_needs_a_burn_in_unlabelled_images_and_no_teacher_weights(
+    overrides,
+):
+    cfg = tiny_cfg(*TINY_BOXTEACHER, "MODEL.SEMI.TRAIN_TEACHER", "True", *overrides)
+    with pytest.raises(ValueError, match="MODEL.SEMI.TRAIN_TEACHER trains the teacher"):
+        train_teacher_first(cfg, resume=False)
+
+
+def test_with_train_teacher_the_model_builds_before_its_teacher_exists():
+    """Stage 1 trains the teacher (train_teacher_first); the network builds without it (e.g. for
+    an evaluation of the final weights with the same config)."""
+    semi = [*TINY_BOXTEACHER, "DATASETS.UNLABELED", "('shapes_val',)"]
+    model = build_model(
+        tiny_cfg(*semi, "MODEL.SEMI.TRAIN_TEACHER", "True", "MODEL.SEMI.BURN_IN_ITERS", "5")
+    )
+    assert not model.pretrained_teacher
+
+
+def test_evaluation_by_the_other_network_inside_the_block():
+    model = build_model(tiny_cfg(*TINY_BOXTEACHER))
+    assert model.inference_network == "teacher"
+    with model.inference_by("student"):
+        assert model.inference_network == "student" and not model.use_teacher_inference
+    assert model.use_teacher_inference
+    with pytest.raises(ValueError, match="'teacher' or 'student'"):
+        with model.inference_by("ema"):
+            pass
+
+
+def test_evaluating_both_networks_needs_a_teacher_student_architecture(tmp_path):
+    cfg = tiny_cfg(
+        *("MODEL.BOX_TEACHER.EVAL_BOTH", "True", "DATASETS.TRAIN", "('shapes_train',)"),
+        *("OUTPUT_DIR", str(tmp_path)),
+    )
+    with pytest.raises(ValueError, match="MODEL.BOX_TEACHER.EVAL_BOTH evaluates a teacher"):
+        Trainer(cfg)

@@ -38,6 +38,8 @@ def load_pretrained_teacher(cfg: CfgNode, teacher: nn.Module) -> bool:
     from .engine.weight_files import read_model_weights
 
     s = cfg.MODEL.SEMI
+    if s.TRAIN_TEACHER and not s.TEACHER_WEIGHTS:
+        return False  # stage 1 of train_net.py trains it (engine.trainer.train_teacher_first)
     if bool(s.TEACHER_WEIGHTS) != (s.BURN_IN_ITERS > 0):
         raise ValueError(
             "MODEL.SEMI.TEACHER_WEIGHTS and MODEL.SEMI.BURN_IN_ITERS > 0 go together (a "

@@ -194,6 +194,9 @@ _C.MODEL.BOX_TEACHER.AVG_LOSS_WEIGHT = 0.1
 _C.MODEL.BOX_TEACHER.FIX_REDUCTION = True
 # Evaluate with the teacher (True) or the student.
 _C.MODEL.BOX_TEACHER.USE_TEACHER_INFERENCE = True
+# Evaluation also evaluates the other network (the student when USE_TEACHER_INFERENCE, else the
+# teacher), its results logged and written under its name ("student/segm/AP"...).
+_C.MODEL.BOX_TEACHER.EVAL_BOTH = False
 # Run the teacher pass in eval mode. The original runs it in train mode (the mask branch's BN
 # then uses batch statistics). In eval mode the teacher never updates its BN running
 # statistics, so the EMA averages them too (the original left them at iteration 0's). A Mask R-CNN
@@ -259,6 +262,11 @@ _C.MODEL.SEMI.UNLABELED_WEIGHT = 2.0
 # is the EMA of the student from the start.
 _C.MODEL.SEMI.TEACHER_WEIGHTS = ""
 _C.MODEL.SEMI.BURN_IN_ITERS = 0
+# Stage 1 in the same command: train_net.py first trains the teacher on DATASETS.TRAIN alone
+# (same config and schedule, no unlabelled images) in OUTPUT_DIR/teacher, then the student
+# (stages 2 and 3) with its model_final.pth as TEACHER_WEIGHTS (needs BURN_IN_ITERS > 0 and no
+# TEACHER_WEIGHTS). With --resume a finished stage 1 is kept and an unfinished one resumed.
+_C.MODEL.SEMI.TRAIN_TEACHER = False
 
 # ---------------------------------------------------------------------------------------
 # Mask R-CNN (MODEL.META_ARCHITECTURE "MaskRCNN", or BoxTeacher with STUDENT "MaskRCNN"):

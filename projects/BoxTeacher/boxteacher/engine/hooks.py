@@ -301,8 +301,8 @@ class EMAHook(HookBase):
     def before_train(self) -> None:
         if self.trainer.start_iter < self._burn_in:
             logger.info(
-                "Guided burn-in: the pre-trained teacher stays as loaded until iteration %d, "
-                "then the student is copied into it and averaged.",
+                "Stage 2 (guided burn-in): the pre-trained teacher stays as loaded until "
+                "iteration %d, then the student is copied into it and averaged.",
                 self._burn_in,
             )
         elif self.trainer.start_iter == 0:
@@ -313,7 +313,11 @@ class EMAHook(HookBase):
         teacher, student = self._networks()
         momentum = teacher_momentum(self.trainer.iter, self._max_momentum, self._burn_in)
         if self._burn_in and self.trainer.iter == self._burn_in:
-            logger.info("Iteration %d: the student is copied into the teacher.", self._burn_in)
+            logger.info(
+                "Stage 3, iteration %d: the student is copied into the teacher, which is its "
+                "EMA from here.",
+                self._burn_in,
+            )
         if momentum < 1.0:
             with record_function("ema"):
                 ema_update(teacher, student, momentum, self._norm_stats)

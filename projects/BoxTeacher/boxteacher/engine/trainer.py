@@ -24,6 +24,7 @@ from ..evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset, 
 from ..modeling.ema import momentum_for_horizon
 from ..utils import comm
 from ..utils.comm import unwrap_model
+from ..utils.env import seed_all_rng
 from ..utils.io import remove_stale_temporary_files
 from . import hooks
 from .checkpoint import Checkpointer, RNGState
@@ -36,31 +37,52 @@ from .visualization import TrainingVisualizer
 logger = logging.getLogger(__name__)
 
 
-def build_evaluator(cfg: CfgNode, dataset_name: str) -> DatasetEvaluator:
-    """The evaluator of a test dataset, by its ``evaluator_type`` metadata."""
+def build_evaluator(cfg: CfgNode, dataset_name: str, folder: str = "inference") -> DatasetEvaluator:
+    """The evaluator of a test dataset, by its ``evaluator_type`` metadata, writing into
+    ``OUTPUT_DIR/folder/dataset_name``."""
     evaluator_type = getattr(get_metadata(dataset_name), "evaluator_type", "coco")
     if evaluator_type != "coco":
         raise ValueError(
             f"Dataset '{dataset_name}' asks for evaluator '{evaluator_type}'; only 'coco' exists."
         )
     return COCOEvaluator(
-        dataset_name, output_dir=os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        dataset_name, output_dir=os.path.join(cfg.OUTPUT_DIR, folder, dataset_name)
     )
 
 
 def evaluate(cfg: CfgNode, model: nn.Module) -> dict[str, Any]:
-    """Evaluate ``model`` on every dataset of ``DATASETS.TEST``.
+    """Evaluate ``model`` on every dataset of ``DATASETS.TEST``; with
+    ``MODEL.BOX_TEACHER.EVAL_BOTH``, a teacher-student model's other network too.
 
     Returns, on the main process, ``{task: {metric: value}}`` for a single test dataset and
-    ``{dataset: {task: {metric: value}}}`` for several; ``{}`` on the other processes.
+    ``{dataset: {task: {metric: value}}}`` for several, plus the other network's results of that
+    form under its name (``{"student": ...}``); ``{}`` on the other processes.
     """
+    network = unwrap_model(model)
+    if not cfg.MODEL.BOX_TEACHER.EVAL_BOTH:
+        return _evaluate_datasets(cfg, model, getattr(network, "inference_network", ""))
+    if not hasattr(network, "inference_by"):
+        raise ValueError(
+            "MODEL.BOX_TEACHER.EVAL_BOTH evaluates a teacher and a student; "
+            f"{type(network).__name__} has one network."
+        )
+    results = _evaluate_datasets(cfg, model, network.inference_network)
+    other = "student" if network.inference_network == "teacher" else "teacher"
+    with network.inference_by(other):
+        other_results = _evaluate_datasets(cfg, model, other, f"inference/{other}")
+    return {**results, other: other_results} if comm.is_main_process() else {}
+
+
+def _evaluate_datasets(
+    cfg: CfgNode, model: nn.Module, network: str, folder: str = "inference"
+) -> dict[str, Any]:
     results = {}
     for name in cfg.DATASETS.TEST:
         result = inference_on_dataset(
-            model, build_test_loader(cfg, name), build_evaluator(cfg, name)
+            model, build_test_loader(cfg, name), build_evaluator(cfg, name, folder)
         )
         if comm.is_main_process():
-            logger.info("Evaluation results of %s:", name)
+            logger.info("Evaluation results of %s%s:", name, f" ({network})" if network else "")
             print_csv_format(result)
         results[name] = result
     if not comm.is_main_process():
@@ -147,6 +169,11 @@ class Trainer(SimpleTrainer):
             remove_stale_temporary_files(cfg.OUTPUT_DIR)
             check_num_classes(cfg)
         self.spec = architecture_spec(cfg)
+        if cfg.MODEL.BOX_TEACHER.EVAL_BOTH and not self.spec.teacher_student:
+            raise ValueError(
+                "MODEL.BOX_TEACHER.EVAL_BOTH evaluates a teacher and a student; "
+                f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE} trains one network."
+            )
         model = build_model(cfg)
         optimizer = build_optimizer(cfg, model)
         super().__init__(
@@ -247,7 +274,7 @@ def train_or_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     (resumed with ``--resume``) or, with ``--eval-only``, the evaluation of ``MODEL.WEIGHTS``
     (or of the last checkpoint with ``--resume``). Returns the evaluation results."""
     cfg = setup_config(args.config_file, args.opts)
-    default_setup(cfg, args)
+    seed = default_setup(cfg, args)
     if args.eval_only:
         model = build_model(cfg)
         if not cfg.MODEL.WEIGHTS and not args.resume:
@@ -256,6 +283,51 @@ def train_or_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             )
         Checkpointer(model, cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return evaluate(cfg, model)
+    if cfg.MODEL.SEMI.TRAIN_TEACHER:
+        cfg = train_teacher_first(cfg, resume=args.resume)
+        seed_all_rng(seed)  # the student starts as in a run given the teacher by path
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
+
+
+def train_teacher_first(cfg: CfgNode, resume: bool) -> CfgNode:
+    """Guided Distillation's stage 1 in the command that trains the student
+    (``MODEL.SEMI.TRAIN_TEACHER``): the teacher is trained with ``cfg`` on ``DATASETS.TRAIN``
+    alone in ``OUTPUT_DIR/teacher`` (kept when ``resume`` finds it finished, resumed when it is
+    not); returns ``cfg`` with its ``model_final.pth`` as ``MODEL.SEMI.TEACHER_WEIGHTS``.
+    ValueError naming the keys without a burn-in or with teacher weights already given."""
+    s = cfg.MODEL.SEMI
+    if s.TEACHER_WEIGHTS or s.BURN_IN_ITERS <= 0 or not cfg.DATASETS.UNLABELED:
+        raise ValueError(
+            "MODEL.SEMI.TRAIN_TEACHER trains the teacher of a guided burn-in: it needs "
+            "DATASETS.UNLABELED, MODEL.SEMI.BURN_IN_ITERS > 0 and no MODEL.SEMI.TEACHER_WEIGHTS; "
+            f"got DATASETS.UNLABELED {tuple(cfg.DATASETS.UNLABELED)}, BURN_IN_ITERS "
+            f"{s.BURN_IN_ITERS} and TEACHER_WEIGHTS {s.TEACHER_WEIGHTS!r}."
+        )
+    folder = os.path.join(cfg.OUTPUT_DIR, "teacher")
+    weights = os.path.join(folder, "model_final.pth")
+    if resume and os.path.isfile(weights):
+        logger.info("Stage 1: the teacher trained on the labelled images is there: %s", weights)
+    else:
+        teacher_cfg = cfg.clone()
+        teacher_cfg.defrost()
+        teacher_cfg.DATASETS.UNLABELED = ()
+        teacher_cfg.MODEL.SEMI.TRAIN_TEACHER = False
+        teacher_cfg.MODEL.SEMI.BURN_IN_ITERS = 0
+        teacher_cfg.OUTPUT_DIR = folder
+        teacher_cfg.freeze()
+        logger.info(
+            "Stage 1: training the teacher on the labelled images %s alone, in %s.",
+            tuple(cfg.DATASETS.TRAIN),
+            folder,
+        )
+        teacher = Trainer(teacher_cfg)
+        teacher.resume_or_load(resume=resume)
+        teacher.train()
+        comm.synchronize()
+    student_cfg = cfg.clone()
+    student_cfg.defrost()
+    student_cfg.MODEL.SEMI.TEACHER_WEIGHTS = weights
+    student_cfg.freeze()
+    return student_cfg

@@ -14,7 +14,9 @@ Any detector with a teacher view (``forward_teacher(batch)``, the teacher protoc
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -89,6 +91,23 @@ class BoxTeacher(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.student.parameters()).device
+
+    @property
+    def inference_network(self) -> str:
+        """The network that evaluation runs: "teacher" or "student"."""
+        return "teacher" if self.use_teacher_inference else "student"
+
+    @contextlib.contextmanager
+    def inference_by(self, network: str) -> Iterator[None]:
+        """Evaluate with ``network`` ("teacher" or "student") inside the block."""
+        if network not in ("teacher", "student"):
+            raise ValueError(f"network must be 'teacher' or 'student', not {network!r}")
+        saved = self.use_teacher_inference
+        self.use_teacher_inference = network == "teacher"
+        try:
+            yield
+        finally:
+            self.use_teacher_inference = saved
 
     def forward(self, batched_inputs: list[dict], iteration: int | None = None):
         """Training (``iteration``: the engine's iteration): the student's losses on the pseudo
