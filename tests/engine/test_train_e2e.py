@@ -468,11 +468,15 @@ def test_torchrun_starts_a_two_process_training(tmp_path):
     assert (tmp_path / "model_final.pth").is_file() and (tmp_path / "log.txt.rank1").is_file()
 
 
-def test_semi_supervised_boxteacher_trains_on_a_split_of_labelled_boxes_and_unlabelled_images(
-    tmp_path, shapes_datasets
+@pytest.mark.parametrize(
+    "labels", [[], ["MODEL.BOXINST.GT_MASKS", "present"]], ids=["boxes", "masks"]
+)
+def test_semi_supervised_boxteacher_trains_on_a_split_of_labelled_and_unlabelled_images(
+    tmp_path, shapes_datasets, labels
 ):
-    """The split tool's two parts by path: 30 % of the training images with boxes, the rest
-    unlabelled; the student learns from the pseudo instances of the unlabelled ones."""
+    """The split tool's two parts by path: 30 % of the training images with boxes (or masks,
+    Guided Distillation's setting: their Dice joins BoxTeacher's losses), the rest unlabelled;
+    the student learns from the pseudo instances of the unlabelled ones."""
     get_dataset_records("shapes_train")  # generates the shapes dataset if needed
     train_json = Path(shapes_datasets) / "shapes/annotations/instances_train.json"
     split = split_coco(json.loads(train_json.read_text()), 0.3, seed=1)
@@ -482,6 +486,7 @@ def test_semi_supervised_boxteacher_trains_on_a_split_of_labelled_boxes_and_unla
     trainer = make_trainer(
         SMALL_RUN
         + SEMI
+        + labels
         + [
             # every detection of the young teacher a pseudo instance
             *("MODEL.SEMI.SCORE_HIGH", "0.0", "MODEL.SEMI.MIN_MASK_AREA", "1"),
@@ -509,6 +514,9 @@ def test_semi_supervised_boxteacher_trains_on_a_split_of_labelled_boxes_and_unla
     assert len(instances) == 3 and max(instances) > 0 and max(ignored) == 0  # iterations 1-3
     losses = [v for v, _ in trainer.storage.history("total_loss").values()]
     assert all(math.isfinite(v) for v in losses)
+    if labels:  # the labelled images' masks supervise their instances
+        masked = [v for v, _ in trainer.storage.history("num_gt_masks").values()]
+        assert min(masked) > 0 and "loss_gt_mask" in trainer.storage.histories()
 
 
 def test_guided_burn_in_keeps_the_pretrained_teacher_then_copies_the_student_and_resumes_exactly(

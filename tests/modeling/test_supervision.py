@@ -4,6 +4,7 @@ scaling, loss weights and warm-ups, and the checks of its construction."""
 import pytest
 import torch
 
+from boxteacher.modeling.criteria import DiceMaskCriterion
 from boxteacher.modeling.pairwise import PairWeights
 from boxteacher.modeling.supervision import (
     LossWeights,
@@ -168,3 +169,17 @@ def test_the_router_rejects_duplicate_loss_names_and_weights_of_unknown_losses()
             frozenset({BOX}),
             LossWeights({"loss_typo": 1.0}),
         )
+
+
+def test_the_dice_of_annotation_masks_sits_out_a_batch_without_masks_only_when_optional():
+    """Unlabelled images (pseudo instances, no masks) next to mask-labelled ones: the Dice of
+    mixed supervision sits their pass out; CondInst's own Dice needs masks everywhere."""
+    unlabeled = target_batch([instances(pseudo_weights=[1.0]), instances(pseudo_weights=[0.5])])
+    assert DiceMaskCriterion("loss_gt_mask", optional=True).targets(unlabeled) is None
+    with pytest.raises(ValueError, match=r"needs instance 'masks', which images \[0, 1\]"):
+        DiceMaskCriterion().targets(unlabeled)
+    masked = instances(has_mask=[True])
+    masked["masks"] = torch.ones(1, 16, 16, dtype=torch.bool)
+    partly = target_batch([masked, instances(pseudo_weights=[1.0])])
+    with pytest.raises(ValueError, match=r"which images \[1\]"):
+        DiceMaskCriterion("loss_gt_mask", optional=True).targets(partly)

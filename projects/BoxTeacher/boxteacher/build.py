@@ -233,7 +233,8 @@ def _supervision(cfg: CfgNode, pseudo_masks: bool) -> MaskSupervision:
     )
     routes = [Route(box, kinds if b.BOX_TERMS_ON_MASKED else frozenset(box_kinds))]
     if mixed:
-        routes.append(Route(DiceMaskCriterion("loss_gt_mask"), frozenset({SupervisionKind.MASK})))
+        dice = DiceMaskCriterion("loss_gt_mask", optional=True)  # unlabelled images have none
+        routes.append(Route(dice, frozenset({SupervisionKind.MASK})))
     weights, warmups = {}, {"loss_pairwise": b.PAIRWISE.WARMUP_ITERS}
     if pseudo_masks:
         mean_projection = t.WITH_AVG_LOSS and t.AVG_LOSS_WEIGHT > 0

@@ -22,16 +22,22 @@ class DiceMaskCriterion:
     Args:
         loss_name: ``loss_mask`` (CondInst) or ``loss_gt_mask`` (the masked instances of mixed
             supervision).
+        optional: a batch in which no image has masks (unlabelled images with pseudo
+            instances) sits out instead of being an error.
     """
 
     metric_names: tuple[str, ...] = ()
 
-    def __init__(self, loss_name: str = "loss_mask"):
+    def __init__(self, loss_name: str = "loss_mask", optional: bool = False):
         self.loss_names = (loss_name,)
+        self.optional = optional
 
-    def targets(self, batch: TargetBatch) -> dict:
-        """``masks`` (N_total, H/s, W/s) float."""
+    def targets(self, batch: TargetBatch) -> dict | None:
+        """``masks`` (N_total, H/s, W/s) float; None for an optional criterion's batch without
+        masks."""
         missing = [i for i, g in enumerate(batch.instances) if "masks" not in g]
+        if self.optional and len(missing) == len(batch.instances):
+            return None
         if missing:
             raise ValueError(
                 f"The mask loss needs instance 'masks', which images {missing} of the batch lack."
