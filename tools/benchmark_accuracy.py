@@ -305,8 +305,9 @@ def seed_runs(
     """The runs of one seed: every method on all the training images, then per labelled
     fraction on the labelled part alone and (BoxTeacher) with the unlabelled rest, whose teacher
     is the labelled-only run."""
-    for method in args.methods:
-        yield run_method(method, seed, args, common)
+    if not args.only_fractions:
+        for method in args.methods:
+            yield run_method(method, seed, args, common)
     for fraction, (labeled, unlabeled) in splits.items():
         tag = f"{fraction * 100:g}pct"
         for method in args.methods:
@@ -381,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--split-seed", type=int, default=1, help="seed of the labelled/unlabelled split"
     )
+    parser.add_argument(
+        "--only-fractions",
+        action="store_true",
+        help="with --labeled-fractions: skip the runs on all the training images (e.g. when "
+        "their figures exist)",
+    )
     parser.add_argument("--device", default="auto", help="MODEL.DEVICE")
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--output-dir", default="output/benchmark_accuracy")
@@ -394,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seeds must differ, got {args.seeds}")
     if args.mask_fraction is not None and not 0.0 <= args.mask_fraction <= 1.0:
         parser.error(f"--mask-fraction must be in [0, 1], not {args.mask_fraction}")
+    if args.only_fractions and not args.labeled_fractions:
+        parser.error("--only-fractions needs --labeled-fractions")
     if not all(0.0 < f < 1.0 for f in args.labeled_fractions):
         parser.error(f"--labeled-fractions must be in (0, 1), got {args.labeled_fractions}")
     setup_tool_logging()
