@@ -295,6 +295,7 @@ def test_boxinst_losses_and_their_names():
         "loss_fcos_ctr",
         "loss_prj",
         "loss_pairwise",
+        "num_fcos_positives",
     }
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_prj"].item() > 0

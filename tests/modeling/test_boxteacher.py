@@ -179,6 +179,7 @@ def test_one_training_step_has_finite_losses_and_no_teacher_gradient():
         "loss_mask",
         "loss_mask_affinity",
         "num_pseudo_masks",
+        "num_fcos_positives",
     }
     assert set(losses) == expected
     assert all(torch.isfinite(v) for v in losses.values())

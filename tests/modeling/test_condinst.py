@@ -84,7 +84,13 @@ def test_training_losses_and_zero_losses_for_empty_images(tiny_config):
     model.train()
     batch = [sample(64, 64, [(8, 8, 40, 40)], [1]), sample(64, 48, [(4, 10, 30, 60)], [2], seed=1)]
     losses = model(batch, iteration=0)
-    assert set(losses) == {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_mask"}
+    assert set(losses) == {
+        "loss_fcos_cls",
+        "loss_fcos_loc",
+        "loss_fcos_ctr",
+        "loss_mask",
+        "num_fcos_positives",
+    }
     assert all(torch.isfinite(v) and v.item() > 0 for v in losses.values())
     assert model.mask_head._iter.item() == 1  # the official layout's counter, kept up to date
 

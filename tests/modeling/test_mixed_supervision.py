@@ -246,7 +246,7 @@ def test_a_batch_of_box_only_or_of_masked_instances_trains(arch, masked):
     )
     pseudo = PSEUDO_LOSSES if arch == "boxteacher" else set()
     assert (
-        set(losses) == BOX_LOSSES | {"loss_gt_mask"} | counts | pseudo
+        set(losses) == BOX_LOSSES | {"loss_gt_mask", "num_fcos_positives"} | counts | pseudo
     )  # the same set every batch
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["num_gt_masks"].item() == (3 if masked else 0)
@@ -296,7 +296,8 @@ def test_box_terms_on_masked_instances_when_asked():
 def test_box_supervision_without_mixed_mode_keeps_its_loss_names():
     model = build_model(tiny_cfg("MODEL.BOXINST.ENABLED", "True"))
     model.train()
-    assert set(model(two_images([True, False], [False]), iteration=0)) == BOX_LOSSES
+    losses = model(two_images([True, False], [False]), iteration=0)
+    assert set(losses) == BOX_LOSSES | {"num_fcos_positives"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,7 +59,9 @@ def test_the_losses_are_the_labelled_ones_plus_lambda_u_times_the_pseudo_instanc
         sum(len(i["labels"]) for i in instances) > 0
         and sum(len(i["ignore_boxes"]) for i in instances) > 0
     )
-    unlabeled = model.student(with_pseudo_instances(batch[2:], instances), 5)
+    # FCOS's normaliser of the unlabelled pass: at least the labelled positives per image
+    positives = labeled["num_fcos_positives"].item()
+    unlabeled = model.student(with_pseudo_instances(batch[2:], instances), 5, positives)
     for key, value in labeled.items():
         if key.startswith("loss"):
             torch.testing.assert_close(losses[key], value + 2.0 * unlabeled[key], msg=key)
@@ -227,3 +229,25 @@ def test_evaluating_both_networks_needs_a_teacher_student_architecture(tmp_path)
     )
     with pytest.raises(ValueError, match="MODEL.BOX_TEACHER.EVAL_BOTH evaluates a teacher"):
         Trainer(cfg)
+
+
+def test_unlabelled_images_without_pseudo_instances_weigh_as_labelled_background():
+    """With no pseudo instance, every location of the unlabelled images is a negative: their
+    classification loss is normalised by the labelled positives (as in one batch of both), not
+    by one, which would push the student to detect nothing."""
+    model = semi_model()
+    model.unlabeled = PseudoInstanceFilter(score_high=1.0, score_low=1.0, min_mask_area=1)
+    batch = semi_batch()
+    torch.manual_seed(1)
+    losses = model(batch, iteration=5)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        predictions = model.teacher_view.forward_teacher(batch)
+    labeled = model.student(
+        with_pseudo_labels(batch[:2], model.assign(batch[:2], predictions[:2])), 5
+    )
+    empty = with_pseudo_instances(batch[2:], [model.unlabeled(p) for p in predictions[2:]])
+    alone = model.student(empty, 5)
+    assert alone["num_fcos_positives"].item() == 0 and labeled["num_fcos_positives"].item() > 1
+    expected = alone["loss_fcos_cls"] / labeled["num_fcos_positives"]
+    torch.testing.assert_close(losses["loss_fcos_cls"], labeled["loss_fcos_cls"] + 2.0 * expected)

@@ -151,8 +151,14 @@ class BoxTeacher(nn.Module):
         pairs = [(x, p) for x, p in zip(samples, predictions) if x.get("unlabeled", False)]
         with record_function("pseudo instances"), full_precision(self.device):
             instances = [self.unlabeled(p) for _, p in pairs]
+        # As in one batch of both: the classification loss of the unlabelled images is normalised
+        # by at least the positives the labelled ones have per image, so that images with few or
+        # no pseudo instances do not turn into an overwhelming push to the background.
+        min_positives = float(losses["num_fcos_positives"]) * len(pairs) / len(labeled)
         with record_function("student: unlabelled"):
-            extra = self.student(with_pseudo_instances([x for x, _ in pairs], instances), iteration)
+            extra = self.student(
+                with_pseudo_instances([x for x, _ in pairs], instances), iteration, min_positives
+            )
         for key, value in extra.items():
             if key.startswith("loss"):
                 losses[key] = losses[key] + self.unlabeled_weight * value

@@ -170,8 +170,11 @@ class FCOS(nn.Module):
         outputs: HeadOutputs,
         targets: FCOSTargets,
         top_feats: list[torch.Tensor] | None = None,
+        min_positives: float = 1.0,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """FCOS losses and the positive locations.
+        """FCOS losses and the positive locations. The classification and centerness losses are
+        normalised by the number of positive locations (mean over processes), at least
+        ``min_positives``.
 
         Returns ``losses`` (loss_fcos_cls, loss_fcos_loc, loss_fcos_ctr; 0-dim) and
         ``positives``: per positive location (P of them) ``pos_inds``, ``labels``, ``gt_inds``,
@@ -182,7 +185,9 @@ class FCOS(nn.Module):
         reg_pred = flatten_levels(outputs.bbox_reg).float()
         ctr_pred = flatten_levels(outputs.ctrness).reshape(-1).float()
         pos_inds = torch.nonzero(targets.labels != self.num_classes).squeeze(1)
-        num_pos = max(reduce_mean(logits.new_tensor(float(pos_inds.numel()))).item(), 1.0)
+        num_pos = max(
+            reduce_mean(logits.new_tensor(float(pos_inds.numel()))).item(), min_positives, 1.0
+        )
 
         class_targets = torch.zeros_like(logits)
         class_targets[pos_inds, targets.labels[pos_inds]] = 1.0

@@ -140,10 +140,11 @@ class CondInst(nn.Module):
         return self.pixel_mean.device
 
     def forward(
-        self, batched_inputs: list[dict], iteration: int | None = None
+        self, batched_inputs: list[dict], iteration: int | None = None, min_positives: float = 1.0
     ) -> dict[str, torch.Tensor] | list[dict]:
-        """Training (``iteration``: the engine's iteration, required): the losses; evaluation:
-        the detections."""
+        """Training (``iteration``: the engine's iteration, required): the losses (FCOS's
+        normalised by at least ``min_positives`` positive locations) and the metric
+        ``num_fcos_positives`` (positive locations of the batch); evaluation: the detections."""
         if not self.training:
             return self.inference(batched_inputs)
         if iteration is None:
@@ -151,7 +152,7 @@ class CondInst(nn.Module):
                 "A training forward needs the iteration (it drives the loss warm-ups): "
                 "model(batch, iteration=t)."
             )
-        return self.forward_train(batched_inputs, iteration)
+        return self.forward_train(batched_inputs, iteration, min_positives)
 
     # ------------------------------------------------------------------------------------
     # Shared steps
@@ -202,7 +203,9 @@ class CondInst(nn.Module):
     # ------------------------------------------------------------------------------------
     # Training
     # ------------------------------------------------------------------------------------
-    def forward_train(self, batched_inputs: list[dict], iteration: int) -> dict[str, torch.Tensor]:
+    def forward_train(
+        self, batched_inputs: list[dict], iteration: int, min_positives: float = 1.0
+    ) -> dict[str, torch.Tensor]:
         # The network trains on the student view ``aug_image`` when the data provides one;
         # ``image`` (the clean view) still feeds the targets computed from colours.
         with record_function("student: targets"), full_precision(self.device):
@@ -223,7 +226,11 @@ class CondInst(nn.Module):
                 centers,
                 ignore_boxes,
             )
-            losses, positives = self.proposal_generator.losses(outputs, targets, top_feats)
+            losses, positives = self.proposal_generator.losses(
+                outputs, targets, top_feats, min_positives
+            )
+            # The count is on the host already (``nonzero``): no synchronisation.
+            losses["num_fcos_positives"] = torch.tensor(float(positives["pos_inds"].numel()))
         self.mask_head._iter += 1
         with record_function("student: mask losses"):
             sampled = self.sample_positives(positives)
